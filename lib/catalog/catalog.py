@@ -1,0 +1,341 @@
+"""One SQLite database (WAL, busy timeout) indexing datasets, versions, trees, files, chunks, packs.
+
+Thread-safe: one connection guarded by a lock, so commit workers can ask "which of these chunks do we
+already have?" while the main thread writes. Write transactions are explicit (`BEGIN IMMEDIATE`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from sqlite_utils import Database
+
+from tessera.catalog.schema import SCHEMA_VERSION, migrations
+from tessera.errors import SchemaTooNew, TesseraError
+from tessera.format.pack import BlobInfo
+from tessera.model import FileRecord, HistoryEntry
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 60.0
+_BATCH = 500
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    id: bytes
+    pack: str
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    id: str
+    size: int
+    blobs: int
+    local: bool
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    head: str | None
+    versions: int
+    created: float
+
+
+@dataclass(frozen=True)
+class StatRow:
+    name: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    file_id: str
+
+
+def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+class Catalog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(
+            str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:
+            raise TesseraError(f"catalog {self.path} is not a usable SQLite database: {exc}") from None
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        self.conn = conn
+        self.db = Database(conn)
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._lock:
+            if "settings" in self.db.table_names():
+                found = self._setting_unlocked("schema_version")
+                if found is not None and int(found) > SCHEMA_VERSION:
+                    raise SchemaTooNew(
+                        f"catalog {self.path} has schema version {found}, this tessera knows up to "
+                        f"{SCHEMA_VERSION}: upgrade tessera"
+                    )
+            if not migrations.pending(self.db):
+                return
+            migrations.apply(self.db)
+            with self.write():
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO settings VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """An immediate write transaction; nested calls join the outer one."""
+        with self._lock:
+            if self.conn.in_transaction:
+                yield self.conn
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def _setting_unlocked(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            return self._setting_unlocked(key)
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.write() as c:
+            c.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+    # -- datasets, history, tags -------------------------------------------------------------------
+
+    def datasets(self) -> list[DatasetInfo]:
+        rows = self._all(
+            "SELECT d.name, d.head, d.created, (SELECT count(*) FROM history h WHERE h.dataset = d.name)"
+            " FROM datasets d ORDER BY d.name"
+        )
+        return [DatasetInfo(name, head, n, created) for name, head, created, n in rows]
+
+    def dataset_head(self, name: str) -> tuple[bool, str | None]:
+        row = self._one("SELECT head FROM datasets WHERE name = ?", (name,))
+        return (row is not None, row[0] if row else None)
+
+    def history(self, dataset: str, limit: int | None = None) -> list[HistoryEntry]:
+        sql = (
+            "SELECT h.seq, h.dataset, h.hash, h.parent, h.time, h.author, h.message, h.meta, v.files, v.size"
+            " FROM history h JOIN versions v ON v.hash = h.hash WHERE h.dataset = ? ORDER BY h.seq DESC"
+        )
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [self._history_row(r) for r in self._all(sql, (dataset,))]
+
+    def history_entry(self, dataset: str, hash: str) -> HistoryEntry | None:
+        row = self._one(
+            "SELECT h.seq, h.dataset, h.hash, h.parent, h.time, h.author, h.message, h.meta, v.files, v.size"
+            " FROM history h JOIN versions v ON v.hash = h.hash WHERE h.dataset = ? AND h.hash = ?"
+            " ORDER BY h.seq DESC LIMIT 1",
+            (dataset, hash),
+        )
+        return self._history_row(row) if row else None
+
+    @staticmethod
+    def _history_row(r: tuple[Any, ...]) -> HistoryEntry:
+        seq, dataset, hash_, parent, t, author, message, meta, files, size = r
+        return HistoryEntry(dataset, hash_, parent, t, author, message, json.loads(meta), files, size, seq)
+
+    def find_versions(self, dataset: str, prefix: str) -> list[str]:
+        rows = self._all(
+            "SELECT DISTINCT hash FROM history WHERE dataset = ? AND hash >= ? AND hash < ? ORDER BY hash",
+            (dataset, prefix, prefix + "g"),
+        )
+        return [r[0] for r in rows]
+
+    def tag(self, dataset: str, tag: str) -> str | None:
+        row = self._one("SELECT hash FROM tags WHERE dataset = ? AND tag = ?", (dataset, tag))
+        return row[0] if row else None
+
+    def tags(self, dataset: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for tag, hash_ in self._all("SELECT tag, hash FROM tags WHERE dataset = ? ORDER BY tag", (dataset,)):
+            out.setdefault(hash_, []).append(tag)
+        return out
+
+    def set_tag(self, dataset: str, tag: str, hash: str) -> None:
+        with self.write() as c:
+            c.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (dataset, tag, hash))
+
+    def has_version(self, hash: str) -> bool:
+        return self._one("SELECT 1 FROM versions WHERE hash = ?", (hash,)) is not None
+
+    def version_hashes(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT hash FROM versions ORDER BY hash")]
+
+    def record_version(self, entry: HistoryEntry, trees: Iterable[tuple[str, bytes]],
+                       *, move_head: bool = True) -> bool:
+        """Atomically store the trees, the version row, its history row and move the dataset head.
+
+        Returns False (and changes nothing) when the dataset already has this version as its head.
+        """
+        now = time.time()
+        with self.write() as c:
+            row = c.execute("SELECT head FROM datasets WHERE name = ?", (entry.dataset,)).fetchone()
+            if row is not None and row[0] == entry.hash:
+                return False
+            c.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
+            c.execute("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)",
+                      (entry.hash, entry.files, entry.size, now))
+            if row is None:
+                c.execute("INSERT INTO datasets VALUES (?, NULL, ?)", (entry.dataset, now))
+            c.execute(
+                "INSERT INTO history (dataset, hash, parent, time, author, message, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (entry.dataset, entry.hash, entry.parent, entry.time, entry.author, entry.message,
+                 json.dumps(entry.meta, sort_keys=True)),
+            )
+            if move_head:
+                c.execute("UPDATE datasets SET head = ? WHERE name = ?", (entry.hash, entry.dataset))
+            return True
+
+    # -- trees and files --------------------------------------------------------------------------
+
+    def tree(self, tree_id: str) -> bytes | None:
+        row = self._one("SELECT data FROM trees WHERE id = ?", (tree_id,))
+        return row[0] if row else None
+
+    def add_trees(self, trees: Iterable[tuple[str, bytes]]) -> None:
+        with self.write() as c:
+            c.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
+
+    def file(self, file_id: str) -> FileRecord | None:
+        row = self._one("SELECT size, chunks FROM files WHERE id = ?", (file_id,))
+        if row is None:
+            return None
+        return FileRecord(file_id, row[0], FileRecord.chunks_from_bytes(row[1]))
+
+    def known_files(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for part in _chunks(list(ids)):
+            q = ",".join("?" * len(part))
+            found.update(r[0] for r in self._all(f"SELECT id FROM files WHERE id IN ({q})", part))
+        return found
+
+    def add_files(self, records: Iterable[FileRecord]) -> None:
+        with self.write() as c:
+            c.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)",
+                          ((r.id, r.size, r.chunks_to_bytes()) for r in records))
+
+    # -- chunks and packs -------------------------------------------------------------------------
+
+    def chunk(self, chunk_id: bytes) -> ChunkLocation | None:
+        row = self._one(
+            "SELECT pack, offset, stored_len, raw_len, codec FROM chunks WHERE id = ?", (chunk_id,)
+        )
+        return ChunkLocation(chunk_id, *row) if row else None
+
+    def known_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for part in _chunks(list(ids)):
+            q = ",".join("?" * len(part))
+            found.update(r[0] for r in self._all(f"SELECT id FROM chunks WHERE id IN ({q})", part))
+        return found
+
+    def add_pack(self, pack_id: str, size: int, blobs: Sequence[BlobInfo], *, local: bool = True) -> None:
+        """Record a sealed pack and the chunks it holds (call only after the pack is durable)."""
+        with self.write() as c:
+            c.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, ?)",
+                      (pack_id, size, len(blobs), time.time(), int(local)))
+            c.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                ((b.id, pack_id, b.offset, b.stored_len, b.raw_len, b.codec) for b in blobs),
+            )
+
+    def packs(self) -> list[PackInfo]:
+        return [PackInfo(i, s, b, bool(loc)) for i, s, b, loc in
+                self._all("SELECT id, size, blobs, local FROM packs ORDER BY id")]
+
+    def pack_chunks(self, pack_id: str) -> list[ChunkLocation]:
+        rows = self._all(
+            "SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks WHERE pack = ? ORDER BY offset",
+            (pack_id,),
+        )
+        return [ChunkLocation(*r) for r in rows]
+
+    def iter_files(self) -> Iterator[FileRecord]:
+        with self._lock:
+            rows = self.conn.execute("SELECT id, size, chunks FROM files").fetchall()
+        for fid, size, chunks in rows:
+            yield FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks))
+
+    def stats(self) -> dict[str, int]:
+        row = self._one(
+            "SELECT (SELECT count(*) FROM datasets), (SELECT count(*) FROM versions),"
+            " (SELECT count(*) FROM files), (SELECT count(*) FROM chunks),"
+            " (SELECT coalesce(sum(raw_len), 0) FROM chunks), (SELECT coalesce(sum(stored_len), 0) FROM chunks),"
+            " (SELECT count(*) FROM packs), (SELECT coalesce(sum(size), 0) FROM packs)"
+        )
+        assert row is not None
+        keys = ("datasets", "versions", "files", "chunks", "chunk_bytes", "stored_bytes", "packs", "pack_bytes")
+        return dict(zip(keys, row))
+
+    def delete_packs(self, pack_ids: Sequence[str]) -> None:
+        with self.write() as c:
+            for pid in pack_ids:
+                c.execute("DELETE FROM chunks WHERE pack = ?", (pid,))
+                c.execute("DELETE FROM packs WHERE id = ?", (pid,))
+
+    # -- stat cache -------------------------------------------------------------------------------
+
+    def stat_rows(self, directory: str) -> dict[str, StatRow]:
+        rows = self._all(
+            "SELECT name, dev, ino, size, mtime_ns, ctime_ns, file_id FROM stat_cache WHERE dir = ?",
+            (directory,),
+        )
+        return {r[0]: StatRow(*r) for r in rows}
+
+    def put_stat_rows(self, directory: str, rows: Iterable[StatRow]) -> None:
+        with self.write() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ((directory, r.name, r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.file_id) for r in rows),
+            )

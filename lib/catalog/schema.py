@@ -1,0 +1,79 @@
+"""Catalog schema as ordered, named migrations (sqlite-utils `Migrations`).
+
+Append new steps at the end; never edit an applied one. `SCHEMA_VERSION` is the number of steps this
+code knows; a catalog that recorded a higher number was written by a newer tessera and is refused.
+"""
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("tessera")
+
+
+@migrations(name="0001_initial")
+def _initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE datasets (
+            name TEXT PRIMARY KEY, head TEXT, created REAL NOT NULL);
+        CREATE TABLE versions (
+            hash TEXT PRIMARY KEY, files INTEGER NOT NULL, size INTEGER NOT NULL,
+            created REAL NOT NULL);
+        CREATE TABLE history (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, dataset TEXT NOT NULL, hash TEXT NOT NULL,
+            parent TEXT, time REAL NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL,
+            meta TEXT NOT NULL);
+        CREATE INDEX history_hash ON history (hash);
+        CREATE INDEX history_dataset ON history (dataset, hash);
+        CREATE TABLE tags (
+            dataset TEXT NOT NULL, tag TEXT NOT NULL, hash TEXT NOT NULL,
+            PRIMARY KEY (dataset, tag));
+        CREATE TABLE trees (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+        CREATE TABLE files (id TEXT PRIMARY KEY, size INTEGER NOT NULL, chunks BLOB NOT NULL);
+        CREATE TABLE packs (
+            id TEXT PRIMARY KEY, size INTEGER NOT NULL, blobs INTEGER NOT NULL,
+            created REAL NOT NULL, local INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE chunks (
+            id BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,
+            stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL, codec INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX chunks_pack ON chunks (pack);
+        CREATE TABLE stat_cache (
+            dir TEXT NOT NULL, name TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
+            size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+            file_id TEXT NOT NULL, PRIMARY KEY (dir, name)) WITHOUT ROWID;
+        """
+    )
+
+
+@migrations(name="0002_remote")
+def _remote(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE remotes (name TEXT PRIMARY KEY, url TEXT NOT NULL, is_default INTEGER NOT NULL DEFAULT 0);
+        -- keys known to exist on a remote (packs/<id>, index/<id>, meta/..., versions/..., history/...):
+        -- push uploads only what is not listed here, without listing the bucket.
+        CREATE TABLE remote_objects (remote TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (remote, key))
+            WITHOUT ROWID;
+        """
+    )
+
+
+@migrations(name="0003_daemon")
+def _daemon(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE push_queue (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, remote TEXT NOT NULL, dataset TEXT NOT NULL,
+            hash TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            next_try REAL NOT NULL DEFAULT 0, last_error TEXT);
+        CREATE TABLE watch_status (
+            path TEXT PRIMARY KEY, dataset TEXT NOT NULL, last_event REAL, last_version TEXT,
+            last_commit REAL, last_error TEXT, updated REAL NOT NULL);
+        """
+    )
+
+
+SCHEMA_VERSION = 3

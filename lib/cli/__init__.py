@@ -1,0 +1,41 @@
+"""The `tessera` command: a thin click shell over `tessera.Repo`.
+
+Each area registers its commands from its own module (core, mount, remote, daemon). Heavy imports
+(sqlite-utils, boto3, the FUSE binding, torch) happen inside commands, so `tessera --help` is fast.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from tessera.cli.app import cli
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one `except TesseraError` turns expected failures into one line + exit code."""
+    from tessera.errors import TesseraError
+
+    logging.basicConfig(level=logging.WARNING, format="tessera: %(levelname)s: %(message)s")
+    try:
+        cli.main(args=argv, prog_name="tessera", standalone_mode=False)
+    except TesseraError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(141)

@@ -1,0 +1,117 @@
+"""The root click group and helpers shared by every command module."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from tessera.repo import Repo
+
+
+class LazyGroup(click.Group):
+    """Imports the command modules only when a command is looked up (keeps --help fast)."""
+
+    modules = ("tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote", "tessera.cli.daemon")
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            import importlib
+
+            LazyGroup._loaded = True
+            for name in self.modules:
+                try:
+                    importlib.import_module(name)
+                except ModuleNotFoundError as exc:
+                    if exc.name != name:
+                        raise
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return sorted(super().list_commands(ctx))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", envvar="TESSERA_HOME", type=click.Path(file_okay=False),
+              help="Repository home (default: $TESSERA_HOME or ~/.tessera).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="tessera", prog_name="tessera")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
+    """tessera: versioned datasets for machine learning.
+
+    Snapshot a directory into an immutable version NAME@HASH, browse, diff, export and verify it,
+    mount it read-only for training code, and share it through S3.
+
+    \b
+    Refs:  NAME          latest version of a dataset
+           NAME@3f2a9c   any unique hash prefix (>= 6 hex characters)
+           NAME:TAG      a tag set with `tessera tag`
+    """
+    import logging
+
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    ctx.obj = {"home": home}
+
+
+def open_repo(ctx: click.Context | None = None) -> "Repo":
+    from tessera.repo import Repo
+
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    cached = root.obj.get("repo") if root.obj else None
+    if cached is None:
+        cached = Repo(root.obj.get("home") if root.obj else None)
+        root.obj["repo"] = cached
+        root.call_on_close(cached.close)
+    return cached
+
+
+def progress_bar() -> Any:
+    from tessera.progress import terminal_progress
+
+    return terminal_progress()
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_time(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        from tessera.errors import UsageError
+
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
+
+
+def isatty() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"

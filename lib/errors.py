@@ -1,0 +1,115 @@
+"""Every error a user can cause, with the exit code the CLI returns for it.
+
+`cli.main()` catches `TesseraError` once, prints ``error: <message>`` on one line and exits with
+``exit_code``. Anything else escaping is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class TesseraError(Exception):
+    """Base of all expected errors. ``str(err)`` is a one-line message for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(TesseraError):
+    """Bad arguments: malformed ref, missing directory, non-empty target, ..."""
+
+    exit_code = 2
+
+
+class BadRef(UsageError):
+    """A ref that does not parse (`NAME`, `NAME@HEXPREFIX`, `NAME:TAG`)."""
+
+
+class NotFound(TesseraError):
+    """Unknown dataset, version, tag, path, remote, ..."""
+
+    exit_code = 3
+
+
+class AmbiguousRef(TesseraError):
+    """A hash prefix matching more than one version."""
+
+    exit_code = 4
+
+
+class CorruptData(TesseraError):
+    """Stored bytes that fail their hash check, or a malformed pack/metadata object."""
+
+    exit_code = 5
+
+
+class VerifyFailed(TesseraError):
+    """`tessera verify` found files that differ from the version."""
+
+    exit_code = 1
+
+
+class SchemaTooNew(TesseraError):
+    """The catalog was written by a newer tessera."""
+
+    exit_code = 6
+
+
+class DiskFull(TesseraError):
+    """ENOSPC while writing: nothing was committed, the store is still usable."""
+
+    exit_code = 7
+
+
+class SourceError(TesseraError):
+    """A file or directory being committed could not be read."""
+
+    exit_code = 8
+
+
+class RemoteError(TesseraError):
+    """The remote failed: unreachable, bucket missing, server error after retries."""
+
+    exit_code = 9
+
+
+class TransientRemoteError(RemoteError):
+    """A fault worth retrying: connection reset, timeout, 500/503, throttling."""
+
+
+class AccessDenied(RemoteError):
+    """The remote refused our credentials."""
+
+    exit_code = 10
+
+
+class PreconditionFailed(RemoteError):
+    """A conditional write lost: the object already exists (or changed)."""
+
+    exit_code = 11
+
+
+class MountError(TesseraError):
+    """The FUSE mount could not be made or undone."""
+
+    exit_code = 12
+
+
+class FuseUnavailable(MountError):
+    """No usable FUSE on this machine (no /dev/fuse, no libfuse, no binding)."""
+
+    exit_code = 13
+
+
+class ConfigError(UsageError):
+    """A malformed config file or a bad watch."""
+
+
+class Interrupted(TesseraError):
+    """The user (or SIGTERM) stopped the operation; nothing partial was kept."""
+
+    exit_code = 130

@@ -1,0 +1,235 @@
+"""The narrow transport interface every remote implements (restic's ``Backend`` idea).
+
+A transport moves opaque bytes under string keys relative to its root. It knows nothing of packs,
+versions or the catalog; retries are a wrapper (`tessera.remote.retry.Retrying`), not a concern of the
+backends. Every backend raises only `TesseraError` subclasses:
+
+- `NotFound` for a missing key (`get`, `get_file`); `head` returns ``None`` instead,
+- `PreconditionFailed` when a conditional put (``if_none_match=True``) loses,
+- `AccessDenied` when credentials are refused,
+- `TransientRemoteError` for faults worth retrying, `RemoteError` for the rest,
+- `UsageError` for a malformed key or URL.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from tessera.errors import UsageError
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes moved since the previous call (increments, not totals)."""
+
+COPY_BUFSIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key (relative to the transport root), size and an opaque etag."""
+
+    key: str
+    size: int
+    etag: str | None = None
+
+
+class Transport(ABC):
+    """Keys and bytes. Implementations must be safe to call from several threads at once."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+        """Store ``data`` at ``key``; with ``if_none_match`` raise `PreconditionFailed` if it exists."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        """Upload a (large) local file; ``progress`` receives byte increments."""
+
+    @abstractmethod
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``key`` (clipped to its size); `NotFound` if missing."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        """Download ``key`` to ``path`` atomically (temporary file + rename); `NotFound` if missing."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and etag of ``key``, or ``None`` if it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "", *, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (a plain string prefix), sorted by key.
+
+        ``start_after`` skips keys ``<=`` it, so an interrupted listing can resume.
+        """
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    def close(self) -> None:
+        """Release connections. The transport must not be used afterwards."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise `UsageError`.
+
+    The rules are the same for every backend so that a key valid on one is valid on all: non-empty
+    ``/``-separated segments, no ``.`` or ``..`` segment, no leading or trailing ``/``, no NUL.
+    """
+    if not isinstance(key, str) or not key:
+        raise UsageError(f"invalid remote key {key!r}: must be a non-empty string")
+    if "\0" in key or "\\" in key:
+        raise UsageError(f"invalid remote key {key!r}: contains NUL or backslash")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise UsageError(f"invalid remote key {key!r}: must be a relative path without '.', '..' or '//'")
+    return key
+
+
+def check_range(start: int | None, end: int | None) -> tuple[int, int | None]:
+    """Normalise a byte range: ``start`` defaults to 0, ``end`` (exclusive) to the end of the object."""
+    first = 0 if start is None else start
+    if first < 0 or (end is not None and end < 0):
+        raise UsageError(f"invalid byte range [{start}, {end}): offsets must be >= 0")
+    return first, end
+
+
+def report(progress: Progress | None, nbytes: int) -> None:
+    """Call ``progress`` if there is one and something moved."""
+    if progress is not None and nbytes:
+        progress(nbytes)
+
+
+def copy_stream(src: BinaryIO, dst: BinaryIO, progress: Progress | None = None) -> int:
+    """Copy ``src`` to ``dst`` in 1 MiB pieces, reporting each piece; return the byte count."""
+    total = 0
+    while piece := src.read(COPY_BUFSIZE):
+        dst.write(piece)
+        total += len(piece)
+        report(progress, len(piece))
+    return total
+
+
+@contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success fsync and rename it into place.
+
+    On failure the temporary file is removed and ``path`` is left untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def fsync_path(path: str, *, directory: bool = False) -> None:
+    """fsync a file (or a directory, to make a rename inside it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+URL_FORMS = "s3://BUCKET[/PREFIX], file:///ABSOLUTE/PATH or memory://NAME[/PREFIX]"
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A parsed remote URL: ``scheme`` is ``s3``, ``file`` or ``memory``."""
+
+    scheme: str
+    location: str  # bucket, absolute directory or memory name
+    prefix: str = ""  # "" or "a/b" (no leading or trailing slash)
+
+
+def parse_url(url: str) -> RemoteURL:
+    """Parse a remote URL or raise `UsageError` naming the accepted forms."""
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    if not sep or "?" in rest or "#" in rest or "\0" in rest:
+        raise _bad_url(url)
+    if scheme == "file":
+        return _parse_file_url(url, rest)
+    if scheme in ("s3", "memory"):
+        location, _, prefix = rest.partition("/")
+        prefix = prefix.strip("/")
+        if not location or not set(location) <= _BUCKET_CHARS or (prefix and not _valid_prefix(prefix)):
+            raise _bad_url(url)
+        return RemoteURL(scheme, location, prefix)
+    raise _bad_url(url)
+
+
+def _parse_file_url(url: str, rest: str) -> RemoteURL:
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost") or not slash:
+        raise _bad_url(url)
+    path = os.path.normpath("/" + path)
+    if path == "/":
+        raise _bad_url(url)
+    return RemoteURL("file", path)
+
+
+def _valid_prefix(prefix: str) -> bool:
+    try:
+        check_key(prefix)
+    except UsageError:
+        return False
+    return True
+
+
+def _bad_url(url: object) -> UsageError:
+    return UsageError(f"unsupported remote URL {url!r}: expected {URL_FORMS}")
+
+
+def open_transport(url: str, *, timeout: float = 10.0, retries: int = 5) -> Transport:
+    """Open the transport for ``url``, wrapped in `Retrying` (``retries`` retries on transient faults).
+
+    ``timeout`` is the connect and read timeout of each network request (S3 only).
+    """
+    parsed = parse_url(url)
+    inner: Transport
+    if parsed.scheme == "memory":
+        from tessera.remote.memory import MemoryTransport
+
+        inner = MemoryTransport(parsed.location, parsed.prefix)
+    elif parsed.scheme == "file":
+        from tessera.remote.local import LocalTransport
+
+        inner = LocalTransport(parsed.location)
+    else:
+        from tessera.remote.s3 import S3Transport
+
+        inner = S3Transport(parsed.location, parsed.prefix, timeout=timeout)
+    from tessera.remote.retry import Retrying
+
+    return Retrying(inner, retries=retries)

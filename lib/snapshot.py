@@ -1,0 +1,290 @@
+"""Snapshot a directory into trees, file records and chunks (the work behind `tessera commit`).
+
+Three phases:
+1. walk: `lstat` every path; the stat cache (dev, inode, size, mtime_ns, ctime_ns -> file id) decides
+   which files must be read at all. Unchanged trees read no file bytes.
+2. ingest: worker threads (hashing, FastCDC, xxh3 and zstd all release the GIL) read each changed file
+   once: SHA-256 of the whole file, chunk ids, and new chunks compressed into per-thread packs. A file
+   that changes while being read is read again (never captured torn).
+3. seal and record: packs are fsynced and indexed, then file rows, then trees are built bottom-up.
+   The caller records the version; a crash anywhere leaves only unreferenced garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tessera.catalog import Catalog, StatRow
+from tessera.errors import SourceError, TesseraError, UsageError
+from tessera.faults import crash_point
+from tessera.format.chunker import Chunker, ChunkParams
+from tessera.format.compress import thread_compressor
+from tessera.ids import chunk_id
+from tessera.model import DIR, FILE, SYMLINK, Entry, FileRecord, normalize_mode
+from tessera.treebuild import build_trees
+from tessera.progress import NullProgress, Progress
+from tessera.store import PackSet, Store, raise_os_error
+
+logger = logging.getLogger(__name__)
+
+MetaFor = Callable[[str], "dict[str, Any] | None"]
+READ_RETRIES = 5
+
+
+@dataclass
+class SnapshotStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    skipped: int = 0
+    bytes_total: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    stat_cache_hits: int = 0
+    new_chunks: int = 0
+    new_bytes_stored: int = 0
+
+
+@dataclass
+class _File:
+    rel: str
+    path: str
+    st: os.stat_result
+    mode: int
+    record: FileRecord | None = None
+
+
+@dataclass
+class _Walk:
+    files: list[_File] = field(default_factory=list)
+    links: list[Entry] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    root_id: str
+    trees: list[tuple[str, bytes]]
+    files: int
+    size: int
+    stats: SnapshotStats
+
+
+@dataclass
+class SnapshotOptions:
+    params: ChunkParams
+    level: int = 3
+    pack_target: int = 48 * 1024 * 1024
+    workers: int = 0
+    meta_for: MetaFor | None = None
+    exclude: Callable[[str], bool] | None = None
+
+
+class Snapshotter:
+    def __init__(self, catalog: Catalog, store: Store, options: SnapshotOptions,
+                 progress: Progress | None = None) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.opts = options
+        self.progress = progress or NullProgress()
+        self.stats = SnapshotStats()
+        self._stats_lock = threading.Lock()
+        self._tls = threading.local()
+        self._stop = threading.Event()
+
+    # -- phase 1: walk ----------------------------------------------------------------------------
+
+    def _walk(self, root: Path) -> tuple[_Walk, list[_File]]:
+        found = _Walk()
+        to_read: list[_File] = []
+        stack = [("", str(root))]
+        while stack:
+            rel_dir, path = stack.pop()
+            cache = self.catalog.stat_rows(path)
+            try:
+                with os.scandir(path) as it:
+                    items = list(it)
+            except OSError as exc:
+                raise SourceError(f"cannot read directory {path}: {exc.strerror}") from None
+            for d in items:
+                rel = f"{rel_dir}/{d.name}" if rel_dir else d.name
+                if self.opts.exclude and self.opts.exclude(rel):
+                    continue
+                try:
+                    st = d.stat(follow_symlinks=False)
+                except OSError as exc:
+                    raise SourceError(f"cannot stat {d.path}: {exc.strerror}") from None
+                if stat.S_ISDIR(st.st_mode):
+                    found.dirs.append(rel)
+                    stack.append((rel, d.path))
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(d.path)
+                    found.links.append(Entry(rel, SYMLINK, 0o777, len(os.fsencode(target)), None, target))
+                elif stat.S_ISREG(st.st_mode):
+                    f = _File(rel, d.path, st, normalize_mode(FILE, st.st_mode))
+                    found.files.append(f)
+                    self.stats.bytes_total += st.st_size
+                    hit = cache.get(d.name)
+                    if hit and (hit.dev, hit.ino, hit.size, hit.mtime_ns, hit.ctime_ns) == (
+                            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                        f.record = self._cached_record(hit)
+                    if f.record is None:
+                        to_read.append(f)
+                    else:
+                        self.stats.stat_cache_hits += 1
+                else:
+                    logger.warning("skipping %s: not a regular file, directory or symlink", d.path)
+                    self.stats.skipped += 1
+        self.stats.files, self.stats.dirs, self.stats.symlinks = len(found.files), len(found.dirs), len(found.links)
+        return found, to_read
+
+    def _cached_record(self, row: StatRow) -> FileRecord | None:
+        # Only the size and id are needed to build trees; the chunk list is already in the catalog.
+        if not self.catalog.known_files([row.file_id]):
+            return None
+        return FileRecord(row.file_id, row.size, ())
+
+    def _meta(self, rel: str) -> dict[str, Any]:
+        if self.opts.meta_for is None:
+            return {}
+        meta = self.opts.meta_for(rel) or {}
+        if not isinstance(meta, dict):
+            raise UsageError(f"metadata for {rel!r} must be a JSON object, got {type(meta).__name__}")
+        return meta
+
+    # -- phase 2: ingest --------------------------------------------------------------------------
+
+    def _chunker(self) -> Chunker:
+        ch = getattr(self._tls, "chunker", None)
+        if ch is None:
+            ch = self._tls.chunker = Chunker(self.opts.params)
+        return ch
+
+    def _ingest(self, f: _File, packs: PackSet) -> None:
+        for _ in range(READ_RETRIES):
+            if self._stop.is_set():
+                return
+            record, changed = self._read_file(f, packs)
+            if not changed:
+                f.record = record
+                return
+            logger.info("%s changed while being read; reading it again", f.path)
+            f.st = os.lstat(f.path)
+        raise SourceError(f"{f.path} kept changing while being read ({READ_RETRIES} tries)")
+
+    def _read_file(self, f: _File, packs: PackSet) -> tuple[FileRecord, bool]:
+        try:
+            fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"cannot read {f.path}: {exc.strerror}") from None
+        with open(fd, "rb", buffering=0) as fh:
+            before = os.fstat(fd)
+            sha = hashlib.sha256()
+            chunks: list[tuple[bytes, int]] = []
+            comp = thread_compressor(self.opts.level)
+            size = 0
+            try:
+                for piece in self._chunker().cut_stream(fh):
+                    sha.update(piece)
+                    cid = chunk_id(piece)
+                    n = len(piece)
+                    chunks.append((cid, n))
+                    size += n
+                    if packs.claim([cid])[0]:
+                        codec, stored = comp.compress(piece)
+                        packs.add(cid, codec, stored, n)
+                    self.progress.advance(n)
+            except OSError as exc:
+                if exc.errno == 28:
+                    raise_os_error(exc, "writing a pack")
+                raise SourceError(f"cannot read {f.path}: {exc.strerror}") from None
+            after = os.fstat(fd)
+        with self._stats_lock:
+            self.stats.files_read += 1
+            self.stats.bytes_read += size
+        changed = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+            (f.st.st_size, f.st.st_mtime_ns) != (after.st_size, after.st_mtime_ns)) or size != after.st_size
+        f.st = after
+        return FileRecord(sha.hexdigest(), size, tuple(chunks)), changed
+
+    def _ingest_all(self, files: list[_File], packs: PackSet) -> None:
+        workers = self.opts.workers or min(8, (os.cpu_count() or 2) + 2)
+        self.progress.start("commit", sum(f.st.st_size for f in files))
+        if not files:
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
+            futures: list[Future[None]] = [pool.submit(self._ingest, f, packs) for f in files]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [fu for fu in done if fu.exception() is not None]
+            if failed:
+                self._stop.set()
+                for fu in futures:
+                    fu.cancel()
+                raise failed[0].exception()  # type: ignore[misc]
+        self.progress.finish()
+
+    # -- phase 3: trees ---------------------------------------------------------------------------
+
+    def _entries(self, found: _Walk) -> list[Entry]:
+        out: list[Entry] = [Entry(rel, DIR, 0o755, 0, meta=self._meta(rel)) for rel in found.dirs]
+        out.extend(Entry(e.path, e.kind, e.mode, e.size, None, e.target, self._meta(e.path)) for e in found.links)
+        for f in found.files:
+            assert f.record is not None
+            out.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
+        return out
+
+    # -- entry point ------------------------------------------------------------------------------
+
+    def run(self, root: Path) -> Snapshot:
+        found, to_read = self._walk(root)
+        packs = PackSet(self.store, self.opts.pack_target)
+        try:
+            self._ingest_all(to_read, packs)
+            crash_point("before-seal")
+            packs.finish()
+        except BaseException:
+            self._stop.set()
+            packs.abort()
+            raise
+        crash_point("after-seal")
+        self.stats.new_chunks = packs.new_chunks
+        self.stats.new_bytes_stored = packs.new_bytes
+        self.catalog.add_files(f.record for f in to_read if f.record is not None)
+        crash_point("after-files")
+        self._save_stat_cache(root, found.files)
+        built = build_trees(self._entries(found))
+        return Snapshot(built.root_id, built.trees, built.files, built.size, self.stats)
+
+    def _save_stat_cache(self, root: Path, files: list[_File]) -> None:
+        by_dir: dict[str, list[StatRow]] = {}
+        for f in files:
+            assert f.record is not None
+            parent, _, name = f.path.rpartition("/")
+            by_dir.setdefault(parent, []).append(StatRow(
+                name, f.st.st_dev, f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.record.id))
+        with self.catalog.write():
+            for parent, rows in by_dir.items():
+                self.catalog.put_stat_rows(parent, rows)
+
+
+def snapshot_dir(catalog: Catalog, store: Store, root: str | Path, options: SnapshotOptions,
+                 progress: Progress | None = None) -> Snapshot:
+    path = Path(root)
+    if not path.exists():
+        raise UsageError(f"{root}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"{root}: not a directory")
+    try:
+        return Snapshotter(catalog, store, options, progress).run(path.resolve())
+    except TesseraError:
+        raise
+    except OSError as exc:
+        raise_os_error(exc, f"committing {root}")
+        raise
