@@ -1,0 +1,60 @@
+"""Shared fixtures. Kept in tests/ (never the repo root) so the repo's fuse/ folder cannot shadow
+fusepy's `fuse` module; there is deliberately no tests/__init__.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from trees import make_tricky_tree  # noqa: E402
+
+try:
+    from s3_fixtures import *  # noqa: F401,F403,E402
+except ImportError:  # the remote layer may not exist yet in a partial checkout
+    pass
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh TESSERA_HOME for the test (also exported for CLI subprocesses)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("TESSERA_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def repo(home: Path):
+    import tessera
+
+    r = tessera.Repo(home)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def tricky_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The store issue's tricky tree, with a 300 MiB file; built once per session, never modified."""
+    return make_tricky_tree(tmp_path_factory.mktemp("tricky") / "src")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+            check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `tessera` console script."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(["tessera", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tessera {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
