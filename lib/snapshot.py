@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tessera.catalog import Catalog, StatRow
+from tessera.catalog import Catalog, DirRow, StatRow
 from tessera.errors import SourceError, TesseraError, UsageError
 from tessera.faults import crash_point
 from tessera.format.chunker import Chunker, ChunkParams
 from tessera.format.compress import thread_compressor
 from tessera.ids import chunk_id
 from tessera.model import DIR, FILE, SYMLINK, Entry, FileRecord, normalize_mode
-from tessera.treebuild import build_trees
+from tessera.treebuild import BuiltTrees, build_trees
 from tessera.progress import NullProgress, Progress
 from tessera.store import PackSet, Store, raise_os_error
 
@@ -36,6 +36,20 @@ logger = logging.getLogger(__name__)
 
 MetaFor = Callable[[str], "dict[str, Any] | None"]
 READ_RETRIES = 5
+WHOLE_READ_MAX = 8 * 1024 * 1024  # files up to this size are read in one call and cut in memory
+BATCH_BYTES = 4 * 1024 * 1024     # small files are handed to workers in batches of about this size
+BATCH_FILES = 256
+
+
+def _read_all(fd: int, size_hint: int) -> bytes:
+    """Read to EOF (the file may have grown since it was stat'ed: the caller compares sizes)."""
+    data = os.read(fd, size_hint + 1)
+    if len(data) <= size_hint:
+        return data
+    parts = [data]
+    while block := os.read(fd, 1 << 20):
+        parts.append(block)
+    return b"".join(parts)
 
 
 @dataclass
@@ -62,10 +76,14 @@ class _File:
 
 
 @dataclass
-class _Walk:
+class _Dir:
+    rel: str
+    path: str
+    st: os.stat_result
     files: list[_File] = field(default_factory=list)
     links: list[Entry] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)
+    dirs: list["_Dir"] = field(default_factory=list)
+    all_cached: bool = True
 
 
 @dataclass
@@ -101,20 +119,20 @@ class Snapshotter:
 
     # -- phase 1: walk ----------------------------------------------------------------------------
 
-    def _walk(self, root: Path) -> tuple[_Walk, list[_File]]:
-        found = _Walk()
+    def _walk(self, root: Path) -> tuple[_Dir, list[_File]]:
+        top = _Dir("", str(root), os.stat(root))
         to_read: list[_File] = []
-        stack = [("", str(root))]
+        stack = [top]
         while stack:
-            rel_dir, path = stack.pop()
-            cache = self.catalog.stat_rows(path)
+            node = stack.pop()
+            cache = self.catalog.stat_rows(node.path)
             try:
-                with os.scandir(path) as it:
+                with os.scandir(node.path) as it:
                     items = list(it)
             except OSError as exc:
-                raise SourceError(f"cannot read directory {path}: {exc.strerror}") from None
+                raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
             for d in items:
-                rel = f"{rel_dir}/{d.name}" if rel_dir else d.name
+                rel = f"{node.rel}/{d.name}" if node.rel else d.name
                 if self.opts.exclude and self.opts.exclude(rel):
                     continue
                 try:
@@ -122,34 +140,32 @@ class Snapshotter:
                 except OSError as exc:
                     raise SourceError(f"cannot stat {d.path}: {exc.strerror}") from None
                 if stat.S_ISDIR(st.st_mode):
-                    found.dirs.append(rel)
-                    stack.append((rel, d.path))
+                    child = _Dir(rel, d.path, st)
+                    node.dirs.append(child)
+                    stack.append(child)
+                    self.stats.dirs += 1
                 elif stat.S_ISLNK(st.st_mode):
                     target = os.readlink(d.path)
-                    found.links.append(Entry(rel, SYMLINK, 0o777, len(os.fsencode(target)), None, target))
+                    node.links.append(Entry(rel, SYMLINK, 0o777, len(os.fsencode(target)), None, target))
+                    self.stats.symlinks += 1
                 elif stat.S_ISREG(st.st_mode):
                     f = _File(rel, d.path, st, normalize_mode(FILE, st.st_mode))
-                    found.files.append(f)
+                    node.files.append(f)
+                    self.stats.files += 1
                     self.stats.bytes_total += st.st_size
                     hit = cache.get(d.name)
                     if hit and (hit.dev, hit.ino, hit.size, hit.mtime_ns, hit.ctime_ns) == (
                             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                        f.record = self._cached_record(hit)
-                    if f.record is None:
-                        to_read.append(f)
-                    else:
+                        # Size and id are all the trees need; the chunk list is already stored.
+                        f.record = FileRecord(hit.file_id, hit.size, ())
                         self.stats.stat_cache_hits += 1
+                    else:
+                        to_read.append(f)
+                        node.all_cached = False
                 else:
                     logger.warning("skipping %s: not a regular file, directory or symlink", d.path)
                     self.stats.skipped += 1
-        self.stats.files, self.stats.dirs, self.stats.symlinks = len(found.files), len(found.dirs), len(found.links)
-        return found, to_read
-
-    def _cached_record(self, row: StatRow) -> FileRecord | None:
-        # Only the size and id are needed to build trees; the chunk list is already in the catalog.
-        if not self.catalog.known_files([row.file_id]):
-            return None
-        return FileRecord(row.file_id, row.size, ())
+        return top, to_read
 
     def _meta(self, rel: str) -> dict[str, Any]:
         if self.opts.meta_for is None:
@@ -166,6 +182,10 @@ class Snapshotter:
         if ch is None:
             ch = self._tls.chunker = Chunker(self.opts.params)
         return ch
+
+    def _ingest_batch(self, files: list[_File], packs: PackSet) -> None:
+        for f in files:
+            self._ingest(f, packs)
 
     def _ingest(self, f: _File, packs: PackSet) -> None:
         for _ in range(READ_RETRIES):
@@ -191,7 +211,11 @@ class Snapshotter:
             comp = thread_compressor(self.opts.level)
             size = 0
             try:
-                for piece in self._chunker().cut_stream(fh):
+                if before.st_size <= WHOLE_READ_MAX:
+                    pieces = self._chunker().cut_buf(_read_all(fd, before.st_size))
+                else:
+                    pieces = self._chunker().cut_stream(fh)
+                for piece in pieces:
                     sha.update(piece)
                     cid = chunk_id(piece)
                     n = len(piece)
@@ -220,7 +244,7 @@ class Snapshotter:
         if not files:
             return
         with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
-            futures: list[Future[None]] = [pool.submit(self._ingest, f, packs) for f in files]
+            futures: list[Future[None]] = [pool.submit(self._ingest_batch, b, packs) for b in _batches(files)]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [fu for fu in done if fu.exception() is not None]
             if failed:
@@ -232,18 +256,53 @@ class Snapshotter:
 
     # -- phase 3: trees ---------------------------------------------------------------------------
 
-    def _entries(self, found: _Walk) -> list[Entry]:
-        out: list[Entry] = [Entry(rel, DIR, 0o755, 0, meta=self._meta(rel)) for rel in found.dirs]
-        out.extend(Entry(e.path, e.kind, e.mode, e.size, None, e.target, self._meta(e.path)) for e in found.links)
-        for f in found.files:
-            assert f.record is not None
-            out.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
-        return out
+    def _trees(self, top: _Dir) -> BuiltTrees:
+        """Build trees, reusing the cached tree id of every unchanged directory (when no per-entry
+        metadata or excludes are in play, which the directory cache cannot see)."""
+        use_cache = self.opts.meta_for is None and self.opts.exclude is None
+        all_dirs: list[_Dir] = []
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            all_dirs.append(d)
+            stack.extend(d.dirs)
+        cached = self.catalog.dir_rows([d.path for d in all_dirs]) if use_cache else {}
+        reusable: dict[str, tuple[str, int, int]] = {}
+        for d in reversed(all_dirs):  # children before parents
+            row = cached.get(d.path)
+            if (row and d.all_cached and all(c.rel in reusable for c in d.dirs)
+                    and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
+                    == (d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns)):
+                reusable[d.rel] = (row.tree_id, row.size, row.files)
+        if "" in reusable:
+            tid, size, files = reusable[""]
+            return BuiltTrees(tid, [], files, size)
+        entries: list[Entry] = []
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            if d.rel:
+                entries.append(Entry(d.rel, DIR, 0o755, 0, meta=self._meta(d.rel)))
+            entries.extend(Entry(e.path, e.kind, e.mode, e.size, None, e.target, self._meta(e.path)) for e in d.links)
+            for f in d.files:
+                assert f.record is not None
+                entries.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
+            stack.extend(c for c in d.dirs if c.rel not in reusable)
+        built = build_trees(entries, prebuilt={rel: v for rel, v in reusable.items() if rel})
+        if use_cache:
+            self._save_dir_cache(all_dirs, reusable, built)
+        return built
+
+    def _save_dir_cache(self, dirs: list[_Dir], reusable: dict[str, tuple[str, int, int]],
+                        built: BuiltTrees) -> None:
+        rows = [DirRow(d.path, d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns, *built.dirs[d.rel])
+                for d in dirs if d.rel not in reusable and d.rel in built.dirs]
+        self.catalog.put_dir_rows(rows)
 
     # -- entry point ------------------------------------------------------------------------------
 
     def run(self, root: Path) -> Snapshot:
-        found, to_read = self._walk(root)
+        top, to_read = self._walk(root)
         packs = PackSet(self.store, self.opts.pack_target)
         try:
             self._ingest_all(to_read, packs)
@@ -258,11 +317,12 @@ class Snapshotter:
         self.stats.new_bytes_stored = packs.new_bytes
         self.catalog.add_files(f.record for f in to_read if f.record is not None)
         crash_point("after-files")
-        self._save_stat_cache(root, found.files)
-        built = build_trees(self._entries(found))
+        self._save_stat_cache(to_read)
+        built = self._trees(top)
         return Snapshot(built.root_id, built.trees, built.files, built.size, self.stats)
 
-    def _save_stat_cache(self, root: Path, files: list[_File]) -> None:
+    def _save_stat_cache(self, files: list[_File]) -> None:
+        """Remember what was read; stat-cache hits are already there, unchanged."""
         by_dir: dict[str, list[StatRow]] = {}
         for f in files:
             assert f.record is not None
@@ -272,6 +332,21 @@ class Snapshotter:
         with self.catalog.write():
             for parent, rows in by_dir.items():
                 self.catalog.put_stat_rows(parent, rows)
+
+
+def _batches(files: list[_File]) -> list[list[_File]]:
+    out: list[list[_File]] = []
+    cur: list[_File] = []
+    size = 0
+    for f in files:
+        cur.append(f)
+        size += f.st.st_size
+        if size >= BATCH_BYTES or len(cur) >= BATCH_FILES:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
 
 
 def snapshot_dir(catalog: Catalog, store: Store, root: str | Path, options: SnapshotOptions,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from tessera.errors import UsageError
@@ -15,6 +15,7 @@ class BuiltTrees:
     trees: list[tuple[str, bytes]]
     files: int
     size: int
+    dirs: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # rel path -> (tree id, size, files)
 
 
 def check_path(path: str) -> str:
@@ -24,41 +25,51 @@ def check_path(path: str) -> str:
     return path
 
 
-def build_trees(entries: Iterable[Entry]) -> BuiltTrees:
+def build_trees(entries: Iterable[Entry], prebuilt: dict[str, tuple[str, int, int]] | None = None) -> BuiltTrees:
     """Entries are files, symlinks and (optionally, for empty dirs or dir metadata) dirs; parent
-    directories are implied by paths."""
+    directories are implied by paths. ``prebuilt`` maps directory paths to an existing
+    (tree id, size, files) whose contents are not listed in ``entries``."""
+    prebuilt = prebuilt or {}
     children: dict[str, dict[str, Entry | None]] = {"": {}}
+    for path in prebuilt:
+        parent, _, name = check_path(path).rpartition("/")
+        children.setdefault(parent, {})[name] = None
+    dir_meta: dict[str, Entry] = {}
     for e in entries:
-        parts = check_path(e.path).split("/")
-        for depth in range(len(parts)):
-            parent = "/".join(parts[:depth])
-            here = "/".join(parts[: depth + 1])
+        parent, _, name = check_path(e.path).rpartition("/")
+        if e.kind == DIR:
+            dir_meta[e.path] = e
+            children.setdefault(e.path, {})
+        else:
+            kids = children.get(parent)
+            if kids is None:
+                kids = children[parent] = {}
+            if name in kids:
+                raise UsageError(f"duplicate path in version: {e.path!r}")
+            kids[name] = e
+    # every directory is listed in its parent (creating implied ancestors)
+    for d in list(children) + list(prebuilt):
+        while d:
+            parent, _, name = d.rpartition("/")
             kids = children.setdefault(parent, {})
-            if depth == len(parts) - 1:
-                if e.kind == DIR:
-                    children.setdefault(here, {})
-                    kids[parts[depth]] = e
-                else:
-                    if parts[depth] in kids and kids[parts[depth]] is not None and e.kind != DIR:
-                        raise UsageError(f"duplicate path in version: {e.path!r}")
-                    kids[parts[depth]] = e
-            else:
-                children.setdefault(here, {})
-                kids.setdefault(parts[depth], None)
+            if name in kids:
+                if kids[name] is not None:
+                    raise UsageError(f"path is both a file and a directory: {d!r}")
+                break
+            kids[name] = None
+            d = parent
     trees: list[tuple[str, bytes]] = []
     built: dict[str, tuple[str, int, int]] = {}
     for dir_path in sorted(children, key=lambda p: p.count("/") + (1 if p else 0), reverse=True):
         out: list[TreeEntry] = []
         nfiles = 0
+        prefix = f"{dir_path}/" if dir_path else ""
         for name, e in children[dir_path].items():
-            full = f"{dir_path}/{name}" if dir_path else name
-            if full in built:
-                tid, size, n = built[full]
-                meta = e.meta if e is not None else {}
+            if e is None:
+                tid, size, n = built[prefix + name] if prefix + name in built else prebuilt[prefix + name]
+                meta = dir_meta[prefix + name].meta if prefix + name in dir_meta else {}
                 out.append(TreeEntry(name, DIR, 0o755, size, tid, None, meta))
                 nfiles += n
-            elif e is None or e.kind == DIR:
-                raise AssertionError(f"unbuilt directory {full}")
             else:
                 out.append(TreeEntry(name, e.kind, e.mode, e.size, e.sha256, e.target, e.meta))
                 nfiles += e.kind == FILE
@@ -68,4 +79,4 @@ def build_trees(entries: Iterable[Entry]) -> BuiltTrees:
         trees.append((tid, data))
         built[dir_path] = (tid, tree.size, nfiles)
     root_id, size, nfiles = built[""]
-    return BuiltTrees(root_id, trees, nfiles, size)
+    return BuiltTrees(root_id, trees, nfiles, size, built)

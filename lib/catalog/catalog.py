@@ -65,6 +65,18 @@ class StatRow:
     file_id: str
 
 
+@dataclass(frozen=True)
+class DirRow:
+    path: str
+    dev: int
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    tree_id: str
+    size: int
+    files: int
+
+
 def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
@@ -327,11 +339,30 @@ class Catalog:
     # -- stat cache -------------------------------------------------------------------------------
 
     def stat_rows(self, directory: str) -> dict[str, StatRow]:
+        """The stat cache of one directory, only rows whose file record still exists."""
         rows = self._all(
-            "SELECT name, dev, ino, size, mtime_ns, ctime_ns, file_id FROM stat_cache WHERE dir = ?",
+            "SELECT s.name, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.file_id FROM stat_cache s"
+            " JOIN files f ON f.id = s.file_id WHERE s.dir = ?",
             (directory,),
         )
         return {r[0]: StatRow(*r) for r in rows}
+
+    def dir_rows(self, paths: Sequence[str]) -> dict[str, DirRow]:
+        out: dict[str, DirRow] = {}
+        for part in _chunks(list(paths)):
+            q = ",".join("?" * len(part))
+            for r in self._all(
+                "SELECT d.path, d.dev, d.ino, d.mtime_ns, d.ctime_ns, d.tree_id, d.size, d.files FROM dir_cache d"
+                f" JOIN trees t ON t.id = d.tree_id WHERE d.path IN ({q})", part
+            ):
+                out[r[0]] = DirRow(*r)
+        return out
+
+    def put_dir_rows(self, rows: Iterable[DirRow]) -> None:
+        with self.write() as c:
+            c.executemany("INSERT OR REPLACE INTO dir_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          ((r.path, r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
+                           for r in rows))
 
     def put_stat_rows(self, directory: str, rows: Iterable[StatRow]) -> None:
         with self.write() as c:

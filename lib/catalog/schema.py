@@ -76,4 +76,18 @@ def _daemon(db: Database) -> None:
     )
 
 
-SCHEMA_VERSION = 3
+@migrations(name="0004_dir_cache")
+def _dir_cache(db: Database) -> None:
+    # A directory whose own stat is unchanged and whose files all hit the stat cache keeps its tree id:
+    # re-committing an unchanged tree then builds no trees at all (git's cache-tree idea).
+    db.executescript(
+        """
+        CREATE TABLE dir_cache (
+            path TEXT PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL, tree_id TEXT NOT NULL, size INTEGER NOT NULL, files INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+SCHEMA_VERSION = 4

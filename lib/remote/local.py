@@ -69,11 +69,8 @@ class LocalTransport(Transport):
         self._write(key, lambda f: f.write(data), if_none_match=if_none_match)
 
     def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
-        def copy(dst: BinaryIO) -> None:
-            with open(path, "rb") as src:
-                copy_stream(src, dst, progress)
-
-        self._write(key, copy, if_none_match=False)
+        with open(path, "rb") as src:  # a missing source is the caller's OSError, not a remote error
+            self._write(key, lambda dst: copy_stream(src, dst, progress), if_none_match=False)
 
     def _write(self, key: str, fill: Callable[[BinaryIO], object], *, if_none_match: bool) -> None:
         dest = self._path(key)

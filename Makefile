@@ -1,0 +1,40 @@
+# tessera: `make demo` and `make test` each set up everything on a fresh machine, then run.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYTHONDONTWRITEBYTECODE := 1
+PYTEST_ARGS ?=
+
+.PHONY: all deps sysdeps pydeps demo test bench clean
+
+all: test
+
+deps: sysdeps pydeps
+
+# System packages (fuse3 for mounts, rsync for the mount tests); idempotent, needs root.
+sysdeps:
+	@bash .ci/sysdeps
+
+# A venv with torch 2.13.0 CPU installed first (so nothing pulls CUDA builds), then tessera + test deps.
+pydeps: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 numpy
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,fusepy]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: deps
+	bash tests/demo.sh
+
+test: deps
+	pytest -q $(PYTEST_ARGS) tests
+
+bench: deps
+	$(PY) tests/bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

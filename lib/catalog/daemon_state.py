@@ -1,0 +1,207 @@
+"""Daemon state in the catalog: the push queue, per-watch status, and lineage amendments for `tessera run`.
+
+Functions take a `Catalog` and keep every transaction short, so the CLI, a mount and the daemon can
+share one home. Rows come back as dataclasses. The tables are created by migration ``0003_daemon``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.catalog.catalog import Catalog
+
+
+@dataclass(frozen=True)
+class PushItem:
+    id: int
+    remote: str
+    dataset: str
+    hash: str
+    created: float
+    attempts: int
+    next_try: float
+    last_error: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}@{self.hash}"
+
+
+@dataclass(frozen=True)
+class WatchStatus:
+    path: str
+    dataset: str
+    last_event: float | None
+    last_version: str | None
+    last_commit: float | None
+    last_error: str | None
+    updated: float
+
+
+_PUSH_COLS = "id, remote, dataset, hash, created, attempts, next_try, last_error"
+
+
+# -- remotes ----------------------------------------------------------------------------------------
+
+def remote_names(catalog: Catalog) -> list[str]:
+    """Names of the remotes configured with `tessera remote add`."""
+    return [r[0] for r in catalog._all("SELECT name FROM remotes ORDER BY name")]
+
+
+# -- push queue -------------------------------------------------------------------------------------
+
+def enqueue_push(catalog: Catalog, remote: str, dataset: str, hash: str) -> bool:
+    """Queue ``dataset@hash`` for upload to ``remote``; False if it is already waiting."""
+    with catalog.write() as c:
+        return _enqueue(c, remote, dataset, hash)
+
+
+def _enqueue(c: Any, remote: str, dataset: str, hash: str) -> bool:
+    found = c.execute("SELECT 1 FROM push_queue WHERE remote = ? AND dataset = ? AND hash = ?",
+                      (remote, dataset, hash)).fetchone()
+    if found:
+        return False
+    c.execute("INSERT INTO push_queue (remote, dataset, hash, created, next_try) VALUES (?, ?, ?, ?, 0)",
+              (remote, dataset, hash, time.time()))
+    return True
+
+
+def pending_pushes(catalog: Catalog, remote: str | None = None, dataset: str | None = None) -> list[PushItem]:
+    """Everything still waiting for upload, oldest first."""
+    sql = f"SELECT {_PUSH_COLS} FROM push_queue WHERE 1=1"
+    params: list[Any] = []
+    if remote is not None:
+        sql += " AND remote = ?"
+        params.append(remote)
+    if dataset is not None:
+        sql += " AND dataset = ?"
+        params.append(dataset)
+    return [PushItem(*r) for r in catalog._all(sql + " ORDER BY id", params)]
+
+
+def due_pushes(catalog: Catalog, now: float, limit: int = 100) -> list[PushItem]:
+    rows = catalog._all(f"SELECT {_PUSH_COLS} FROM push_queue WHERE next_try <= ? ORDER BY id LIMIT ?",
+                        (now, limit))
+    return [PushItem(*r) for r in rows]
+
+
+def next_push_time(catalog: Catalog) -> float | None:
+    row = catalog._one("SELECT min(next_try) FROM push_queue")
+    return row[0] if row else None
+
+
+def push_done(catalog: Catalog, item_id: int) -> None:
+    with catalog.write() as c:
+        c.execute("DELETE FROM push_queue WHERE id = ?", (item_id,))
+
+
+def push_failed(catalog: Catalog, item: PushItem, error: str, next_try: float) -> None:
+    """Count a failed attempt of ``item``; every other item for the same remote waits as long (the
+    remote is probably down) and shows the same error, without counting an attempt."""
+    with catalog.write() as c:
+        c.execute("UPDATE push_queue SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
+                  (next_try, error, item.id))
+        c.execute("UPDATE push_queue SET next_try = max(next_try, ?), last_error = ? WHERE remote = ? AND id != ?",
+                  (next_try, error, item.remote, item.id))
+
+
+def retry_pushes_now(catalog: Catalog, remote: str | None = None) -> int:
+    """Make waiting items due at once (after a success on their remote, or at daemon start)."""
+    with catalog.write() as c:
+        if remote is None:
+            cur = c.execute("UPDATE push_queue SET next_try = 0 WHERE next_try > 0")
+        else:
+            cur = c.execute("UPDATE push_queue SET next_try = 0 WHERE remote = ? AND next_try > 0", (remote,))
+        return cur.rowcount
+
+
+# -- watch status -----------------------------------------------------------------------------------
+
+def watch_statuses(catalog: Catalog) -> dict[str, WatchStatus]:
+    rows = catalog._all("SELECT path, dataset, last_event, last_version, last_commit, last_error, updated"
+                        " FROM watch_status ORDER BY path")
+    return {r[0]: WatchStatus(*r) for r in rows}
+
+
+def note_watch_event(catalog: Catalog, path: str, dataset: str, when: float) -> None:
+    with catalog.write() as c:
+        _ensure_status(c, path, dataset)
+        c.execute("UPDATE watch_status SET last_event = ?, dataset = ?, updated = ? WHERE path = ?",
+                  (when, dataset, time.time(), path))
+
+
+def note_watch_error(catalog: Catalog, path: str, dataset: str, error: str | None) -> None:
+    with catalog.write() as c:
+        _ensure_status(c, path, dataset)
+        c.execute("UPDATE watch_status SET last_error = ?, dataset = ?, updated = ? WHERE path = ?",
+                  (error, dataset, time.time(), path))
+
+
+def record_watch_commit(catalog: Catalog, path: str, dataset: str, hash: str, when: float,
+                        remote: str | None, created: bool) -> None:
+    """After a commit: the watch's last version, cleared error and (if new) its push, in one transaction."""
+    with catalog.write() as c:
+        _ensure_status(c, path, dataset)
+        c.execute("UPDATE watch_status SET last_version = ?, last_commit = ?, last_error = NULL, dataset = ?,"
+                  " updated = ? WHERE path = ?", (hash, when, dataset, time.time(), path))
+        if created and remote:
+            _enqueue(c, remote, dataset, hash)
+
+
+def forget_watch(catalog: Catalog, path: str) -> None:
+    with catalog.write() as c:
+        c.execute("DELETE FROM watch_status WHERE path = ?", (path,))
+
+
+def _ensure_status(c: Any, path: str, dataset: str) -> None:
+    c.execute("INSERT OR IGNORE INTO watch_status (path, dataset, updated) VALUES (?, ?, ?)",
+              (path, dataset, time.time()))
+
+
+def unqueued_watch_versions(catalog: Catalog, path: str, dataset: str, remote: str) -> list[str]:
+    """Versions this watch committed after its last recorded commit and that are not queued: what a
+    crash between recording a version and queueing its push leaves behind."""
+    status = catalog._one("SELECT last_version FROM watch_status WHERE path = ?", (path,))
+    since = 0
+    if status and status[0]:
+        row = catalog._one("SELECT max(seq) FROM history WHERE dataset = ? AND hash = ?", (dataset, status[0]))
+        since = (row[0] or 0) if row else 0
+    rows = catalog._all("SELECT hash, meta FROM history WHERE dataset = ? AND seq > ? ORDER BY seq",
+                        (dataset, since))
+    queued = {i.hash for i in pending_pushes(catalog, remote, dataset)}
+    out: list[str] = []
+    for hash_, meta in rows:
+        info = json.loads(meta).get("daemon")
+        if isinstance(info, dict) and info.get("watch") == path and hash_ not in queued and hash_ not in out:
+            out.append(hash_)
+    return out
+
+
+# -- lineage of `tessera run` -----------------------------------------------------------------------
+
+def head_history_row(catalog: Catalog, dataset: str) -> tuple[int, str, dict[str, Any]] | None:
+    """(seq, hash, meta) of the newest history row of ``dataset``."""
+    row = catalog._one("SELECT seq, hash, meta FROM history WHERE dataset = ? ORDER BY seq DESC LIMIT 1",
+                       (dataset,))
+    return (row[0], row[1], json.loads(row[2])) if row else None
+
+
+def amend_history_meta(catalog: Catalog, seq: int, meta: dict[str, Any], message: str | None = None) -> None:
+    """Replace the metadata (and message) of one history row. Metadata is not part of the version hash;
+    `tessera run` uses this to turn its last periodic version into the final one when the content did
+    not change at exit."""
+    with catalog.write() as c:
+        c.execute("UPDATE history SET meta = ? WHERE seq = ?", (json.dumps(meta, sort_keys=True), seq))
+        if message is not None:
+            c.execute("UPDATE history SET message = ? WHERE seq = ?", (message, seq))
+
+
+def append_history(catalog: Catalog, dataset: str, hash: str, author: str, message: str,
+                   meta: dict[str, Any]) -> None:
+    """Record that the current head of ``dataset`` was produced (again) by a run, with its lineage."""
+    with catalog.write() as c:
+        c.execute("INSERT INTO history (dataset, hash, parent, time, author, message, meta)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (dataset, hash, hash, time.time(), author, message, json.dumps(meta, sort_keys=True)))
