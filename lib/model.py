@@ -101,7 +101,7 @@ class Tree:
 _CHUNK_REF = struct.Struct("<16sI")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRecord:
     """A file's identity and layout: SHA-256, size, and its chunks (xxh3-128 id, raw length) in order."""
 

@@ -66,7 +66,7 @@ class SnapshotStats:
     new_bytes_stored: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _File:
     rel: str
     path: str
@@ -125,7 +125,7 @@ class Snapshotter:
         stack = [top]
         while stack:
             node = stack.pop()
-            cache = self.catalog.stat_rows(node.path)
+            cache = self.catalog.stat_keys(node.path)
             try:
                 with os.scandir(node.path) as it:
                     items = list(it)
@@ -154,10 +154,9 @@ class Snapshotter:
                     self.stats.files += 1
                     self.stats.bytes_total += st.st_size
                     hit = cache.get(d.name)
-                    if hit and (hit.dev, hit.ino, hit.size, hit.mtime_ns, hit.ctime_ns) == (
-                            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    if hit and hit[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                         # Size and id are all the trees need; the chunk list is already stored.
-                        f.record = FileRecord(hit.file_id, hit.size, ())
+                        f.record = FileRecord(hit[1], st.st_size, ())
                         self.stats.stat_cache_hits += 1
                     else:
                         to_read.append(f)
@@ -288,7 +287,9 @@ class Snapshotter:
                 assert f.record is not None
                 entries.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
             stack.extend(c for c in d.dirs if c.rel not in reusable)
-        built = build_trees(entries, prebuilt={rel: v for rel, v in reusable.items() if rel})
+        # only the outermost reusable directories: their insides are already in the catalog
+        outer = {rel: v for rel, v in reusable.items() if rel.rpartition("/")[0] not in reusable}
+        built = build_trees(entries, prebuilt=outer)
         if use_cache:
             self._save_dir_cache(all_dirs, reusable, built)
         return built

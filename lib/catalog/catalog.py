@@ -338,14 +338,15 @@ class Catalog:
 
     # -- stat cache -------------------------------------------------------------------------------
 
-    def stat_rows(self, directory: str) -> dict[str, StatRow]:
-        """The stat cache of one directory, only rows whose file record still exists."""
+    def stat_keys(self, directory: str) -> dict[str, tuple[tuple[int, int, int, int, int], str]]:
+        """The stat cache of one directory as name -> ((dev, ino, size, mtime_ns, ctime_ns), file id),
+        only rows whose file record still exists. Tuples, not dataclasses: this is the recommit hot path."""
         rows = self._all(
             "SELECT s.name, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.file_id FROM stat_cache s"
             " JOIN files f ON f.id = s.file_id WHERE s.dir = ?",
             (directory,),
         )
-        return {r[0]: StatRow(*r) for r in rows}
+        return {r[0]: (r[1:6], r[6]) for r in rows}
 
     def dir_rows(self, paths: Sequence[str]) -> dict[str, DirRow]:
         out: dict[str, DirRow] = {}

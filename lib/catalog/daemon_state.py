@@ -97,14 +97,15 @@ def push_done(catalog: Catalog, item_id: int) -> None:
         c.execute("DELETE FROM push_queue WHERE id = ?", (item_id,))
 
 
-def push_failed(catalog: Catalog, item: PushItem, error: str, next_try: float) -> None:
-    """Count a failed attempt of ``item``; every other item for the same remote waits as long (the
-    remote is probably down) and shows the same error, without counting an attempt."""
+def push_failed(catalog: Catalog, item: PushItem, error: str, next_try: float, *, whole_remote: bool = True) -> None:
+    """Count a failed attempt of ``item``. With ``whole_remote`` (the remote is down, not the item at
+    fault) every other item for that remote waits as long and shows the error, without an attempt."""
     with catalog.write() as c:
         c.execute("UPDATE push_queue SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
                   (next_try, error, item.id))
-        c.execute("UPDATE push_queue SET next_try = max(next_try, ?), last_error = ? WHERE remote = ? AND id != ?",
-                  (next_try, error, item.remote, item.id))
+        if whole_remote:
+            c.execute("UPDATE push_queue SET next_try = max(next_try, ?), last_error = ?"
+                      " WHERE remote = ? AND id != ?", (next_try, error, item.remote, item.id))
 
 
 def retry_pushes_now(catalog: Catalog, remote: str | None = None) -> int:

@@ -1,0 +1,346 @@
+"""A version as a read-only file system, independent of any FUSE binding.
+
+`VersionFS` answers what a kernel (or an fsspec filesystem, or a test) asks of a mounted version:
+``lookup / stat / readdir / readlink / read(path, offset, size)``, the ``user.tessera.sha256`` xattr and
+``statfs``. `tessera.fuse.operations` is a thin adapter over it; it is tested here without mounting.
+
+How it stays fast and bounded:
+
+- **No scan at mount time.** Paths resolve directory by directory through the version's Merkle trees
+  (``repo.load_tree``, itself an LRU). A small LRU maps directory paths to tree ids, so a lookup of
+  ``train/x.jpg`` is two dict lookups once its directory has been seen.
+- **Stable inode numbers**: a 63-bit xxh3 of the path, seeded with the version hash. Equal across mounts
+  of the same version (and different between versions, so tools that cache by (dev, ino) do not
+  confuse two versions); the root is inode 1. A collision (~n^2/2^64) is harmless: every entry has
+  ``st_nlink == 1``, so no tool takes two paths for hard links.
+- **Offsets to chunks** by bisecting each file's cumulative chunk sizes; these offset tables are
+  cached per file id (LRU), with each chunk's pack location filled in on first use.
+- **Decoded chunks** live in a byte-bounded LRU (``cache_bytes``) *only when a read used part of a
+  chunk*: a read that consumes a whole chunk (a small file, or a big read) leaves it to the kernel page
+  cache instead of churning the LRU.
+- **Raw chunks** (stored uncompressed) are verified once, on first touch: the whole chunk is read and
+  its xxh3-128 checked. After that the chunk id is remembered (bounded) and later partial reads are a
+  plain ``pread`` of just the requested range. A partial ``pread`` cannot itself be hash-checked, so
+  this trades re-verification of bytes already verified in this mount for not reading whole chunks
+  again; bytes are never served before their chunk has passed its hash check once.
+
+Every error is a `TesseraError`: `NotFound`, `NotADirectory`, `IsADirectory`, `NotASymlink`, and
+`CorruptData` (a chunk failing its hash check) or `RemoteError` (lazy fetch failed) from reads.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import threading
+from itertools import accumulate
+from typing import TYPE_CHECKING, NamedTuple
+
+import xxhash
+
+from tessera.cache import LRUCache
+from tessera.errors import CorruptData, NotFound, UsageError
+from tessera.format.compress import RAW
+from tessera.model import DIR, FILE, SYMLINK, TreeEntry
+from tessera.store import decode_chunk
+
+if TYPE_CHECKING:
+    from tessera.catalog import ChunkLocation
+    from tessera.model import Tree
+    from tessera.version import Version
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+XATTR_SHA256 = "user.tessera.sha256"
+XATTR_META = "user.tessera.meta"
+XATTR_REF = "user.tessera.ref"
+ROOT_INO = 1
+BLOCK = 512
+IO_BLOCK = 1024 * 1024  # st_blksize: what cp, stdio and Python buffer by; matches the mount's 1 MiB reads
+_INO_MASK = (1 << 63) - 1
+_KIND_BITS = {FILE: 0o100000, DIR: 0o040000, SYMLINK: 0o120000}
+_DIR_CACHE_ENTRIES = 65536
+_LAYOUT_CACHE_CHUNKS = 1 << 20  # offset tables: bounded by total chunk count (~100 bytes each)
+_VERIFIED_IDS = 1 << 18
+_MAX_PACK_FDS = 256
+
+
+class NotADirectory(UsageError):
+    """A path used as a directory is a file or symlink (ENOTDIR)."""
+
+
+class IsADirectory(UsageError):
+    """A directory was read as a file (EISDIR)."""
+
+
+class NotASymlink(UsageError):
+    """readlink of something that is not a symlink (EINVAL)."""
+
+
+class Attr(NamedTuple):
+    """What stat(2) shows for a path. Times are the version's commit time, in nanoseconds."""
+
+    ino: int
+    mode: int  # full st_mode: kind bits | permission bits
+    nlink: int
+    size: int
+    blocks: int  # 512-byte blocks, so du works
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.mode & 0o170000 == 0o040000
+
+
+class StatFS(NamedTuple):
+    bsize: int
+    frsize: int
+    blocks: int
+    files: int
+    namemax: int
+
+
+class _PackFd:
+    """An open pack file, closed when the last reader lets go of it (so eviction never closes an fd
+    another thread is reading from, which could otherwise be reused for a different file)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+class _Layout:
+    """One file's chunks: ids, cumulative start offsets, and pack locations filled in lazily."""
+
+    __slots__ = ("size", "ids", "starts", "ends", "locs")
+
+    def __init__(self, chunks: tuple[tuple[bytes, int], ...]) -> None:
+        self.ids = [cid for cid, _ in chunks]
+        self.ends = list(accumulate(n for _, n in chunks))
+        self.starts = [0, *self.ends[:-1]] if chunks else []
+        self.size = self.ends[-1] if chunks else 0
+        self.locs: list[ChunkLocation | None] = [None] * len(chunks)
+
+
+class VersionFS:
+    """A read-only file system view of one version. Thread-safe (the FUSE loop may be threaded)."""
+
+    def __init__(self, version: "Version", *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.version = version
+        self.repo = version.repo
+        self.store = version.repo.store
+        self.mtime_ns = int(round(version.time * 1e9))
+        self._seed = int(version.hash[:16], 16)
+        self._dirs: LRUCache[str] = LRUCache(_DIR_CACHE_ENTRIES, sizeof=lambda _: 1)
+        self._dirs.put("", version.hash)
+        self._chunks: LRUCache[bytes] = LRUCache(max(cache_bytes, 0))
+        self._layouts: LRUCache[_Layout] = LRUCache(_LAYOUT_CACHE_CHUNKS, sizeof=lambda lay: len(lay.ids) + 1)
+        self._verified: LRUCache[bool] = LRUCache(_VERIFIED_IDS, sizeof=lambda _: 1)
+        self._fds: dict[str, _PackFd] = {}
+        self._fd_lock = threading.Lock()
+        self.reads = 0
+        self.errors = 0
+
+    def close(self) -> None:
+        with self._fd_lock:
+            self._fds.clear()
+
+    # -- names ------------------------------------------------------------------------------------
+
+    def ino(self, path: str) -> int:
+        """Stable inode number of a path (relative, no leading slash; "" is the root)."""
+        if not path:
+            return ROOT_INO
+        n = xxhash.xxh3_64_intdigest(path.encode("utf-8", "surrogateescape"), seed=self._seed) & _INO_MASK
+        return n if n > ROOT_INO else n + 2
+
+    def _tree(self, dpath: str) -> "Tree":
+        """The tree of the directory at ``dpath`` (relative path; "" is the root)."""
+        tid = self._dirs.get(dpath)
+        if tid is None:
+            parent, _, name = dpath.rpartition("/")
+            te = self._tree(parent).by_name.get(name)
+            if te is None:
+                raise NotFound(f"no such directory: {dpath!r}")
+            if te.kind != DIR or te.id is None:
+                raise NotADirectory(f"not a directory: {dpath!r}")
+            tid = te.id
+            self._dirs.put(dpath, tid)
+        return self.repo.load_tree(tid)
+
+    def lookup(self, path: str) -> TreeEntry | None:
+        """The tree entry at ``path`` ("/a/b" or "a/b"); None for the root. Raises `NotFound`."""
+        rel = path.strip("/")
+        if not rel:
+            return None
+        parent, _, name = rel.rpartition("/")
+        te = self._tree(parent).by_name.get(name)
+        if te is None:
+            raise NotFound(f"no such file or directory: {rel!r}")
+        return te
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    def _attr(self, rel: str, te: TreeEntry | None) -> Attr:
+        if te is None:
+            return Attr(ROOT_INO, 0o040755, 1, 0, 0, self.mtime_ns)
+        if te.kind == FILE:
+            size = te.size
+        elif te.kind == SYMLINK:
+            size = len((te.target or "").encode("utf-8", "surrogateescape"))
+        else:
+            size = 0  # directories: nlink 1 = "count unknown", like btrfs; find then never prunes
+        return Attr(self.ino(rel), _KIND_BITS[te.kind] | te.mode, 1, size, (size + BLOCK - 1) // BLOCK, self.mtime_ns)
+
+    def stat(self, path: str) -> Attr:
+        rel = path.strip("/")
+        return self._attr(rel, self.lookup(rel))
+
+    def readdir(self, path: str) -> list[tuple[str, Attr]]:
+        """Children of a directory, sorted by name, with their attributes (for readdirplus)."""
+        rel = path.strip("/")
+        te = self.lookup(rel)
+        if te is not None and te.kind != DIR:
+            raise NotADirectory(f"not a directory: {rel!r}")
+        base = f"{rel}/" if rel else ""
+        tree = self._tree(rel)
+        out = []
+        for child in tree.entries:
+            cpath = base + child.name
+            if child.kind == DIR and child.id is not None:
+                self._dirs.put(cpath, child.id)
+            out.append((child.name, self._attr(cpath, child)))
+        return out
+
+    def readlink(self, path: str) -> str:
+        te = self.lookup(path)
+        if te is None or te.kind != SYMLINK:
+            raise NotASymlink(f"not a symbolic link: {path.strip('/')!r}")
+        return te.target or ""
+
+    def listxattr(self, path: str) -> list[str]:
+        te = self.lookup(path)
+        if te is None:
+            return [XATTR_REF]
+        names = [XATTR_SHA256] if te.kind == FILE else []
+        return names + ([XATTR_META] if te.meta else [])
+
+    def getxattr(self, path: str, name: str) -> bytes | None:
+        """The xattr's value, or None when the path has no such attribute."""
+        te = self.lookup(path)
+        if te is None:
+            return self.version.ref.encode() if name == XATTR_REF else None
+        if name == XATTR_SHA256 and te.kind == FILE and te.id:
+            return te.id.encode()
+        if name == XATTR_META and te.meta:
+            import json
+
+            return json.dumps(te.meta, sort_keys=True, ensure_ascii=False).encode()
+        return None
+
+    def statfs(self) -> StatFS:
+        bsize = 4096
+        return StatFS(bsize, bsize, (self.version.size + bsize - 1) // bsize, self.version.files, 255)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def _file(self, path: str) -> tuple[TreeEntry, _Layout]:
+        te = self.lookup(path)
+        if te is None or te.kind == DIR:
+            raise IsADirectory(f"is a directory: {path.strip('/')!r}")
+        if te.kind != FILE or te.id is None:
+            raise NotFound(f"not a regular file: {path.strip('/')!r}")
+        lay = self._layouts.get(te.id)
+        if lay is None:
+            rec = self.repo.catalog.file(te.id)
+            if rec is None:
+                raise CorruptData(f"file record {te.id} for {path.strip('/')!r} is missing from the catalog")
+            lay = _Layout(rec.chunks)
+            if lay.size != te.size:
+                raise CorruptData(f"file {te.id[:12]}: chunks add up to {lay.size} bytes, tree says {te.size}")
+            self._layouts.put(te.id, lay)
+        return te, lay
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (short only at end of file). Every byte returned comes
+        from a chunk that passed its hash check; a chunk that fails raises `CorruptData`."""
+        _, lay = self._file(path)
+        end = min(offset + size, lay.size)
+        if offset >= end:
+            return b""
+        self.reads += 1
+        i = bisect.bisect_right(lay.starts, offset) - 1
+        parts = []
+        pos = offset
+        while pos < end:
+            start, stop = lay.starts[i], lay.ends[i]
+            parts.append(self._chunk_range(lay, i, pos - start, min(end, stop) - start))
+            pos = stop
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _location(self, lay: _Layout, i: int) -> "ChunkLocation":
+        loc = lay.locs[i]
+        if loc is None:
+            loc = lay.locs[i] = self.store.location(lay.ids[i])
+        return loc
+
+    def _chunk_range(self, lay: _Layout, i: int, lo: int, hi: int) -> bytes:
+        cid = lay.ids[i]
+        data = self._chunks.get(cid)
+        if data is None:
+            loc = self._location(lay, i)
+            whole = lo == 0 and hi == loc.raw_len
+            if loc.codec == RAW and not whole and cid in self._verified:
+                got = self._pread(loc, lo, hi - lo)
+                if got is not None:
+                    return got
+            data = self._load(loc)
+            if loc.codec == RAW:
+                self._verified.put(cid, True)
+            if whole:
+                return data
+            self._chunks.put(cid, data)
+        if lo == 0 and hi == len(data):
+            return data
+        return data[lo:hi]
+
+    def _load(self, loc: "ChunkLocation") -> bytes:
+        try:
+            return decode_chunk(loc, self.store.read_stored(loc))
+        except CorruptData:
+            self.errors += 1
+            raise
+
+    def _pread(self, loc: "ChunkLocation", off: int, n: int) -> bytes | None:
+        """A sub-range of an already verified raw chunk, or None when its pack is not local."""
+        handle = self._pack_handle(loc.pack)
+        if handle is None:
+            return None
+        data = os.pread(handle.fd, n, loc.offset + off)  # `handle` keeps the fd open during the read
+        if len(data) != n:
+            raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
+        return data
+
+    def _pack_handle(self, pack: str) -> "_PackFd | None":
+        handle = self._fds.get(pack)
+        if handle is not None:
+            return handle
+        try:
+            handle = _PackFd(os.open(self.store.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            return None  # not local (lazy remote): the caller fetches the whole chunk instead
+        with self._fd_lock:
+            if len(self._fds) >= _MAX_PACK_FDS:
+                self._fds.clear()  # readers still holding a handle keep its fd open until they finish
+            return self._fds.setdefault(pack, handle)
+
+    # -- convenience ------------------------------------------------------------------------------
+
+    def read_all(self, path: str) -> bytes:
+        return self.read(path, 0, self.stat(path).size)
