@@ -307,14 +307,17 @@ def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 def _parse_failure(answer: str, log: Path) -> tuple[int, str]:
+    code, msg = MountError.exit_code, ""
     if answer.startswith("error ") and answer[6:].split(" ", 1)[0].isdigit():
-        code, _, msg = answer[6:].partition(" ")
-        return int(code), msg
+        num, _, msg = answer[6:].partition(" ")
+        code, msg = int(num), msg.strip()
+    if msg:
+        return code, msg
     last = ""
     with contextlib.suppress(OSError):
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         last = lines[-1] if lines else ""
-    return MountError.exit_code, f"the mount server failed: {last or 'no message'} (log: {log})"
+    return code, f"the mount server failed: {last or 'no message'} (log: {log})"
 
 
 def _abort_server(proc: subprocess.Popen[bytes], mountpoint: str) -> None:

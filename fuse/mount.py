@@ -1,0 +1,160 @@
+"""The mount server: serves one version at one mountpoint until unmounted or signalled.
+
+Started by `tessera.mounting.mount_version` as ``python -m tessera.fuse.mount --home H --ref R
+--mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
+
+Mount options, chosen because a version never changes (measured on libfuse 3.14, see docs/mount.md):
+``ro``; ``entry_timeout``/``attr_timeout``/``negative_timeout`` of a day, so each name and attribute is
+asked once; ``kernel_cache``, so the page cache survives opens; ``use_ino`` for stable inode numbers;
+``default_permissions`` so the kernel checks modes itself. After the kernel has answered INIT, the
+mount's ``read_ahead_kb`` is raised to 1024 so sequential reads arrive as 1 MiB requests (libfuse 3.14
+refuses ``-o max_read=``; the INIT reply can only lower read-ahead).
+
+SIGTERM, SIGINT and SIGHUP are handled by libfuse: the loop stops and the mount is removed cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+from tessera.errors import MountError, TesseraError
+from tessera.mounting import MountRecord, find_kernel_mount, remove_record, write_record
+
+logger = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 86400.0
+READ_AHEAD_KB = 1024
+
+
+def mount_options(fsname: str, *, threads: bool, debug: bool = False) -> dict[str, object]:
+    return {"foreground": True, "nothreads": not threads, "debug": debug, "ro": True, "default_permissions": True,
+            "fsname": fsname, "subtype": "tessera", "use_ino": True, "kernel_cache": True,
+            "entry_timeout": CACHE_TIMEOUT, "attr_timeout": CACHE_TIMEOUT, "negative_timeout": CACHE_TIMEOUT}
+
+
+def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
+    """Set the mount's bdi read-ahead (root only); True when done."""
+    km = find_kernel_mount(mountpoint)
+    if km is None:
+        return False
+    path = f"/sys/class/bdi/{km.device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        return True
+    except OSError as exc:
+        logger.info("could not raise read-ahead (%s: %s); reads stay at 128 KiB", path, exc.strerror)
+        return False
+
+
+def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
+          debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
+    """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok")`` is called once the
+    mount answers; ``ready("error <code> <message>")`` if it could not be made."""
+    from tessera.fuse._binding import load_binding
+    from tessera.fuse.operations import make_operations
+    from tessera.repo import Repo
+    from tessera.vfs import VersionFS
+
+    answer = _Once(ready)
+    try:
+        binding = load_binding()
+        repo = Repo(home)
+        version = repo.get(ref)
+    except TesseraError as exc:
+        answer(f"error {exc.exit_code} {exc}")
+        raise
+    vfs = VersionFS(version, cache_bytes=cache_size)
+    record = MountRecord(version.ref, version.hash, mountpoint, os.getpid(), time.time(), str(repo.home),
+                         str(_log_of_stderr()))
+
+    def after_init() -> None:
+        try:
+            os.stat(mountpoint)  # returns once the kernel has our INIT reply: the mount is usable
+        except OSError as exc:
+            answer(f"error {MountError.exit_code} the new mount at {mountpoint} does not answer: {exc.strerror}")
+            return
+        raise_read_ahead(mountpoint)
+        write_record(record)
+        logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
+                    "threads" if threads else "single-threaded")
+        answer("ok")
+
+    ops = make_operations(binding, vfs, no_open=no_open,
+                          on_init=lambda: threading.Thread(target=after_init, daemon=True).start())
+    fsname = f"tessera:{version.name}@{version.hash[:12]}"
+    try:
+        binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
+    except RuntimeError as exc:
+        answer(f"error {MountError.exit_code} ")  # the reason is libfuse's last line in the log
+        raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
+    finally:
+        remove_record(repo.home, mountpoint, pid=os.getpid())
+        vfs.close()
+        repo.close()
+        answer(f"error {MountError.exit_code} the mount server stopped before the mount was ready")
+    logger.info("unmounted %s (%d reads, %d errors)", mountpoint, vfs.reads, vfs.errors)
+
+
+class _Once:
+    """Deliver one readiness answer; later ones are dropped."""
+
+    def __init__(self, sink: Callable[[str], None] | None) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: str) -> None:
+        with self._lock:
+            sink, self._sink = self._sink, None
+        if sink is not None:
+            sink(msg)
+
+
+def _log_of_stderr() -> str:
+    try:
+        return os.readlink("/proc/self/fd/2")
+    except OSError:
+        return ""
+
+
+def pipe_writer(fd: int) -> Callable[[str], None]:
+    def write(msg: str) -> None:
+        try:
+            os.write(fd, (msg.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return write
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tessera.fuse.mount", description="tessera mount server")
+    p.add_argument("--home", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--cache-size", type=int, default=128 * 1024 * 1024)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--open", action="store_true", help="answer open() (default: ENOSYS, the kernel's no-open mode)")
+    p.add_argument("--threads", action="store_true", help="libfuse's multithreaded loop")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
+    ready = pipe_writer(args.ready_fd) if args.ready_fd is not None else None
+    try:
+        serve(args.home, args.ref, args.mountpoint, cache_size=args.cache_size, no_open=not args.open,
+              threads=args.threads, debug=args.debug, ready=ready)
+    except TesseraError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

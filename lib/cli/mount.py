@@ -1,0 +1,78 @@
+"""Mount commands: mount, umount, mounts (a thin shell over `tessera.mounting`)."""
+from __future__ import annotations
+
+import click
+
+from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("mountpoint", type=click.Path())
+@click.option("-f", "--foreground", is_flag=True, help="Serve from this process until Ctrl-C or umount.")
+@click.option("--cache-size", default="128M", show_default=True, metavar="SIZE",
+              help="Memory for decompressed chunks (the kernel page cache does the rest).")
+@click.option("--threads/--single-thread", default=False, show_default=True,
+              help="libfuse's multithreaded loop, or one thread (faster for Python: the GIL serialises anyway).")
+@click.option("--no-open/--open", "no_open", default=True, show_default=True,
+              help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
+@click.option("--debug", is_flag=True, hidden=True, help="libfuse debug output (into the mount log).")
+def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
+          timeout: float, debug: bool) -> None:
+    """Mount version REF read-only at MOUNTPOINT (an empty directory).
+
+    Returns once the mount is ready; the FUSE server keeps running in the background until
+    `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+    """
+    from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_version
+
+    repo = open_repo()
+    version = repo.get(ref)
+    opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
+    if not foreground:
+        rec = mount_version(version, mountpoint, opts)
+        click.echo(f"mounted {version.ref} at {rec.mountpoint} (pid {rec.pid})")
+        return
+    from tessera.fuse.mount import serve
+
+    check_fuse_device()
+    mp = check_mountpoint(mountpoint)
+
+    def ready(msg: str) -> None:
+        if msg == "ok":
+            click.echo(f"mounted {version.ref} at {mp}; Ctrl-C or `tessera umount {mp}` to stop", err=True)
+
+    serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
+          debug=debug, ready=ready)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint: str) -> None:
+    """Unmount a tessera mount (also clears a mount whose server died: ENOTCONN)."""
+    from tessera.mounting import unmount
+
+    home = open_repo().home
+    unmount(mountpoint, home)
+    click.echo(f"unmounted {mountpoint}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def mounts(as_json: bool) -> None:
+    """List active mounts: ref, hash, mountpoint, server pid."""
+    from tessera.mounting import list_mounts
+
+    found = list_mounts(open_repo().home)
+    if as_json:
+        emit_json([m.to_json() for m in found])
+        return
+    if not found:
+        click.echo("no tessera mounts")
+        return
+    for m in found:
+        state = "" if m.alive else "  (server gone: run tessera umount)"
+        since = f"  since {human_time(m.started)}" if m.started else ""
+        pid = str(m.pid) if m.pid else "-"
+        click.echo(f"{m.ref}  {m.mountpoint}  pid {pid}{since}{state}")
