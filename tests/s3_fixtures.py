@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,6 +38,7 @@ def moto_server() -> Iterator[str]:
     """A moto S3 server for the whole session; yields ``http://127.0.0.1:<port>``."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -116,7 +118,10 @@ def moto_auth(s3_env: str) -> Iterator[dict[str, str]]:
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     user = f"tessera-{uuid.uuid4().hex[:8]}"
     iam.create_user(UserName=user)
-    iam.attach_user_policy(UserName=user, PolicyArn="arn:aws:iam::aws:policy/AdministratorAccess")
+    # moto does not load AWS managed policies by default: grant S3 with an inline policy
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="s3-all", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=user)["AccessKey"]
     iam.close()
     _set_auth_count(s3_env, "0")
@@ -129,7 +134,8 @@ def moto_auth(s3_env: str) -> Iterator[dict[str, str]]:
 def _set_auth_count(endpoint: str, count: str) -> None:
     import urllib.request
 
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST")
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})  # not a form: moto reads the raw body
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.load(response)["status"] == "ok"
 
