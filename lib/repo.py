@@ -14,6 +14,7 @@ from tessera.checkout import VerifyReport, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
 from tessera.errors import AmbiguousRef, NotFound, UsageError
 from tessera.format.chunker import ChunkParams
+from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
 from tessera.model import Entry, HistoryEntry, Tree
@@ -206,7 +207,9 @@ class Repo:
         _, head = self.catalog.dataset_head(name)
         entry = HistoryEntry(name, root_id, head, time.time(), author or default_author(), message, meta,
                              files, size)
+        crash_point("before-record")
         created = self.catalog.record_version(entry, trees)
+        crash_point("after-record")
         return self.get(f"{name}@{root_id}"), created
 
     # -- whole-version operations -----------------------------------------------------------------
