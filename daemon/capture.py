@@ -176,6 +176,7 @@ class Run:
         with ExitStack() as stack:
             for version, spec in resolved:
                 if spec.mountpoint:
+                    os.makedirs(spec.mountpoint, exist_ok=True)
                     stack.enter_context(_mount(version, spec.mountpoint))
                     self.report(f"mounted {version.ref} at {spec.mountpoint}")
             returncode = self._execute(lineage)

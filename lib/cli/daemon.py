@@ -234,4 +234,6 @@ def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple
     job = Run(open_repo(), list(command), specs, [parse_input(i) for i in inputs], every,
               report=lambda msg: click.echo(f"tessera: {msg}", err=True))
     code = job.run()
-    click.get_current_context().exit(code)
+    if code:
+        # not ctx.exit(): with standalone_mode=False click would return the code instead of exiting
+        raise SystemExit(code)
