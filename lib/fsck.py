@@ -147,6 +147,11 @@ def fsck(catalog: Catalog, store: Store, progress: Progress | None = None) -> Fs
 
 def remove_garbage(store: Store, catalog: Catalog) -> list[str]:
     """Delete temp files and unindexed packs (what a crash can leave); returns what was removed."""
+    with store.collecting():
+        return _remove_garbage(store, catalog)
+
+
+def _remove_garbage(store: Store, catalog: Catalog) -> list[str]:
     removed = []
     known = {p.id for p in catalog.packs()}
     for sub in store.pack_dir.iterdir():

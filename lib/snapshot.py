@@ -358,7 +358,8 @@ def snapshot_dir(catalog: Catalog, store: Store, root: str | Path, options: Snap
     if not path.is_dir():
         raise UsageError(f"{root}: not a directory")
     try:
-        return Snapshotter(catalog, store, options, progress).run(path.resolve())
+        with store.writing():
+            return Snapshotter(catalog, store, options, progress).run(path.resolve())
     except TesseraError:
         raise
     except OSError as exc:

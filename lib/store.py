@@ -11,14 +11,16 @@ checks the xxh3-128 id. A mismatch raises `CorruptData` naming the chunk and pac
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tessera.catalog import Catalog, ChunkLocation
 from tessera.errors import CorruptData, DiskFull, NotFound, TesseraError
@@ -184,6 +186,30 @@ class Store:
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self.remote_fetch: RemoteFetch | None = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held (shared) by every writer of packs; `gc` takes it exclusively, so it never deletes a
+        temporary or not-yet-indexed pack of a running commit or pull."""
+        with self._lock_file(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        try:
+            with self._lock_file(fcntl.LOCK_EX | fcntl.LOCK_NB):
+                yield
+        except BlockingIOError:
+            raise TesseraError("another tessera process is writing to this home; run gc later") from None
+
+    @contextmanager
+    def _lock_file(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.home / "write.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
 
     def pack_path(self, pack_id: str) -> Path:
         return self.pack_dir / pack_id[:2] / f"{pack_id}.pack"

@@ -114,3 +114,14 @@ def test_disk_full_leaves_no_version_and_a_usable_store(small_disk: Path, tmp_pa
     (small / "b.txt").write_text("b")
     assert run(home, "commit", "ds", str(small)).returncode == 0
     assert_sound(home, 2)
+
+
+def test_gc_refuses_while_a_commit_is_writing(tmp_path: Path) -> None:
+    from tessera.store import Store
+    import tessera
+
+    repo = tessera.Repo(tmp_path / "home")
+    with repo.store.writing():
+        proc = run(tmp_path / "home", "gc")
+        assert proc.returncode == 1 and "another tessera process is writing" in proc.stderr
+    assert run(tmp_path / "home", "gc").returncode == 0
