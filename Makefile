@@ -34,6 +34,7 @@ test: deps
 	pytest -q $(PYTEST_ARGS) tests
 
 bench: deps
+	@command -v restic >/dev/null && command -v borg >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null || echo "peers not installable; skipping them")
 	$(PY) tests/bench/run_all.py
 
 clean:
