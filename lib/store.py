@@ -51,6 +51,21 @@ def raise_os_error(exc: OSError, what: str) -> None:
     raise TesseraError(f"error while {what}: {exc.strerror or exc}") from None
 
 
+MAX_PACK_FDS = 256
+
+
+class PackHandle:
+    """An open pack fd, closed when the last user drops it (never while another thread reads it)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class SealedPack:
     id: str
@@ -183,7 +198,7 @@ class Store:
         self.tmp_dir = home / "tmp"
         self.pack_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, PackHandle] = {}
         self._fd_lock = threading.Lock()
         self.remote_fetch: RemoteFetch | None = None
 
@@ -217,23 +232,20 @@ class Store:
     def has_pack_file(self, pack_id: str) -> bool:
         return self.pack_path(pack_id).exists()
 
-    def _fd(self, pack_id: str) -> int | None:
-        fd = self._fds.get(pack_id)
-        if fd is not None:
-            return fd
+    def pack_handle(self, pack_id: str) -> PackHandle | None:
+        """An open pack file, or None when the pack is not local. Hold the handle while reading:
+        evicting it from the cache never closes an fd another thread is using."""
+        handle = self._fds.get(pack_id)
+        if handle is not None:
+            return handle
+        try:
+            handle = PackHandle(os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            return None
         with self._fd_lock:
-            fd = self._fds.get(pack_id)
-            if fd is None:
-                try:
-                    fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return None
-                if len(self._fds) > 256:
-                    for old in list(self._fds.values()):
-                        os.close(old)
-                    self._fds.clear()
-                self._fds[pack_id] = fd
-            return fd
+            if len(self._fds) >= MAX_PACK_FDS:
+                self._fds.clear()
+            return self._fds.setdefault(pack_id, handle)
 
     def location(self, cid: bytes) -> ChunkLocation:
         loc = self.catalog.chunk(cid)
@@ -242,12 +254,12 @@ class Store:
         return loc
 
     def read_stored(self, loc: ChunkLocation) -> bytes:
-        fd = self._fd(loc.pack)
-        if fd is None:
+        handle = self.pack_handle(loc.pack)
+        if handle is None:
             if self.remote_fetch is not None:
                 return self.remote_fetch(loc)
             raise CorruptData(f"pack {loc.pack} holding chunk {loc.id.hex()} is missing")
-        data = os.pread(fd, loc.stored_len, loc.offset)
+        data = os.pread(handle.fd, loc.stored_len, loc.offset)
         if len(data) != loc.stored_len:
             raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
         return data
@@ -259,8 +271,6 @@ class Store:
 
     def close(self) -> None:
         with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
             self._fds.clear()
 
 

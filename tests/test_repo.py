@@ -124,9 +124,11 @@ def test_recommit_of_unchanged_tree_reads_nothing(repo: tessera.Repo, tmp_path: 
     t0 = time.perf_counter()
     first = repo.commit_dir("d", src)
     t_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    again = repo.commit_dir("d", src)
-    t_again = time.perf_counter() - t0
+    t_again = float("inf")
+    for _ in range(3):  # best of three: the cost of the code, not of a noisy neighbour
+        t0 = time.perf_counter()
+        again = repo.commit_dir("d", src)
+        t_again = min(t_again, time.perf_counter() - t0)
     assert first.stats.files_read == 20_000
     assert again.stats.files_read == 0 and again.stats.bytes_read == 0
     assert again.stats.stat_cache_hits == 20_000
