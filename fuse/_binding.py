@@ -18,10 +18,11 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from tessera.errors import FuseUnavailable
 
@@ -40,6 +41,9 @@ class Binding:
     Operations: Any
     FuseOSError: Any
     libfuse_major: int
+    libfuse_minor: int = 0
+    # Hands libfuse a read reply without copying file data through Python (None: use plain `read`).
+    write_bufvec: Callable[[Any, Sequence[Any]], None] | None = None
 
     @property
     def description(self) -> str:
@@ -71,8 +75,12 @@ def load_binding() -> Binding:
 def _load_mfusepy() -> Binding:
     import mfusepy
 
+    major = int(getattr(mfusepy, "fuse_version_major", 2))
+    minor = int(getattr(mfusepy, "fuse_version_minor", 0))
+    # struct fuse_buf / fuse_bufvec as laid out by libfuse 3.0 - 3.16 (3.17 changed structs).
+    writer = BufvecWriter() if major == 3 and minor < 17 and sys.platform.startswith("linux") else None
     return Binding("mfusepy", mfusepy, _plus_fuse_class(mfusepy), mfusepy.Operations, mfusepy.FuseOSError,
-                   int(getattr(mfusepy, "fuse_version_major", 2)))
+                   major, minor, writer)
 
 
 def _load_fusepy() -> Binding:
@@ -91,6 +99,59 @@ def _load_fusepy() -> Binding:
     return Binding("fusepy", module, module.FUSE, module.Operations, module.FuseOSError, 2)
 
 
+_FUSE_BUF_IS_FD = 1 << 1
+_FUSE_BUF_FD_SEEK = 1 << 2
+_BUF = struct.Struct("@QiQiq")  # struct fuse_buf {size_t size; flags; void *mem; int fd; off_t pos;}
+_VEC = struct.Struct("@QQQ")  # struct fuse_bufvec {size_t count, idx, off; struct fuse_buf buf[];}
+
+
+class BufvecWriter:
+    """Builds the ``struct fuse_bufvec`` a ``read_buf`` callback returns to libfuse.
+
+    Segments are ``bytes`` (copied once into malloc'd memory) or objects with ``fd``, ``pos`` and
+    ``size`` (read by libfuse itself with ``pread``, in C, without the GIL). libfuse frees the vector
+    and the memory buffers (``fuse_free_buf``), so both come from libc's malloc."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None)
+        self._malloc = libc.malloc
+        self._malloc.restype = ctypes.c_void_p
+        self._malloc.argtypes = [ctypes.c_size_t]
+        self._free = libc.free
+        self._free.argtypes = [ctypes.c_void_p]
+
+    def __call__(self, bufpp: Any, segments: Sequence[Any]) -> None:
+        if not segments:
+            segments = [b""]
+        n = len(segments)
+        raw = bytearray(_VEC.size + n * _BUF.size)
+        _VEC.pack_into(raw, 0, n, 0, 0)
+        mems: list[int] = []
+        try:
+            for k, seg in enumerate(segments):
+                at = _VEC.size + k * _BUF.size
+                if isinstance(seg, bytes):
+                    mem = 0
+                    if seg:
+                        mem = self._malloc(len(seg))
+                        if not mem:
+                            raise MemoryError
+                        mems.append(mem)
+                        ctypes.memmove(mem, seg, len(seg))
+                    _BUF.pack_into(raw, at, len(seg), 0, mem, -1, 0)
+                else:
+                    _BUF.pack_into(raw, at, seg.size, _FUSE_BUF_IS_FD | _FUSE_BUF_FD_SEEK, 0, seg.fd, seg.pos)
+            vec = self._malloc(len(raw))
+            if not vec:
+                raise MemoryError
+        except BaseException:
+            for mem in mems:
+                self._free(mem)
+            raise
+        ctypes.memmove(vec, bytes(raw), len(raw))
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec
+
+
 def _plus_fuse_class(mfusepy: ModuleType) -> Any:
     """mfusepy's FUSE with real readdirplus on libfuse 3: entries go to the kernel *with* their
     attributes (FUSE_FILL_DIR_PLUS), so `ls -l`, `os.walk` + `stat` and `find` cost no LOOKUP or
@@ -105,12 +166,34 @@ def _plus_fuse_class(mfusepy: ModuleType) -> Any:
                 return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
             decoded = None if path is None else path.decode(self.encoding, self.errors)
             st = mfusepy.c_stat()
-            size = ctypes.sizeof(st)
             for name, attrs in self.operations.readdir_attrs(decoded):
-                ctypes.memset(ctypes.byref(st), 0, size)
-                mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+                fill_stat(st, attrs)
                 if filler(buf, name.encode(self.encoding, self.errors), st, 0, FUSE_FILL_DIR_PLUS) != 0:
                     break
             return 0
+
+        def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            # mfusepy's generic version loops over the dict with getattr/setattr; this is the hot path
+            # of every first LOOKUP, so fill the known fields directly.
+            attrs = self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors), None)
+            fill_stat(buf.contents, attrs)
+            return 0
+
+    sizeof_stat = ctypes.sizeof(mfusepy.c_stat)
+
+    def fill_stat(st: Any, a: dict[str, int]) -> None:
+        ctypes.memset(ctypes.addressof(st), 0, sizeof_stat)
+        st.st_ino = a["st_ino"]
+        st.st_mode = a["st_mode"]
+        st.st_nlink = a["st_nlink"]
+        st.st_size = a["st_size"]
+        st.st_blocks = a["st_blocks"]
+        st.st_blksize = a["st_blksize"]
+        st.st_uid = a["st_uid"]
+        st.st_gid = a["st_gid"]
+        sec, nsec = divmod(a["st_mtime"], 1_000_000_000)
+        for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
+            ts.tv_sec = sec
+            ts.tv_nsec = nsec
 
     return PlusFUSE

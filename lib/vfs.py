@@ -19,10 +19,12 @@ How it stays fast and bounded:
   chunk*: a read that consumes a whole chunk (a small file, or a big read) leaves it to the kernel page
   cache instead of churning the LRU.
 - **Raw chunks** (stored uncompressed) are verified once, on first touch: the whole chunk is read and
-  its xxh3-128 checked. After that the chunk id is remembered (bounded) and later partial reads are a
-  plain ``pread`` of just the requested range. A partial ``pread`` cannot itself be hash-checked, so
-  this trades re-verification of bytes already verified in this mount for not reading whole chunks
-  again; bytes are never served before their chunk has passed its hash check once.
+  its xxh3-128 checked. After that the chunk id is remembered (bounded) and reads of it are a plain
+  ``pread`` of just the requested range. `read_plan` hands those out as `FileRange`s (fd, offset,
+  length), so the FUSE layer can let libfuse do the ``pread`` in C: file data then never passes
+  through Python. A partial ``pread`` cannot itself be hash-checked, so this trades re-verifying
+  bytes already verified in this mount for not reading whole chunks again; bytes are never served
+  before their chunk has passed its hash check once.
 
 Every error is a `TesseraError`: `NotFound`, `NotADirectory`, `IsADirectory`, `NotASymlink`, and
 `CorruptData` (a chunk failing its hash check) or `RemoteError` (lazy fetch failed) from reads.
@@ -33,8 +35,9 @@ import bisect
 import logging
 import os
 import threading
+from collections import deque
 from itertools import accumulate
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import xxhash
 
@@ -114,6 +117,27 @@ class _PackFd:
         os.close(self.fd)
 
 
+class FileRange(NamedTuple):
+    """``size`` verified bytes at ``pos`` in an open pack file (raw chunks are stored as is)."""
+
+    handle: _PackFd
+    pos: int
+    size: int
+
+    @property
+    def fd(self) -> int:
+        return self.handle.fd
+
+    def read(self) -> bytes:
+        data = os.pread(self.handle.fd, self.size, self.pos)
+        if len(data) != self.size:
+            raise CorruptData(f"pack file shrank under a mount (fd {self.handle.fd})")
+        return data
+
+
+Segment = Union[bytes, FileRange]
+
+
 class _Layout:
     """One file's chunks: ids, cumulative start offsets, and pack locations filled in lazily."""
 
@@ -142,6 +166,7 @@ class VersionFS:
         self._layouts: LRUCache[_Layout] = LRUCache(_LAYOUT_CACHE_CHUNKS, sizeof=lambda lay: len(lay.ids) + 1)
         self._verified: LRUCache[bool] = LRUCache(_VERIFIED_IDS, sizeof=lambda _: 1)
         self._fds: dict[str, _PackFd] = {}
+        self._retired: deque[_PackFd] = deque(maxlen=_MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
         self.reads = 0
         self.errors = 0
@@ -149,6 +174,7 @@ class VersionFS:
     def close(self) -> None:
         with self._fd_lock:
             self._fds.clear()
+            self._retired.clear()
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -266,22 +292,31 @@ class VersionFS:
             self._layouts.put(te.id, lay)
         return te, lay
 
-    def read(self, path: str, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset`` (short only at end of file). Every byte returned comes
-        from a chunk that passed its hash check; a chunk that fails raises `CorruptData`."""
+    def read_plan(self, path: str, offset: int, size: int) -> list["Segment"]:
+        """Where the bytes at ``offset`` (up to ``size``, short only at end of file) come from:
+        `bytes` (decompressed or fetched chunk data) and `FileRange`s (verified raw chunk bytes still
+        in a local pack, for the caller to ``pread``, or for libfuse to read without Python).
+
+        Every byte planned comes from a chunk that passed its hash check in this mount: a raw chunk is
+        read whole and checked on first touch. A chunk that fails raises `CorruptData`."""
         _, lay = self._file(path)
         end = min(offset + size, lay.size)
         if offset >= end:
-            return b""
+            return []
         self.reads += 1
         i = bisect.bisect_right(lay.starts, offset) - 1
-        parts = []
+        plan: list[Segment] = []
         pos = offset
         while pos < end:
             start, stop = lay.starts[i], lay.ends[i]
-            parts.append(self._chunk_range(lay, i, pos - start, min(end, stop) - start))
+            plan.append(self._segment(lay, i, pos - start, min(end, stop) - start))
             pos = stop
             i += 1
+        return plan
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (short only at end of file), all hash-checked."""
+        parts = [seg if isinstance(seg, bytes) else seg.read() for seg in self.read_plan(path, offset, size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _location(self, lay: _Layout, i: int) -> "ChunkLocation":
@@ -290,25 +325,35 @@ class VersionFS:
             loc = lay.locs[i] = self.store.location(lay.ids[i])
         return loc
 
-    def _chunk_range(self, lay: _Layout, i: int, lo: int, hi: int) -> bytes:
+    def _segment(self, lay: _Layout, i: int, lo: int, hi: int) -> "Segment":
         cid = lay.ids[i]
         data = self._chunks.get(cid)
         if data is None:
             loc = self._location(lay, i)
-            whole = lo == 0 and hi == loc.raw_len
-            if loc.codec == RAW and not whole and cid in self._verified:
-                got = self._pread(loc, lo, hi - lo)
-                if got is not None:
-                    return got
-            data = self._load(loc)
             if loc.codec == RAW:
-                self._verified.put(cid, True)
-            if whole:
-                return data
+                handle = self._pack_handle(loc.pack)
+                if handle is not None:
+                    if cid not in self._verified:
+                        self._verify_raw(handle, loc)
+                    return FileRange(handle, loc.offset + lo, hi - lo)
+            data = self._load(loc)
+            if lo == 0 and hi == len(data):
+                return data  # all of it goes to the kernel's page cache: not worth keeping here
             self._chunks.put(cid, data)
-        if lo == 0 and hi == len(data):
-            return data
-        return data[lo:hi]
+        return data if lo == 0 and hi == len(data) else data[lo:hi]
+
+    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation") -> None:
+        """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""
+        stored = os.pread(handle.fd, loc.stored_len, loc.offset)
+        if len(stored) != loc.stored_len:
+            self.errors += 1
+            raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
+        try:
+            decode_chunk(loc, stored)
+        except CorruptData:
+            self.errors += 1
+            raise
+        self._verified.put(loc.id, True)
 
     def _load(self, loc: "ChunkLocation") -> bytes:
         try:
@@ -316,16 +361,6 @@ class VersionFS:
         except CorruptData:
             self.errors += 1
             raise
-
-    def _pread(self, loc: "ChunkLocation", off: int, n: int) -> bytes | None:
-        """A sub-range of an already verified raw chunk, or None when its pack is not local."""
-        handle = self._pack_handle(loc.pack)
-        if handle is None:
-            return None
-        data = os.pread(handle.fd, n, loc.offset + off)  # `handle` keeps the fd open during the read
-        if len(data) != n:
-            raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
-        return data
 
     def _pack_handle(self, pack: str) -> "_PackFd | None":
         handle = self._fds.get(pack)
@@ -337,7 +372,10 @@ class VersionFS:
             return None  # not local (lazy remote): the caller fetches the whole chunk instead
         with self._fd_lock:
             if len(self._fds) >= _MAX_PACK_FDS:
-                self._fds.clear()  # readers still holding a handle keep its fd open until they finish
+                # Retire, do not close: a FileRange handed out a moment ago may still be read (by
+                # libfuse, after our callback returned). Retired handles close when pushed out.
+                self._retired.extend(self._fds.values())
+                self._fds.clear()
             return self._fds.setdefault(pack, handle)
 
     # -- convenience ------------------------------------------------------------------------------
