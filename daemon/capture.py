@@ -253,7 +253,7 @@ class Run:
     def _snapshot(self, c: CaptureSpec, lineage: dict[str, Any], *, final: bool) -> bool:
         meta = {"capture": dict(lineage, directory=c.directory)}
         res = self.repo.commit_dir(c.dataset, c.directory, message=self._message(lineage), meta=meta,
-                                   exclude=self._ignored)
+                                   exclude=self._ignored.excludes)
         if res.created:
             head = ds.head_history_row(self.repo.catalog, c.dataset)
             if head is not None:

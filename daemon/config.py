@@ -21,12 +21,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import fnmatch
 import os
 import re
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -279,28 +279,35 @@ def check_watch_dir(directory: str) -> str:
 
 # -- ignore globs -----------------------------------------------------------------------------------
 
-def ignore_matcher(patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> Callable[[str], bool]:
-    """``rel -> True`` if the relative path, or any directory above it, is ignored.
+class IgnoreRules:
+    """Compiled ignore globs. A pattern without ``/`` matches a name at any depth (``*.log``,
+    ``cache``); one with ``/`` matches the path relative to the watched directory (``raw/*.csv``;
+    ``*`` also crosses ``/``). Editor and download temporaries are always ignored."""
 
-    A pattern without ``/`` matches a name at any depth (``*.log``, ``cache``); one with ``/`` matches
-    the path relative to the watched directory (``raw/*.csv``; ``*`` also crosses ``/``).
-    """
-    names = [p for p in patterns if "/" not in p.strip("/")] + (list(TEMP_PATTERNS) if temp_files else [])
-    paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
-    names_t, paths_t = tuple(names), tuple(paths)
+    def __init__(self, patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> None:
+        names = [p.strip("/") for p in patterns if "/" not in p.strip("/")] + (list(TEMP_PATTERNS) if temp_files else [])
+        paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
+        self._name = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in names)) if names else None
+        self._path = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in paths)) if paths else None
 
-    def ignored(rel: str) -> bool:
+    def excludes(self, rel: str) -> bool:
+        """For a walk that never descends into an excluded directory: only this entry is checked."""
+        if self._name is not None and self._name.match(rel.rpartition("/")[2]):
+            return True
+        return self._path is not None and self._path.match(rel) is not None
+
+    def __call__(self, rel: str) -> bool:
+        """``rel`` or any directory above it is ignored (for event paths)."""
         parts = rel.split("/")
-        for i, name in enumerate(parts):
-            if any(fnmatchcase(name, pat) for pat in names_t):
-                return True
-            if paths_t:
-                sub = "/".join(parts[:i + 1])
-                if any(fnmatchcase(sub, pat) for pat in paths_t):
-                    return True
+        if self._name is not None and any(self._name.match(p) for p in parts):
+            return True
+        if self._path is not None:
+            return any(self._path.match("/".join(parts[:i + 1])) for i in range(len(parts)))
         return False
 
-    return ignored
+
+def ignore_matcher(patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> IgnoreRules:
+    return IgnoreRules(patterns, temp_files=temp_files)
 
 
 # -- editing ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tessera.daemon.config import (
     DaemonSettings,
     WatchConfig,
     check_config_against_home,
+    IgnoreRules,
     ignore_matcher,
     load_config,
 )
@@ -132,7 +133,7 @@ def read_daemon_info(home: Path) -> DaemonInfo | None:
 @dataclass
 class _Watch:
     cfg: WatchConfig
-    ignored: Callable[[str], bool]
+    ignored: IgnoreRules
     active: bool = False
     pending_since: float | None = None  # monotonic time of the first change not yet committed
     last_change: float | None = None
@@ -462,7 +463,7 @@ class Daemon:
         try:
             res = self.repo.commit_dir(cfg.dataset, cfg.path, message=f"daemon: {events} file events in {cfg.path}",
                                        meta={"daemon": {"watch": cfg.path, "events": events}},
-                                       exclude=w.ignored)
+                                       exclude=w.ignored.excludes)
         except Exception as exc:  # noqa: BLE001 - one bad watch must not stop the daemon
             if not isinstance(exc, TesseraError):
                 logger.exception("commit of %s failed", cfg.path)

@@ -25,6 +25,16 @@ def _config_path(config: str | None) -> Path:
     return Path(config).expanduser().absolute() if config else default_config_path(_home())
 
 
+def _edit_target(config: str | None) -> Path:
+    """The config `watch`/`unwatch` edit: --config, else the running daemon's, else the default."""
+    from tessera.daemon.service import read_daemon_info
+
+    if config:
+        return _config_path(config)
+    info = read_daemon_info(_home())
+    return Path(info.config) if info else _config_path(None)
+
+
 def _ago(t: float | None) -> str:
     if t is None:
         return "-"
@@ -43,7 +53,8 @@ def _duration(seconds: float) -> str:
 
 
 config_option = click.option("--config", "config", type=click.Path(dir_okay=False), metavar="FILE",
-                             help="Daemon config file (default: $TESSERA_HOME/daemon.toml).")
+                             help="Daemon config file (default: the running daemon's, else "
+                                  "$TESSERA_HOME/daemon.toml).")
 
 
 @cli.command()
@@ -103,7 +114,7 @@ def watch(directory: str, name: str, remote: str | None, quiet: float, max_wait:
         known = remote_names(open_repo().catalog)
         if remote not in known:
             raise NotFound(f"unknown remote {remote!r} (known: {', '.join(known) or 'none; add one with `tessera remote add`'})")
-    cfg_path = _config_path(config)
+    cfg_path = _edit_target(config)
     add_watch(cfg_path, WatchConfig(path, name, remote, quiet, max_wait, tuple(ignore)),
               check=lambda c: check_config_against_home(c, home))
     click.echo(f"watching {path} -> {name}" + (f" (pushed to {remote})" if remote else ""))
@@ -120,7 +131,7 @@ def unwatch(directory: str, config: str | None) -> None:
     from tessera.catalog.daemon_state import forget_watch
     from tessera.daemon.config import remove_watch
 
-    removed = remove_watch(_config_path(config), directory)
+    removed = remove_watch(_edit_target(config), directory)
     forget_watch(open_repo().catalog, removed.path)
     click.echo(f"no longer watching {removed.path} (dataset {removed.dataset})")
 
