@@ -80,9 +80,9 @@ class PackWriter:
         self.store = store
         self.kind = kind
         self.tmp_path = store.tmp_dir / f"pack-{uuid.uuid4().hex}.tmp"
-        self._file = open(self.tmp_path, "wb", buffering=1024 * 1024)
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._hash = hashlib.sha256(PACK_MAGIC)
-        self._file.write(PACK_MAGIC)
+        self._write(PACK_MAGIC)
         self.size = len(PACK_MAGIC)
         self.blobs: list[BlobInfo] = []
 
@@ -90,17 +90,25 @@ class PackWriter:
             kind: int | None = None) -> None:
         kind = self.kind if kind is None else kind
         header = encode_header(kind, codec, blob_id, raw_len, len(stored))
-        self._file.write(header)
-        self._file.write(stored)
+        self._write(header, stored)
         self._hash.update(header)
         self._hash.update(stored)
         self.blobs.append(BlobInfo(kind, codec, blob_id, self.size + len(header), raw_len, len(stored)))
         self.size += len(header) + len(stored)
 
+    def _write(self, *parts: bytes | memoryview) -> None:
+        """Append without an intermediate buffer copy (writev straight to the page cache)."""
+        want = sum(len(p) for p in parts)
+        done = os.writev(self._fd, parts)
+        if done != want:  # short write: finish piece by piece
+            rest = memoryview(b"".join(bytes(p) for p in parts))[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+
     def seal(self) -> SealedPack:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
         pack_id = self._hash.hexdigest()
         final = self.store.pack_path(pack_id)
         final.parent.mkdir(exist_ok=True)
@@ -111,10 +119,12 @@ class PackWriter:
         return SealedPack(pack_id, self.size, self.blobs)
 
     def abort(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
         self.tmp_path.unlink(missing_ok=True)
 
 
