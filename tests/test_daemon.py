@@ -499,3 +499,98 @@ def test_layering_only_watcher_imports_watchdog() -> None:
             if any(n == "watchdog" or n.startswith("watchdog.") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == ["daemon/watcher.py"] or set(offenders) == {"daemon/watcher.py"}
+
+
+# -- real pushes (file:// and moto S3) -------------------------------------------------------------------
+
+def _has_push() -> bool:
+    return hasattr(tessera.Repo, "push")
+
+
+needs_push = pytest.mark.skipif(not _has_push(), reason="Repo.push is not available in this checkout")
+
+
+def pending(home: Path) -> list[Any]:
+    with tessera.Repo(home) as r:
+        return ds.pending_pushes(r.catalog)
+
+
+@needs_push
+def test_new_version_is_pushed_to_a_file_remote(home: Path, tmp_path: Path, cli, daemons) -> None:
+    data, bucket = tmp_path / "data", tmp_path / "remote"
+    data.mkdir()
+    cli("remote", "add", "origin", f"file://{bucket}", check=True)
+    cli("watch", str(data), "d", "--remote", "origin", "--quiet", str(QUIET), check=True)
+    d = daemons(home)
+    for i in range(10):
+        (data / f"f{i}.txt").write_text(f"file {i}\n")
+    assert wait_for(lambda: history(home, "d"), QUIET + 2), d.text()
+    [v] = history(home, "d")
+    assert wait_for(lambda: (bucket / "versions" / v.hash).exists() and not pending(home), 10), d.text()
+    assert f"pushed d@{v.hash}" in d.text()
+    assert d.stop() == 0
+
+
+@needs_push
+def test_file_remote_outage_and_restart(home: Path, tmp_path: Path, cli, daemons) -> None:
+    """The remote directory is replaced by a plain file (root ignores permissions) while versions are
+    made, the daemon restarts in between, then the directory comes back: every version is pushed."""
+    data, bucket = tmp_path / "data", tmp_path / "remote"
+    data.mkdir()
+    bucket.mkdir()
+    cli("remote", "add", "origin", f"file://{bucket}", check=True)
+    write_config(home, [{"path": str(data), "dataset": "o", "remote": "origin", "quiet_seconds": 0.5}],
+                 extra="[daemon]\npush_retry_min_seconds = 0.3\npush_retry_max_seconds = 1\n")
+    aside = tmp_path / "remote-away"
+    bucket.rename(aside)
+    bucket.write_text("the remote is down")
+    d = daemons(home)
+    (data / "a.txt").write_text("a")
+    assert wait_for(lambda: len(history(home, "o")) == 1, 5), d.text()
+    assert wait_for(lambda: any(i.last_error for i in pending(home)), 5), d.text()
+    assert d.stop() == 0
+    d2 = daemons(home)
+    (data / "b.txt").write_text("b")
+    assert wait_for(lambda: len(history(home, "o")) == 2, 5), d2.text()
+    assert wait_for(lambda: len(pending(home)) == 2 and all(i.last_error for i in pending(home)), 5)
+    status = cli("status", check=True).stdout
+    assert "pending       2 uploads" in status and "last error    " in status and "/remote" in status
+    bucket.unlink()
+    aside.rename(bucket)
+    assert wait_for(lambda: not pending(home), 10), d2.text()
+    for v in history(home, "o"):
+        assert (bucket / "versions" / v.hash).exists()
+    assert d2.stop() == 0
+
+
+@needs_push
+@pytest.mark.s3
+def test_s3_outage_and_restart(home: Path, tmp_path: Path, cli, daemons, s3_bucket: str, fault_proxy,
+                               s3_client) -> None:
+    """moto behind the fault proxy: the server goes away while versions are created, the daemon is
+    restarted in between; once the server is back, every version is in the bucket."""
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"AWS_ENDPOINT_URL": fault_proxy.url, "TESSERA_REMOTE_RETRIES": "1", "TESSERA_REMOTE_TIMEOUT": "2"}
+    cli("remote", "add", "origin", s3_bucket, check=True)
+    write_config(home, [{"path": str(data), "dataset": "s", "remote": "origin", "quiet_seconds": 0.5}],
+                 extra="[daemon]\npush_retry_min_seconds = 0.3\npush_retry_max_seconds = 1\n")
+    d = daemons(home, env=env)
+    (data / "first.bin").write_bytes(os.urandom(50_000))
+    assert wait_for(lambda: len(history(home, "s")) == 1 and not pending(home), 15), d.text()
+    fault_proxy.down()
+    (data / "second.bin").write_bytes(os.urandom(50_000))
+    assert wait_for(lambda: len(history(home, "s")) == 2, 5), d.text()
+    assert wait_for(lambda: any(i.last_error for i in pending(home)), 15), d.text()
+    assert d.stop() == 0
+    d2 = daemons(home, env=env)
+    (data / "third.bin").write_bytes(os.urandom(50_000))
+    assert wait_for(lambda: len(history(home, "s")) == 3, 5), d2.text()
+    time.sleep(1)
+    assert len(pending(home)) == 2
+    fault_proxy.up()
+    assert wait_for(lambda: not pending(home), 20), d2.text()
+    bucket, _, prefix = s3_bucket.removeprefix("s3://").partition("/")
+    for v in history(home, "s"):
+        s3_client.head_object(Bucket=bucket, Key=f"{prefix}/versions/{v.hash}")
+    assert d2.stop() == 0
