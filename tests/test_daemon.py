@@ -577,7 +577,9 @@ def test_s3_outage_and_restart(home: Path, tmp_path: Path, cli, daemons, s3_buck
                  extra="[daemon]\npush_retry_min_seconds = 0.3\npush_retry_max_seconds = 1\n")
     d = daemons(home, env=env)
     (data / "first.bin").write_bytes(os.urandom(50_000))
-    assert wait_for(lambda: len(history(home, "s")) == 1 and not pending(home), 15), d.text()
+    assert wait_for(lambda: len(history(home, "s")) == 1, 5), d.text()
+    first = history(home, "s")[0]
+    assert wait_for(lambda: f"pushed s@{first.hash}" in d.text(), 15), d.text()
     fault_proxy.down()
     (data / "second.bin").write_bytes(os.urandom(50_000))
     assert wait_for(lambda: len(history(home, "s")) == 2, 5), d.text()
