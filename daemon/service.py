@@ -80,13 +80,18 @@ class DaemonLock:
 
     def acquire(self, config: Path) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(10):  # `tessera status` may hold a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 9:
+                    time.sleep(0.05)
+        else:
             os.close(fd)
             other = read_daemon_info(self.path.parent)
             pid = f" (pid {other.pid})" if other else ""
-            raise UsageError(f"a tessera daemon is already running for {self.path.parent}{pid}") from None
+            raise UsageError(f"a tessera daemon is already running for {self.path.parent}{pid}")
         self._fd = fd
         self.update(DaemonInfo(os.getpid(), time.time(), str(config), socket.gethostname()))
 
@@ -171,7 +176,6 @@ class PushWorker(threading.Thread):
         self.push = push
         self.stop_event = stop
         self.wake = threading.Event()
-        self.busy = False
 
     def run(self) -> None:
         from tessera.repo import Repo
@@ -202,7 +206,6 @@ class PushWorker(threading.Thread):
                 break
             if item.remote in blocked:
                 continue
-            self.busy = True
             try:
                 self.push(repo, item.ref, item.remote)
             except Exception as exc:  # noqa: BLE001 - anything a push raises is recorded and retried
@@ -224,8 +227,6 @@ class PushWorker(threading.Thread):
                 ds.retry_pushes_now(repo.catalog, item.remote)  # the remote is back: no more waiting
                 logger.info("pushed %s to %s", item.ref, item.remote)
                 succeeded = True
-            finally:
-                self.busy = False
         return succeeded
 
 

@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from tessera.daemon.config import (
     parse_config,
     remove_watch,
 )
-from tessera.daemon.service import Daemon, read_daemon_info
+from tessera.daemon.service import Daemon
 from tessera.errors import ConfigError, TransientRemoteError
 
 QUIET = 1.0
