@@ -469,7 +469,7 @@ class Daemon:
             if not isinstance(exc, TesseraError):
                 logger.exception("commit of %s failed", cfg.path)
             w.failures += 1
-            delay = min(60.0, max(1.0, min(cfg.quiet_seconds, 5.0)) * 2 ** (w.failures - 1))
+            delay = min(60.0, cfg.max_wait_seconds, max(1.0, min(cfg.quiet_seconds, 5.0)) * 2 ** (w.failures - 1))
             now = time.monotonic()
             with self._lock:
                 if w.pending_since is None:
