@@ -355,10 +355,13 @@ class Daemon:
     def _apply(self, config: DaemonConfig) -> None:
         self._config = config
         wanted = {w.path: w for w in config.watches}
+        unschedule: list[str] = []
+        # never call the watcher under self._lock: watchdog dispatches events (-> _on_change, which
+        # takes self._lock) while holding its own lock, which unschedule needs too
         with self._lock:
             for key in [k for k in self._watches if k not in wanted]:
-                self.watcher.remove(key)
                 del self._watches[key]
+                unschedule.append(key)
                 logger.info("no longer watching %s", key)
             for key, cfg in wanted.items():
                 cur = self._watches.get(key)
@@ -367,8 +370,10 @@ class Daemon:
                 elif cur.cfg != cfg:
                     cur.cfg, cur.ignored = cfg, ignore_matcher(cfg.ignore)
                     if cur.active:  # new ignore globs: reschedule with the new filter
-                        self.watcher.remove(key)
+                        unschedule.append(key)
                         cur.active = False
+        for key in unschedule:
+            self.watcher.remove(key)
         if hasattr(self, "worker"):
             self.worker.settings = config.settings
         self._check_dirs()
