@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tessera.cache import LRUCache
-from tessera.catalog import Catalog, DatasetInfo
+from tessera.catalog import Catalog, ChunkLocation, DatasetInfo
 from tessera.checkout import VerifyReport, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
 from tessera.errors import AmbiguousRef, NotFound, UsageError
@@ -41,7 +42,10 @@ class CommitResult:
 class Repo:
     """A tessera home: ``Repo()`` uses ``$TESSERA_HOME`` or ``~/.tessera`` and creates it if needed."""
 
-    def __init__(self, home: str | Path | None = None, *, settings: RepoSettings | None = None) -> None:
+    def __init__(self, home: str | Path | None = None, *, remote: str | None = None,
+                 settings: RepoSettings | None = None) -> None:
+        """``remote``: the remote (a configured name or a URL) that push, pull and lazy reads use when
+        none is named; default: the remote marked default, or the only one."""
         self.home = Path(home).expanduser() if home is not None else default_home()
         if self.home.exists() and not self.home.is_dir():
             raise UsageError(f"tessera home {self.home} is not a directory")
@@ -51,6 +55,11 @@ class Repo:
         self.settings = self._load_settings(settings)
         self._trees: LRUCache[Tree] = LRUCache(TREE_CACHE_BYTES, sizeof=lambda t: 200 * len(t.entries) + 100)
         self._chunks: LRUCache[bytes] = LRUCache(CHUNK_CACHE_BYTES)
+        self.remote = remote
+        self._transports: Any = None
+        self._lazy: Any = None
+        self._sync_lock = threading.RLock()
+        self.store.remote_fetch = self._fetch_remote_chunk
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
         if self.catalog.setting("chunk.avg_size") is None:
@@ -65,6 +74,10 @@ class Repo:
         return current
 
     def close(self) -> None:
+        if self._lazy is not None:
+            self._lazy.close()
+        if self._transports is not None:
+            self._transports.close()
         self.store.close()
         self.catalog.close()
 
@@ -80,6 +93,30 @@ class Repo:
     # -- refs -------------------------------------------------------------------------------------
 
     def resolve(self, ref: str | Ref) -> HistoryEntry:
+        """The history entry ``ref`` names. A dataset or version this home does not have is looked for
+        on the default remote (its metadata is fetched; chunks are read lazily)."""
+        r = parse_ref(ref) if isinstance(ref, str) else ref
+        try:
+            return self.resolve_local(r)
+        except NotFound:
+            remote = self._fetch_missing(r)
+            if remote is None:
+                raise
+        try:
+            return self.resolve_local(r)
+        except NotFound as exc:
+            raise NotFound(f"{exc} (remote {remote} has the dataset but not this version)") from None
+
+    def _fetch_missing(self, r: Ref) -> str | None:
+        """Fetch ``r``'s dataset from the default remote; the remote's name, or None when there is no
+        default remote or it does not have the dataset."""
+        from tessera import sync
+
+        with self._sync_lock:
+            found = sync.fetch_for_ref(self, r)
+        return found.name if found is not None else None
+
+    def resolve_local(self, ref: str | Ref) -> HistoryEntry:
         r = parse_ref(ref) if isinstance(ref, str) else ref
         exists, head = self.catalog.dataset_head(r.dataset)
         if not exists:
@@ -119,7 +156,7 @@ class Repo:
 
     def log(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
         check_dataset_name(name)
-        if not self.catalog.dataset_head(name)[0]:
+        if not self.catalog.dataset_head(name)[0] and self._fetch_missing(Ref(name)) is None:
             raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
         return self.catalog.history(name, limit)
 
@@ -147,6 +184,16 @@ class Repo:
         from tessera.errors import CorruptData
 
         raise CorruptData(f"tree {tree_id[:12]} is missing from the catalog")
+
+    def _fetch_remote_chunk(self, loc: ChunkLocation) -> bytes:
+        """`Store.read_stored` calls this for a chunk whose pack is not local: a lazy remote read."""
+        if self._lazy is None:
+            from tessera.lazy import LazyFetcher
+
+            with self._sync_lock:
+                if self._lazy is None:
+                    self._lazy = LazyFetcher.for_repo(self)
+        return self._lazy.fetch(loc)
 
     def read_chunk(self, cid: bytes) -> bytes:
         data = self._chunks.get(cid)
@@ -223,6 +270,35 @@ class Repo:
     def verify(self, ref: str, target: str | Path, *, extra_ok: bool = False,
                progress: Progress | None = None) -> VerifyReport:
         return verify_dir(self.get(ref), target, extra_ok=extra_ok, progress=progress)
+
+    # -- remotes ----------------------------------------------------------------------------------
+
+    @property
+    def transports(self) -> Any:
+        """Open remote transports, shared by this repo's threads (`tessera.sync.Transports`)."""
+        if self._transports is None:
+            from tessera.sync import Transports
+
+            with self._sync_lock:
+                if self._transports is None:
+                    self._transports = Transports()
+        return self._transports
+
+    def push(self, ref: str, remote: str | None = None, progress: Progress | None = None) -> Any:
+        """Upload version ``ref`` (NAME, NAME@PREFIX or NAME:TAG) and what it needs to ``remote`` (a
+        configured name or URL; default: the default remote); returns a `tessera.sync.PushResult`.
+        Raises `RemoteError` subclasses when the remote fails."""
+        from tessera import sync
+
+        return sync.push(self, ref, remote, progress=progress)
+
+    def pull(self, ref: str, remote: str | None = None, *, metadata_only: bool = False,
+             progress: Progress | None = None) -> Version:
+        """Fetch ``ref`` from ``remote``: metadata only (browse, verify, mount with lazy reads) or,
+        by default, every pack it needs so the version is fully local."""
+        from tessera import sync
+
+        return sync.pull(self, ref, remote, metadata_only=metadata_only, progress=progress)
 
     def fsck(self, progress: Progress | None = None) -> FsckReport:
         return fsck(self.catalog, self.store, progress)

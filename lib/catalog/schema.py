@@ -90,4 +90,18 @@ def _dir_cache(db: Database) -> None:
     )
 
 
-SCHEMA_VERSION = 4
+@migrations(name="0005_sync_remote_meta")
+def _sync_remote_meta(db: Database) -> None:
+    # Which metadata pack on a remote holds each tree / file record (kind 1 = tree, 2 = file, as in
+    # tessera.format.pack): push then uploads only the trees and file records the remote lacks, and a
+    # version object can still list every metadata pack it needs. See docs/format.md "Remote layout".
+    db.executescript(
+        """
+        CREATE TABLE remote_meta (
+            remote TEXT NOT NULL, kind INTEGER NOT NULL, id TEXT NOT NULL, pack TEXT NOT NULL,
+            PRIMARY KEY (remote, kind, id)) WITHOUT ROWID;
+        """
+    )
+
+
+SCHEMA_VERSION = 5

@@ -84,10 +84,16 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def datasets(as_json: bool) -> None:
-    """List the datasets in this home."""
+@click.option("-r", "--remote", "remote_name", metavar="REMOTE", help="List what remote REMOTE holds instead.")
+def datasets(as_json: bool, remote_name: str | None) -> None:
+    """List the datasets in this home (or on a remote)."""
     repo = open_repo()
-    rows = repo.datasets()
+    if remote_name is not None:
+        from tessera.sync import remote_datasets
+
+        rows = remote_datasets(repo, remote_name)  # type: ignore[assignment]
+    else:
+        rows = repo.datasets()
     if as_json:
         emit_json([{"name": d.name, "head": d.head, "versions": d.versions} for d in rows])
         return

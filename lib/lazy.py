@@ -1,0 +1,418 @@
+"""Lazy reads: chunks of packs that are not local, fetched from the remote on first use.
+
+`Store.read_stored` calls `LazyFetcher.fetch(location)` for a chunk whose pack is only on a remote
+(``packs.local = 0``, learnt from the remote's pack index by a pull or by the first use of a dataset).
+The mount, `Version.open/read_bytes` and `tessera export` all read through it.
+
+- **Ranged GETs, coalesced.** A miss fetches the chunk *and the chunks after it in the same pack*, up to
+  a window (1 MiB), in one ranged GET: chunks of one file sit next to each other in a pack, and so do
+  small files committed together, so one request serves many reads.
+- **Prefetch on sequential reads.** Each pack being read has a stream: once a reader gets within half
+  a window of the end of what was fetched, the next window is fetched in the background and the window
+  doubles (up to 16 MiB). A reader that reaches a chunk still in flight waits for that request instead
+  of issuing its own.
+- **Verified.** Every fetched chunk is decompressed and checked against its xxh3-128 id before it is
+  cached or returned; a chunk that fails raises `CorruptData` naming chunk and pack, and is not kept.
+- **Bounded disk cache.** Verified stored bytes go to ``$TESSERA_HOME/cache/chunks/<pp>/<pack>-<offset>``
+  (an xxh3-64 checksum first, so a torn file is a miss, not an error), least recently used evicted past
+  the size setting: ``$TESSERA_CACHE_SIZE``, else the catalog setting ``cache.max_bytes`` (`tessera remote
+  cache --size`), else 4 GiB. Processes sharing a home (a mount, the CLI) share the cache; each evicts what
+  it knows of, so the bound holds per process and approximately across them.
+
+Remote failures surface as `RemoteError` (after the transport's short retry loop), which the mount
+turns into EIO for that read only.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import shutil
+import struct
+import threading
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import xxhash
+
+from tessera.cache import LRUCache
+from tessera.catalog import Catalog, ChunkLocation
+from tessera.errors import CorruptData, UsageError
+from tessera.remote.base import Transport
+from tessera.store import decode_chunk
+
+if TYPE_CHECKING:
+    from tessera.repo import Repo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 << 30
+CACHE_SETTING = "cache.max_bytes"
+CACHE_ENV = "TESSERA_CACHE_SIZE"
+MIN_WINDOW = 1 << 20
+MAX_WINDOW = 16 << 20
+MAX_GAP = 64 << 10  # read through holes this small rather than split a request
+PREFETCH_WORKERS = 2
+_STREAMS = 64
+_PACK_ROWS = 256
+_HEADER = struct.Struct("<Q")
+
+Key = tuple[str, int]  # (pack id, offset of the stored bytes)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
+    if value < 0:
+        raise UsageError(f"bad size {text!r}: must not be negative")
+    return value
+
+
+def cache_size(catalog: Catalog) -> int:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return parse_size(env)
+    value = catalog.setting(CACHE_SETTING)
+    return int(value) if value else DEFAULT_CACHE_BYTES
+
+
+def cache_dir(home: Path) -> Path:
+    return Path(home) / "cache" / "chunks"
+
+
+class DiskCache:
+    """Stored chunk bytes on disk, one file per chunk, bounded by total bytes (LRU)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._index: OrderedDict[Key, int] | None = None
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def _path(self, key: Key) -> Path:
+        return self.root / key[0][:2] / f"{key[0]}-{key[1]}"
+
+    def _ensure(self) -> OrderedDict[Key, int]:
+        """The index of what is on disk (scanned once, oldest first). Call with the lock held."""
+        if self._index is not None:
+            return self._index
+        found: list[tuple[float, Key, int]] = []
+        if self.root.is_dir():
+            for sub in os.scandir(self.root):
+                if not sub.is_dir():
+                    continue
+                for f in os.scandir(sub.path):
+                    pack, _, off = f.name.partition("-")
+                    if f.name.startswith(".") or not off.isdigit():
+                        continue
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
+                        continue
+                    found.append((st.st_mtime, (pack, int(off)), st.st_size))
+        found.sort()
+        self._index = OrderedDict((key, size) for _, key, size in found)
+        self._bytes = sum(self._index.values())
+        return self._index
+
+    def __contains__(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._ensure()
+
+    def get(self, key: Key, length: int) -> bytes | None:
+        if self.max_bytes <= 0:
+            return None
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_HEADER.size)
+                data = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            with self._lock:
+                index = self._ensure()
+                size = index.pop(key, None)
+                if size is not None:
+                    self._bytes -= size
+            return None
+        if len(head) != _HEADER.size or len(data) != length or _HEADER.unpack(head)[0] != xxhash.xxh3_64_intdigest(data):
+            logger.info("dropping damaged cache file %s", path)
+            self._drop(key)
+            return None
+        with self._lock:
+            index = self._ensure()
+            if key in index:
+                index.move_to_end(key)
+            else:  # cached by another process
+                index[key] = len(data) + _HEADER.size
+                self._bytes += len(data) + _HEADER.size
+        return data
+
+    def put(self, key: Key, data: bytes) -> None:
+        size = len(data) + _HEADER.size
+        if size > self.max_bytes:
+            return
+        path = self._path(key)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(_HEADER.pack(xxhash.xxh3_64_intdigest(data)))
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only disk only costs us the cache
+            logger.warning("cannot write the chunk cache (%s): %s", path.parent, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
+            return
+        victims: list[Key] = []
+        with self._lock:
+            index = self._ensure()
+            old = index.pop(key, None)
+            self._bytes += size - (old or 0)
+            index[key] = size
+            while self._bytes > self.max_bytes and index:
+                victim, n = index.popitem(last=False)
+                self._bytes -= n
+                victims.append(victim)
+        for victim in victims:
+            self._path(victim).unlink(missing_ok=True)
+
+    def _drop(self, key: Key) -> None:
+        with self._lock:
+            size = self._ensure().pop(key, None)
+            if size is not None:
+                self._bytes -= size
+        self._path(key).unlink(missing_ok=True)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, files) this process knows to be in the cache."""
+        with self._lock:
+            index = self._ensure()
+            return self._bytes, len(index)
+
+    def clear(self) -> None:
+        with self._lock:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._index = OrderedDict()
+            self._bytes = 0
+
+
+@dataclass
+class _Stream:
+    """Sequential reading of one pack: ``[start, end)`` has been fetched or is being fetched."""
+
+    start: int
+    end: int
+    window: int
+    busy: bool = False
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    waits: int = 0
+    prefetches: int = 0
+
+
+class LazyFetcher:
+    """Serves stored chunk bytes of remote packs: disk cache, else coalesced ranged GETs, verified."""
+
+    def __init__(self, catalog: Catalog, transport_for: Callable[[str], Transport], cache: DiskCache, *,
+                 min_window: int = MIN_WINDOW, max_window: int = MAX_WINDOW,
+                 workers: int = PREFETCH_WORKERS) -> None:
+        self.catalog = catalog
+        self.transport_for = transport_for
+        self.cache = cache
+        self.min_window = min_window
+        self.max_window = max(max_window, min_window)
+        self.workers = workers
+        self.stats = FetchStats()
+        self._rows: LRUCache[tuple[list[int], list[ChunkLocation]]] = LRUCache(_PACK_ROWS, sizeof=lambda _: 1)
+        self._inflight: dict[Key, Future[dict[Key, bytes | CorruptData]]] = {}
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @classmethod
+    def for_repo(cls, repo: "Repo") -> "LazyFetcher":
+        from tessera import sync
+
+        cache = DiskCache(cache_dir(repo.home), cache_size(repo.catalog))
+        return cls(repo.catalog, lambda pack: sync.transport_for_pack(repo, pack), cache)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the read path ------------------------------------------------------------------------------
+
+    def fetch(self, loc: ChunkLocation) -> bytes:
+        """The stored bytes of ``loc`` (verified). Raises `CorruptData` or `RemoteError`."""
+        key = (loc.pack, loc.offset)
+        while True:
+            data = self.cache.get(key, loc.stored_len)
+            if data is not None:
+                self.stats.hits += 1
+                self._advance(loc)
+                return data
+            with self._lock:
+                fut = self._inflight.get(key)
+            if fut is not None:
+                self.stats.waits += 1
+                got = fut.result().get(key)
+            else:
+                self.stats.misses += 1
+                rows = self._plan(loc.pack, loc.offset, self.min_window, first=loc)
+                result = self._fetch_run(loc.pack, rows)
+                if result is None:
+                    continue  # another thread started fetching it just now: wait for that
+                got = result.get(key)
+                self._start_stream(loc, rows)
+            if isinstance(got, CorruptData):
+                raise got
+            if got is None:
+                continue  # fetched by a request that ended before ours began: look again
+            if fut is not None:
+                self._advance(loc)
+            return got
+
+    def _pack_rows(self, pack: str) -> tuple[list[int], list[ChunkLocation]]:
+        rows = self._rows.get(pack)
+        if rows is None:
+            locs = self.catalog.pack_chunks(pack)
+            rows = ([x.offset for x in locs], locs)
+            self._rows.put(pack, rows)
+        return rows
+
+    def _plan(self, pack: str, offset: int, window: int, first: ChunkLocation | None = None) -> list[ChunkLocation]:
+        """Chunks to fetch in one GET: from ``offset`` on, neighbours only, none cached or in flight
+        (except ``first``), spanning at most ``window`` bytes."""
+        offsets, locs = self._pack_rows(pack)
+        i = bisect.bisect_left(offsets, offset)
+        out: list[ChunkLocation] = [first] if first is not None else []
+        if first is not None and i < len(locs) and locs[i].offset == first.offset:
+            i += 1
+        start = out[0].offset if out else None
+        with self._lock:
+            inflight = self._inflight
+            while i < len(locs):
+                x = locs[i]
+                key = (pack, x.offset)
+                if key in inflight or key in self.cache:
+                    if out:
+                        break
+                    i += 1
+                    continue
+                if out:
+                    prev = out[-1]
+                    if x.offset - (prev.offset + prev.stored_len) > MAX_GAP:
+                        break
+                    if x.offset + x.stored_len - start > window:  # type: ignore[operator]
+                        break
+                else:
+                    start = x.offset
+                out.append(x)
+                i += 1
+        return out
+
+    def _fetch_run(self, pack: str, rows: list[ChunkLocation]) -> dict[Key, bytes | CorruptData] | None:
+        """GET ``rows`` (neighbours in ``pack``) in one request, verify and cache each chunk. Returns
+        None when the first row is already being fetched by someone else."""
+        fut: Future[dict[Key, bytes | CorruptData]] = Future()
+        mine: list[ChunkLocation] = []
+        with self._lock:
+            for x in rows:
+                key = (pack, x.offset)
+                if key in self._inflight:
+                    break
+                self._inflight[key] = fut
+                mine.append(x)
+        if not mine:
+            return None
+        try:
+            start, end = mine[0].offset, mine[-1].offset + mine[-1].stored_len
+            blob = self.transport_for(pack).get(f"packs/{pack}", start, end)
+            self.stats.requests += 1
+            self.stats.bytes += len(blob)
+            if len(blob) != end - start:
+                raise CorruptData(f"remote pack {pack} is shorter than its index says ({start + len(blob)} < {end})")
+            out: dict[Key, bytes | CorruptData] = {}
+            for x in mine:
+                stored = blob[x.offset - start:x.offset - start + x.stored_len]
+                try:
+                    decode_chunk(x, stored)
+                except CorruptData as exc:
+                    logger.debug("remote %s", exc)  # raised to whoever reads this chunk
+                    out[(pack, x.offset)] = exc
+                    continue
+                self.cache.put((pack, x.offset), stored)
+                out[(pack, x.offset)] = stored
+            fut.set_result(out)
+            return out
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                for x in mine:
+                    if self._inflight.get((pack, x.offset)) is fut:
+                        del self._inflight[(pack, x.offset)]
+
+    # -- prefetch -----------------------------------------------------------------------------------
+
+    def _start_stream(self, loc: ChunkLocation, rows: list[ChunkLocation]) -> None:
+        if not rows or self.cache.max_bytes <= 0:
+            return
+        last = rows[-1]
+        with self._lock:
+            self._streams[loc.pack] = _Stream(loc.offset, last.offset + last.stored_len, self.min_window)
+            self._streams.move_to_end(loc.pack)
+            while len(self._streams) > _STREAMS:
+                self._streams.popitem(last=False)
+
+    def _advance(self, loc: ChunkLocation) -> None:
+        """A reader got ``loc``: if it is near the end of its pack's stream, fetch the next window."""
+        with self._lock:
+            s = self._streams.get(loc.pack)
+            if (s is None or s.busy or self._closed or not s.start <= loc.offset < s.end
+                    or s.end - (loc.offset + loc.stored_len) > s.window // 2):
+                return
+            s.window = min(s.window * 2, self.max_window)
+            s.busy = True
+            self._streams.move_to_end(loc.pack)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tessera-prefetch")
+        rows = self._plan(loc.pack, s.end, s.window)
+        if not rows:
+            s.busy = False
+            return
+        s.end = rows[-1].offset + rows[-1].stored_len
+        self.stats.prefetches += 1
+        try:
+            self._pool.submit(self._prefetch, loc.pack, rows, s)
+        except RuntimeError:  # shut down
+            s.busy = False
+
+    def _prefetch(self, pack: str, rows: list[ChunkLocation], s: _Stream) -> None:
+        try:
+            self._fetch_run(pack, rows)
+        except Exception as exc:  # noqa: BLE001 - a reader that needs these chunks fetches (and fails) itself
+            logger.debug("prefetch of pack %s failed: %s", pack[:12], exc)
+        finally:
+            s.busy = False
