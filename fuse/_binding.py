@@ -31,6 +31,24 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "install libfuse 3 (`apt-get install fuse3`) and the binding (`pip install mfusepy`)"
 FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
 FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+# fuse_conn_info.want bits (libfuse 3 fuse_common.h)
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+
+
+def tune_connection(conn: Any) -> None:
+    """Kernel capabilities for an immutable tree (libfuse 3, called from ``init``):
+
+    - readdirplus on every READDIR call, not only the first (``READDIRPLUS_AUTO`` off): otherwise
+      entries past the first buffer come without attributes and each costs a LOOKUP;
+    - no ``AUTO_INVAL_DATA``: nothing ever changes, so reads need not check attributes first;
+    - ``CACHE_SYMLINKS``: readlink answers from the page cache.
+    """
+    if conn is None:
+        return
+    conn.want = (conn.want & ~(FUSE_CAP_READDIRPLUS_AUTO | FUSE_CAP_AUTO_INVAL_DATA)) | \
+        (conn.capable & FUSE_CAP_CACHE_SYMLINKS)
 
 
 @dataclass(frozen=True)
@@ -164,11 +182,16 @@ def _plus_fuse_class(mfusepy: ModuleType) -> Any:
                            flags: int) -> int:
             if not flags & FUSE_READDIR_PLUS or not hasattr(self.operations, "readdir_attrs"):
                 return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+            # Offset mode (each entry carries the offset of the next one): libfuse 3.14 only does the
+            # node bookkeeping readdirplus needs in this mode; its list mode sends entries without
+            # node ids, so the kernel would LOOKUP every name again.
             decoded = None if path is None else path.decode(self.encoding, self.errors)
+            items = self.operations.readdir_attrs(decoded, fip.contents.fh)
             st = mfusepy.c_stat()
-            for name, attrs in self.operations.readdir_attrs(decoded):
+            for k in range(offset, len(items)):
+                name, attrs = items[k]
                 fill_stat(st, attrs)
-                if filler(buf, name.encode(self.encoding, self.errors), st, 0, FUSE_FILL_DIR_PLUS) != 0:
+                if filler(buf, name.encode(self.encoding, self.errors), st, k + 1, FUSE_FILL_DIR_PLUS) != 0:
                     break
             return 0
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
 from tessera.errors import CorruptData, NotFound, RemoteError, TesseraError
-from tessera.fuse._binding import Binding
+from tessera.fuse._binding import Binding, tune_connection
 from tessera.vfs import Attr, IsADirectory, NotADirectory, NotASymlink, VersionFS
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,18 @@ def make_operations(binding: Binding, vfs: VersionFS, *, no_open: bool = True, b
         def __init__(self) -> None:
             self.vfs = vfs
             self.no_open = no_open
+            self._listings: dict[int, list[tuple[str, dict[str, int]]]] = {}
+            self._fhs = itertools.count(1)  # next() is atomic: safe with libfuse's threads
 
-        def init(self, path: str) -> None:
-            if on_init is not None:
-                on_init()
+        if binding.libfuse_major == 3 and binding.name == "mfusepy":
+            def init_with_config(self, conn: Any, config: Any) -> None:
+                tune_connection(conn)
+                if on_init is not None:
+                    on_init()
+        else:
+            def init(self, path: str) -> None:
+                if on_init is not None:
+                    on_init()
 
         @translated
         def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -95,16 +104,27 @@ def make_operations(binding: Binding, vfs: VersionFS, *, no_open: bool = True, b
 
         @translated
         def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-            return [(name, attrs, 0) for name, attrs in self.readdir_attrs(path)]
+            return [(name, attrs, 0) for name, attrs in self.readdir_attrs(path, fh)]
 
         @translated
-        def readdir_attrs(self, path: str) -> list[tuple[str, dict[str, int]]]:
-            """Entries with full attributes (used for readdirplus by the binding)."""
-            children = vfs.readdir(path)
-            own = stat_dict(vfs.stat(path))
-            out = [(".", own), ("..", own)]
-            out.extend((name, stat_dict(a)) for name, a in children)
-            return out
+        def readdir_attrs(self, path: str, fh: int = 0) -> list[tuple[str, dict[str, int]]]:
+            """Entries with full attributes, built once per open directory (the kernel asks for a
+            large directory in many small batches); the binding uses them for readdirplus."""
+            listing = self._listings.get(fh) if fh else None
+            if listing is None:
+                own = stat_dict(vfs.stat(path))
+                listing = [(".", own), ("..", own)]
+                listing.extend((name, stat_dict(a)) for name, a in vfs.readdir(path))
+                if fh:
+                    self._listings[fh] = listing
+            return listing
+
+        def opendir(self, path: str) -> int:
+            return next(self._fhs)
+
+        def releasedir(self, path: str, fh: int) -> int:
+            self._listings.pop(fh, None)
+            return 0
 
         @translated
         def readlink(self, path: str) -> str:
