@@ -377,14 +377,23 @@ class LazyFetcher:
     # -- prefetch -----------------------------------------------------------------------------------
 
     def _start_stream(self, loc: ChunkLocation, rows: list[ChunkLocation]) -> None:
+        """After a miss: continue the pack's stream if the miss is just past it (a sequential reader
+        outran the prefetch, or chunks are bigger than the window), else start a new one."""
         if not rows or self.cache.max_bytes <= 0:
             return
-        last = rows[-1]
+        end = rows[-1].offset + rows[-1].stored_len
         with self._lock:
-            self._streams[loc.pack] = _Stream(loc.offset, last.offset + last.stored_len, self.min_window)
+            s = self._streams.get(loc.pack)
+            sequential = s is not None and s.start <= loc.offset <= s.end + MAX_GAP
+            if s is not None and sequential:
+                s.end = max(s.end, end)
+            else:
+                self._streams[loc.pack] = _Stream(loc.offset, end, self.min_window)
             self._streams.move_to_end(loc.pack)
             while len(self._streams) > _STREAMS:
                 self._streams.popitem(last=False)
+        if sequential:
+            self._advance(loc)
 
     def _advance(self, loc: ChunkLocation) -> None:
         """A reader got ``loc``: if it is near the end of its pack's stream, fetch the next window."""
