@@ -1,6 +1,7 @@
 """Daemon benchmark: event-to-version latency and idle cost of a real `tessera daemon` process.
 
     python tests/bench/bench_daemon.py [--files 100000] [--rounds 10] [--idle-seconds 30] [--quiet 1]
+    (or through `make bench` / tests/bench/run_all.py; BENCH_SCALE scales the tree and idle window)
 
 1. latency: change 100 files in a watched directory; time from the last write until the catalog has
    the new version (median, p95). This includes the debounce wait (``quiet_seconds``), so the table
@@ -97,13 +98,15 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark; returns the Markdown report (`tests/bench/run_all.py` calls ``main()``)."""
+    scale = float(os.environ.get("BENCH_SCALE", "1.0"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--files", type=int, default=max(1000, int(100_000 * scale)))
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--idle-seconds", type=float, default=max(5.0, 30.0 * min(1.0, scale)))
     ap.add_argument("--quiet", type=float, default=1.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv if argv is not None else [])
 
     with tempfile.TemporaryDirectory(prefix="tessera-bench-daemon-") as tmp:
         base = Path(tmp)
@@ -160,11 +163,10 @@ def main() -> None:
         ("peak RSS (VmHWM, includes the initial commit)", f"{max(peak, peak_after_initial) / 1024:.0f} MiB", ""),
         (f"start + initial commit of {args.files:,} + 1,000 files", f"{initial:.1f} s", ""),
     ]
-    print("| daemon | result | notes |")
-    print("|---|---|---|")
-    for name, value, note in rows:
-        print(f"| {name} | {value} | {note} |")
+    lines = ["### daemon: event-to-version latency and idle cost", "", "| measure | result | notes |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {note} |" for name, value, note in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    print(main(sys.argv[1:]))
