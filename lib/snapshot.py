@@ -84,6 +84,7 @@ class _Dir:
     links: list[Entry] = field(default_factory=list)
     dirs: list["_Dir"] = field(default_factory=list)
     all_cached: bool = True
+    excluded: bool = False  # something in this directory was excluded: its tree depends on the rules
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Snapshotter:
             for d in items:
                 rel = f"{node.rel}/{d.name}" if node.rel else d.name
                 if self.opts.exclude and self.opts.exclude(rel):
+                    node.excluded = True
                     continue
                 try:
                     st = d.stat(follow_symlinks=False)
@@ -256,9 +258,10 @@ class Snapshotter:
     # -- phase 3: trees ---------------------------------------------------------------------------
 
     def _trees(self, top: _Dir) -> BuiltTrees:
-        """Build trees, reusing the cached tree id of every unchanged directory (when no per-entry
-        metadata or excludes are in play, which the directory cache cannot see)."""
-        use_cache = self.opts.meta_for is None and self.opts.exclude is None
+        """Build trees, reusing the cached tree id of every unchanged directory. Not with per-entry
+        metadata (the cache cannot see it), and never for a directory where something was excluded
+        (its tree depends on the exclude rules, which may change between commits)."""
+        use_cache = self.opts.meta_for is None
         all_dirs: list[_Dir] = []
         stack = [top]
         while stack:
@@ -269,7 +272,7 @@ class Snapshotter:
         reusable: dict[str, tuple[str, int, int]] = {}
         for d in reversed(all_dirs):  # children before parents
             row = cached.get(d.path)
-            if (row and d.all_cached and all(c.rel in reusable for c in d.dirs)
+            if (row and d.all_cached and not d.excluded and all(c.rel in reusable for c in d.dirs)
                     and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
                     == (d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns)):
                 reusable[d.rel] = (row.tree_id, row.size, row.files)
@@ -297,7 +300,7 @@ class Snapshotter:
     def _save_dir_cache(self, dirs: list[_Dir], reusable: dict[str, tuple[str, int, int]],
                         built: BuiltTrees) -> None:
         rows = [DirRow(d.path, d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns, *built.dirs[d.rel])
-                for d in dirs if d.rel not in reusable and d.rel in built.dirs]
+                for d in dirs if d.rel not in reusable and d.rel in built.dirs and not d.excluded]
         self.catalog.put_dir_rows(rows)
 
     # -- entry point ------------------------------------------------------------------------------

@@ -325,3 +325,19 @@ def test_directory_cache_never_hides_a_change(repo: tessera.Repo, tmp_path: Path
         got = repo.commit("d", src).hash
         fresh = tessera.Repo(tmp_path / f"fresh{i}").commit("d", src).hash
         assert got == fresh, f"change {i} was missed"
+
+
+def test_directory_cache_respects_changing_excludes(repo: tessera.Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "keep.txt").write_text("k")
+    (src / "a" / "skip.tmp").write_text("s")
+    no_tmp = lambda rel: rel.endswith(".tmp")  # noqa: E731
+    v1 = repo.commit_dir("d", src, exclude=no_tmp).version
+    assert [e.path for e in v1.walk()] == ["a/keep.txt"]
+    again = repo.commit_dir("d", src, exclude=no_tmp)
+    assert again.version.hash == v1.hash and again.stats.files_read == 0
+    v2 = repo.commit_dir("d", src).version  # rules changed: the .tmp file now counts
+    assert [e.path for e in v2.walk()] == ["a/keep.txt", "a/skip.tmp"]
+    v3 = repo.commit_dir("d", src, exclude=lambda rel: rel.endswith("keep.txt")).version
+    assert [e.path for e in v3.walk()] == ["a/skip.tmp"]
