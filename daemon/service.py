@@ -469,7 +469,7 @@ class Daemon:
         try:
             res = self.repo.commit_dir(cfg.dataset, cfg.path, message=f"daemon: {events} file events in {cfg.path}",
                                        meta={"daemon": {"watch": cfg.path, "events": events}},
-                                       exclude=w.ignored.excludes)
+                                       exclude=w.ignored.excludes, keep_busy=True)
         except Exception as exc:  # noqa: BLE001 - one bad watch must not stop the daemon
             if not isinstance(exc, TesseraError):
                 logger.exception("commit of %s failed", cfg.path)

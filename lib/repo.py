@@ -18,7 +18,7 @@ from tessera.format.chunker import ChunkParams
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
-from tessera.model import Entry, HistoryEntry, Tree
+from tessera.model import Entry, FileRecord, HistoryEntry, Tree
 from tessera.progress import Progress
 from tessera.snapshot import MetaFor, SnapshotOptions, SnapshotStats, snapshot_dir
 from tessera.store import Store
@@ -207,21 +207,41 @@ class Repo:
     def commit_dir(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
                    meta_for: MetaFor | None = None, tag: str | None = None, author: str | None = None,
                    exclude: Callable[[str], bool] | None = None, progress: Progress | None = None,
-                   workers: int = 0) -> CommitResult:
-        """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head."""
+                   workers: int = 0, keep_busy: bool = False) -> CommitResult:
+        """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head.
+
+        A file that keeps changing while it is read fails the commit (`SourceError`), unless
+        ``keep_busy``: then it keeps its content from the dataset's head version (or is left out if
+        it is new) and is listed in ``stats.busy``. The daemon commits this way."""
         check_dataset_name(name)
         if tag is not None:
             check_tag(tag)
         if meta is not None and not isinstance(meta, dict):
             raise UsageError("version metadata must be a JSON object")
         opts = SnapshotOptions(self.settings.chunk, self.settings.compression_level, self.settings.pack_target,
-                               workers=workers, meta_for=meta_for, exclude=exclude)
+                               workers=workers, meta_for=meta_for, exclude=exclude,
+                               previous=self._previous_records(name) if keep_busy else None)
         snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
         version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
                                         message, meta or {}, author)
         if tag is not None:
             self.catalog.set_tag(name, tag, version.hash)
         return CommitResult(version, created, snap.stats)
+
+    def _previous_records(self, name: str) -> Callable[[str], FileRecord | None]:
+        exists, head = self.catalog.dataset_head(name)
+        version = self.get(f"{name}@{head}") if exists and head else None
+
+        def previous(rel: str) -> FileRecord | None:
+            if version is None:
+                return None
+            try:
+                e = version.entry(rel)
+            except NotFound:
+                return None
+            return FileRecord(e.sha256, e.size, ()) if e.is_file and e.sha256 else None
+
+        return previous
 
     def commit(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
                meta_for: MetaFor | str | Path | None = None, tag: str | None = None) -> Version:

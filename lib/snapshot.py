@@ -64,6 +64,7 @@ class SnapshotStats:
     stat_cache_hits: int = 0
     new_chunks: int = 0
     new_bytes_stored: int = 0
+    busy: list[str] = field(default_factory=list)  # kept at their previous content (still being written)
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class _File:
     st: os.stat_result
     mode: int
     record: FileRecord | None = None
+    busy: bool = False  # kept changing while read: record is the previous version's (or None: left out)
 
 
 @dataclass
@@ -104,6 +106,9 @@ class SnapshotOptions:
     workers: int = 0
     meta_for: MetaFor | None = None
     exclude: Callable[[str], bool] | None = None
+    # For a file that keeps changing while read: its previously committed record (None: leave it out).
+    # When unset, such a file fails the commit with SourceError.
+    previous: Callable[[str], FileRecord | None] | None = None
 
 
 class Snapshotter:
@@ -198,7 +203,14 @@ class Snapshotter:
                 return
             logger.info("%s changed while being read; reading it again", f.path)
             f.st = os.lstat(f.path)
-        raise SourceError(f"{f.path} kept changing while being read ({READ_RETRIES} tries)")
+        if self.opts.previous is None:
+            raise SourceError(f"{f.path} kept changing while being read ({READ_RETRIES} tries)")
+        f.busy = True
+        f.record = self.opts.previous(f.rel)
+        with self._stats_lock:
+            self.stats.busy.append(f.rel)
+        logger.warning("%s is still being written: %s", f.path,
+                       "keeping its previous version" if f.record else "leaving it out of this version")
 
     def _read_file(self, f: _File, packs: PackSet) -> tuple[FileRecord, bool]:
         try:
@@ -287,7 +299,8 @@ class Snapshotter:
                 entries.append(Entry(d.rel, DIR, 0o755, 0, meta=self._meta(d.rel)))
             entries.extend(Entry(e.path, e.kind, e.mode, e.size, None, e.target, self._meta(e.path)) for e in d.links)
             for f in d.files:
-                assert f.record is not None
+                if f.record is None:
+                    continue  # busy and new: left out of this version
                 entries.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
             stack.extend(c for c in d.dirs if c.rel not in reusable)
         # only the outermost reusable directories: their insides are already in the catalog
@@ -319,7 +332,7 @@ class Snapshotter:
         crash_point("after-seal")
         self.stats.new_chunks = packs.new_chunks
         self.stats.new_bytes_stored = packs.new_bytes
-        self.catalog.add_files(f.record for f in to_read if f.record is not None)
+        self.catalog.add_files(f.record for f in to_read if f.record is not None and not f.busy)
         crash_point("after-files")
         self._save_stat_cache(to_read)
         built = self._trees(top)
@@ -329,7 +342,8 @@ class Snapshotter:
         """Remember what was read; stat-cache hits are already there, unchanged."""
         by_dir: dict[str, list[StatRow]] = {}
         for f in files:
-            assert f.record is not None
+            if f.record is None or f.busy:
+                continue
             parent, _, name = f.path.rpartition("/")
             by_dir.setdefault(parent, []).append(StatRow(
                 name, f.st.st_dev, f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.record.id))

@@ -341,3 +341,41 @@ def test_directory_cache_respects_changing_excludes(repo: tessera.Repo, tmp_path
     assert [e.path for e in v2.walk()] == ["a/keep.txt", "a/skip.tmp"]
     v3 = repo.commit_dir("d", src, exclude=lambda rel: rel.endswith("keep.txt")).version
     assert [e.path for e in v3.walk()] == ["a/skip.tmp"]
+
+
+def test_keep_busy_keeps_previous_content_of_a_file_being_written(repo: tessera.Repo, tmp_path: Path) -> None:
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "stable.txt").write_text("stable")
+    log = src / "busy.log"
+    log.write_bytes(b"first\n")
+    v1 = repo.commit("d", src)
+    stop = threading.Event()
+
+    def writer() -> None:  # appends without pause: every read of the file sees it change
+        with open(log, "ab", buffering=0) as f:
+            while not stop.is_set():
+                f.write(b"x" * 4096)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        (src / "stable.txt").write_text("stable v2")
+        for _ in range(20):  # until a commit catches the writer mid-read
+            res = repo.commit_dir("d", src, keep_busy=True)
+            if res.stats.busy:
+                break
+            (src / "stable.txt").write_text(f"stable {_}")
+    finally:
+        stop.set()
+        t.join()
+    assert res.stats.busy == ["busy.log"]
+    assert res.version.read_bytes("busy.log") == b"first\n"
+    assert res.version.read_bytes("stable.txt").startswith(b"stable")
+    assert repo.fsck().ok
+    # the next commit, with the writer gone, captures the file for real
+    final = repo.commit_dir("d", src, keep_busy=True)
+    assert final.version.read_bytes("busy.log") == log.read_bytes() and not final.stats.busy
+    assert v1.hash != final.version.hash
