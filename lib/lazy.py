@@ -7,10 +7,11 @@ The mount, `Version.open/read_bytes` and `tessera export` all read through it.
 - **Ranged GETs, coalesced.** A miss fetches the chunk *and the chunks after it in the same pack*, up to
   a window (1 MiB), in one ranged GET: chunks of one file sit next to each other in a pack, and so do
   small files committed together, so one request serves many reads.
-- **Prefetch on sequential reads.** Each pack being read has a stream: once a reader gets within half
-  a window of the end of what was fetched, the next window is fetched in the background and the window
-  doubles (up to 16 MiB). A reader that reaches a chunk still in flight waits for that request instead
-  of issuing its own.
+- **Prefetch on sequential reads.** Each pack being read has a stream. Once reads look sequential (a
+  second read continuing the first, or a read starting at a pack's first chunk), up to two windows are
+  kept in flight ahead of the reader, each four times the last, up to 32 MiB: per-request costs
+  dominate small GETs. A reader that reaches a chunk still in flight waits for that request instead
+  of issuing its own. Memory: at most 4 requests of at most 32 MiB in flight.
 - **Verified.** Every fetched chunk is decompressed and checked against its xxh3-128 id before it is
   cached or returned; a chunk that fails raises `CorruptData` naming chunk and pack, and is not kept.
 - **Bounded disk cache.** Verified stored bytes go to ``$TESSERA_HOME/cache/chunks/<pp>/<pack>-<offset>``
@@ -54,9 +55,14 @@ DEFAULT_CACHE_BYTES = 4 << 30
 CACHE_SETTING = "cache.max_bytes"
 CACHE_ENV = "TESSERA_CACHE_SIZE"
 MIN_WINDOW = 1 << 20
-MAX_WINDOW = 16 << 20
+MAX_WINDOW = 32 << 20
 MAX_GAP = 64 << 10  # read through holes this small rather than split a request
-PREFETCH_WORKERS = 2
+PREFETCH_WORKERS = 4
+PREFETCH_DEPTH = 2  # windows in flight ahead of one sequential reader
+GROWTH = 4  # each prefetch window is this many times the last (per-request costs dominate small GETs)
+WARM_MISSES = 3  # random misses in one pack ...
+WARM_FRACTION = 16  # ... that fetched >= 1/16 of it: fetch the rest of the pack in the background
+READY_BYTES = 64 << 20  # fetched chunks kept in memory until their reader comes (no disk round trip)
 _STREAMS = 64
 _PACK_ROWS = 256
 _HEADER = struct.Struct("<Q")
@@ -215,7 +221,7 @@ class _Stream:
     start: int
     end: int
     window: int
-    busy: bool = False
+    inflight: int = 0
 
 
 @dataclass
@@ -242,7 +248,11 @@ class LazyFetcher:
         self.workers = workers
         self.stats = FetchStats()
         self._rows: LRUCache[tuple[list[int], list[ChunkLocation]]] = LRUCache(_PACK_ROWS, sizeof=lambda _: 1)
-        self._inflight: dict[Key, Future[dict[Key, bytes | CorruptData]]] = {}
+        self._inflight: dict[Key, Future[dict[Key, memoryview | CorruptData]]] = {}
+        self._ready: OrderedDict[Key, memoryview] = OrderedDict()
+        self._ready_bytes = 0
+        self._random_misses: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._warmed: LRUCache[bool] = LRUCache(1 << 16, sizeof=lambda _: 1)
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -266,7 +276,9 @@ class LazyFetcher:
         """The stored bytes of ``loc`` (verified). Raises `CorruptData` or `RemoteError`."""
         key = (loc.pack, loc.offset)
         while True:
-            data = self.cache.get(key, loc.stored_len)
+            data = self._take_ready(key)
+            if data is None:
+                data = self.cache.get(key, loc.stored_len)
             if data is not None:
                 self.stats.hits += 1
                 self._advance(loc)
@@ -276,10 +288,11 @@ class LazyFetcher:
             if fut is not None:
                 self.stats.waits += 1
                 got = fut.result().get(key)
+                self._take_ready(key)
             else:
                 self.stats.misses += 1
                 rows = self._plan(loc.pack, loc.offset, self.min_window, first=loc)
-                result = self._fetch_run(loc.pack, rows)
+                result = self._fetch_run(loc.pack, rows, wanted=key)
                 if result is None:
                     continue  # another thread started fetching it just now: wait for that
                 got = result.get(key)
@@ -290,7 +303,25 @@ class LazyFetcher:
                 continue  # fetched by a request that ended before ours began: look again
             if fut is not None:
                 self._advance(loc)
-            return got
+            return bytes(got)
+
+    def _take_ready(self, key: Key) -> bytes | None:
+        with self._lock:
+            view = self._ready.pop(key, None)
+            if view is None:
+                return None
+            self._ready_bytes -= len(view)
+        return bytes(view)
+
+    def _keep_ready(self, items: list[tuple[Key, memoryview]]) -> None:
+        with self._lock:
+            for key, view in items:
+                old = self._ready.pop(key, None)
+                self._ready_bytes += len(view) - (len(old) if old is not None else 0)
+                self._ready[key] = view
+            while self._ready_bytes > READY_BYTES:
+                _, view = self._ready.popitem(last=False)
+                self._ready_bytes -= len(view)
 
     def _pack_rows(self, pack: str) -> tuple[list[int], list[ChunkLocation]]:
         rows = self._rows.get(pack)
@@ -300,9 +331,10 @@ class LazyFetcher:
             self._rows.put(pack, rows)
         return rows
 
-    def _plan(self, pack: str, offset: int, window: int, first: ChunkLocation | None = None) -> list[ChunkLocation]:
-        """Chunks to fetch in one GET: from ``offset`` on, neighbours only, none cached or in flight
-        (except ``first``), spanning at most ``window`` bytes."""
+    def _plan(self, pack: str, offset: int, window: int, first: ChunkLocation | None = None,
+              through_cached: bool = False) -> list[ChunkLocation]:
+        """Chunks to fetch in one GET: from ``offset`` on, neighbours only, none in flight and (unless
+        ``through_cached``) none cached, except ``first``; spanning at most ``window`` bytes."""
         offsets, locs = self._pack_rows(pack)
         i = bisect.bisect_left(offsets, offset)
         out: list[ChunkLocation] = [first] if first is not None else []
@@ -314,7 +346,7 @@ class LazyFetcher:
             while i < len(locs):
                 x = locs[i]
                 key = (pack, x.offset)
-                if key in inflight or key in self.cache:
+                if key in inflight or (key in self.cache and not (through_cached and out)):
                     if out:
                         break
                     i += 1
@@ -331,10 +363,11 @@ class LazyFetcher:
                 i += 1
         return out
 
-    def _fetch_run(self, pack: str, rows: list[ChunkLocation]) -> dict[Key, bytes | CorruptData] | None:
+    def _fetch_run(self, pack: str, rows: list[ChunkLocation],
+                   wanted: Key | None = None) -> dict[Key, memoryview | CorruptData] | None:
         """GET ``rows`` (neighbours in ``pack``) in one request, verify and cache each chunk. Returns
         None when the first row is already being fetched by someone else."""
-        fut: Future[dict[Key, bytes | CorruptData]] = Future()
+        fut: Future[dict[Key, memoryview | CorruptData]] = Future()
         mine: list[ChunkLocation] = []
         with self._lock:
             for x in rows:
@@ -352,9 +385,11 @@ class LazyFetcher:
             self.stats.bytes += len(blob)
             if len(blob) != end - start:
                 raise CorruptData(f"remote pack {pack} is shorter than its index says ({start + len(blob)} < {end})")
-            out: dict[Key, bytes | CorruptData] = {}
+            out: dict[Key, memoryview | CorruptData] = {}
+            view = memoryview(blob)
+            ready = []
             for x in mine:
-                stored = blob[x.offset - start:x.offset - start + x.stored_len]
+                stored = view[x.offset - start:x.offset - start + x.stored_len]
                 try:
                     decode_chunk(x, stored)
                 except CorruptData as exc:
@@ -363,6 +398,9 @@ class LazyFetcher:
                     continue
                 self.cache.put((pack, x.offset), stored)
                 out[(pack, x.offset)] = stored
+                if (pack, x.offset) != wanted:
+                    ready.append(((pack, x.offset), stored))
+            self._keep_ready(ready)
             fut.set_result(out)
             return out
         except BaseException as exc:
@@ -389,34 +427,93 @@ class LazyFetcher:
                 s.end = max(s.end, end)
             else:
                 self._streams[loc.pack] = _Stream(loc.offset, end, self.min_window)
+                # a reader starting at a pack's first chunk is most likely going through it in order
+                # (a big file continued from the previous pack, small files in commit order)
+                sequential = loc.offset == self._pack_rows(loc.pack)[0][0]
             self._streams.move_to_end(loc.pack)
             while len(self._streams) > _STREAMS:
                 self._streams.popitem(last=False)
+            warm = not sequential and self._note_random_miss(loc.pack, end - loc.offset)
         if sequential:
             self._advance(loc)
+        elif warm:
+            self._submit(self._warm, loc.pack)
 
-    def _advance(self, loc: ChunkLocation) -> None:
-        """A reader got ``loc``: if it is near the end of its pack's stream, fetch the next window."""
-        with self._lock:
-            s = self._streams.get(loc.pack)
-            if (s is None or s.busy or self._closed or not s.start <= loc.offset < s.end
-                    or s.end - (loc.offset + loc.stored_len) > s.window // 2):
+    def _note_random_miss(self, pack: str, nbytes: int) -> bool:
+        """Count a non-sequential miss (lock held); True when the pack should now be warmed: a reader
+        that keeps missing all over one pack (a shuffled first epoch) is going to read most of it,
+        and whole-window GETs serve it far better than one small GET per miss. Sparse access (a few
+        files out of many) never gets there."""
+        if pack in self._warmed:
+            return False
+        n, got = self._random_misses.pop(pack, (0, 0))
+        n, got = n + 1, got + nbytes
+        offsets, locs = self._pack_rows(pack)
+        size = locs[-1].offset + locs[-1].stored_len if locs else 0
+        if n >= WARM_MISSES and got * WARM_FRACTION >= size and self.cache.max_bytes >= 4 * size:
+            self._warmed.put(pack, True)
+            return True
+        self._random_misses[pack] = (n, got)
+        while len(self._random_misses) > 4096:
+            self._random_misses.popitem(last=False)
+        return False
+
+    def _warm(self, pack: str) -> None:
+        """Fetch a whole pack into the cache, window by window (in a prefetch worker)."""
+        pos = 0
+        while not self._closed:
+            rows = self._plan(pack, pos, self.max_window, through_cached=True)
+            if not rows:
                 return
-            s.window = min(s.window * 2, self.max_window)
-            s.busy = True
-            self._streams.move_to_end(loc.pack)
+            pos = rows[-1].offset + rows[-1].stored_len
+            self.stats.prefetches += 1
+            try:
+                self._fetch_run(pack, rows)
+            except Exception as exc:  # noqa: BLE001 - readers fetch (and fail) themselves
+                logger.debug("warming pack %s failed: %s", pack[:12], exc)
+                return
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            if self._closed:
+                return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tessera-prefetch")
-        rows = self._plan(loc.pack, s.end, s.window)
-        if not rows:
-            s.busy = False
-            return
-        s.end = rows[-1].offset + rows[-1].stored_len
-        self.stats.prefetches += 1
+            pool = self._pool
         try:
-            self._pool.submit(self._prefetch, loc.pack, rows, s)
-        except RuntimeError:  # shut down
-            s.busy = False
+            pool.submit(fn, *args)
+        except RuntimeError:  # shut down meanwhile
+            pass
+
+    def _advance(self, loc: ChunkLocation) -> None:
+        """A reader got ``loc`` in its pack's stream: keep up to `PREFETCH_DEPTH` windows in flight
+        ahead of it, each twice the last (up to ``max_window``)."""
+        pos = loc.offset + loc.stored_len
+        while True:
+            with self._lock:
+                s = self._streams.get(loc.pack)
+                if (s is None or self._closed or s.inflight >= PREFETCH_DEPTH or not s.start <= loc.offset < s.end
+                        or s.end - pos > PREFETCH_DEPTH * s.window // 2):
+                    return
+                s.window = min(s.window * GROWTH, self.max_window)
+                s.inflight += 1
+                start = s.end
+                self._streams.move_to_end(loc.pack)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tessera-prefetch")
+            rows = self._plan(loc.pack, start, s.window)
+            with self._lock:
+                if not rows:
+                    s.inflight -= 1
+                    return
+                s.end = max(s.end, rows[-1].offset + rows[-1].stored_len)
+            self.stats.prefetches += 1
+            try:
+                self._pool.submit(self._prefetch, loc.pack, rows, s)
+            except RuntimeError:  # shut down
+                with self._lock:
+                    s.inflight -= 1
+                return
 
     def _prefetch(self, pack: str, rows: list[ChunkLocation], s: _Stream) -> None:
         try:
@@ -424,4 +521,5 @@ class LazyFetcher:
         except Exception as exc:  # noqa: BLE001 - a reader that needs these chunks fetches (and fails) itself
             logger.debug("prefetch of pack %s failed: %s", pack[:12], exc)
         finally:
-            s.busy = False
+            with self._lock:
+                s.inflight -= 1
