@@ -15,6 +15,7 @@ SIGTERM, SIGINT and SIGHUP are handled by libfuse: the loop stops and the mount 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -52,6 +53,32 @@ def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
         return False
 
 
+def tune_process() -> None:
+    """Server-process settings that matter for throughput:
+
+    - glibc malloc keeps freed memory (trim threshold 64 MiB) and serves blocks below 32 MiB from
+      the heap, instead of returning and re-faulting ~100 KiB-1 MiB buffers on every read (page
+      faults are expensive on VMs: this halves the cost of a 100 KiB read reply);
+    - the open-files limit is raised to the hard limit (pack files are kept open).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ValueError, OSError):
+        pass
+
+
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
           debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok")`` is called once the
@@ -62,6 +89,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     from tessera.vfs import VersionFS
 
     answer = _Once(ready)
+    tune_process()
     try:
         binding = load_binding()
         repo = Repo(home)
@@ -80,6 +108,8 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
             answer(f"error {MountError.exit_code} the new mount at {mountpoint} does not answer: {exc.strerror}")
             return
         raise_read_ahead(mountpoint)
+        gc.freeze()  # startup objects never need scanning again; collect rarely (the hot paths make no cycles)
+        gc.set_threshold(50_000, 20, 20)
         write_record(record)
         logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
                     "threads" if threads else "single-threaded")

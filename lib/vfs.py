@@ -64,7 +64,9 @@ IO_BLOCK = 1024 * 1024  # st_blksize: what cp, stdio and Python buffer by; match
 _INO_MASK = (1 << 63) - 1
 _KIND_BITS = {FILE: 0o100000, DIR: 0o040000, SYMLINK: 0o120000}
 _DIR_CACHE_ENTRIES = 65536
-_LAYOUT_CACHE_CHUNKS = 1 << 20  # offset tables: bounded by total chunk count (~100 bytes each)
+_LAYOUT_CACHE_CHUNKS = 1 << 17  # offset tables + pack locations: bounded by chunk count (~300 bytes each)
+_PREFETCH_FILES = 256
+_PREFETCH_CHUNKS = 4096
 _VERIFIED_IDS = 1 << 18
 _MAX_PACK_FDS = 256
 
@@ -165,6 +167,7 @@ class VersionFS:
         self._chunks: LRUCache[bytes] = LRUCache(max(cache_bytes, 0))
         self._layouts: LRUCache[_Layout] = LRUCache(_LAYOUT_CACHE_CHUNKS, sizeof=lambda lay: len(lay.ids) + 1)
         self._verified: LRUCache[bool] = LRUCache(_VERIFIED_IDS, sizeof=lambda _: 1)
+        self._scans: LRUCache[tuple[int, int]] = LRUCache(1024, sizeof=lambda _: 1)  # dir -> (next index, window)
         self._fds: dict[str, _PackFd] = {}
         self._retired: deque[_PackFd] = deque(maxlen=_MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
@@ -276,21 +279,54 @@ class VersionFS:
     # -- data -------------------------------------------------------------------------------------
 
     def _file(self, path: str) -> tuple[TreeEntry, _Layout]:
-        te = self.lookup(path)
+        rel = path.strip("/")
+        te = self.lookup(rel)
         if te is None or te.kind == DIR:
-            raise IsADirectory(f"is a directory: {path.strip('/')!r}")
+            raise IsADirectory(f"is a directory: {rel!r}")
         if te.kind != FILE or te.id is None:
-            raise NotFound(f"not a regular file: {path.strip('/')!r}")
+            raise NotFound(f"not a regular file: {rel!r}")
         lay = self._layouts.get(te.id)
         if lay is None:
-            rec = self.repo.catalog.file(te.id)
-            if rec is None:
-                raise CorruptData(f"file record {te.id} for {path.strip('/')!r} is missing from the catalog")
-            lay = _Layout(rec.chunks)
-            if lay.size != te.size:
-                raise CorruptData(f"file {te.id[:12]}: chunks add up to {lay.size} bytes, tree says {te.size}")
-            self._layouts.put(te.id, lay)
+            lay = self._load_layouts(rel, te)
         return te, lay
+
+    def _load_layouts(self, rel: str, te: TreeEntry) -> _Layout:
+        """The layout of ``te``; when files of one directory are read in order (a miss right where the
+        last prefetch ended), also those of the next files, in one query, doubling the window up to
+        `_PREFETCH_FILES` like kernel read-ahead. Random access stays at one small query per file."""
+        parent, _, name = rel.rpartition("/")
+        entries = self._tree(parent).entries
+        key = name.encode("utf-8", "surrogateescape")
+        idx = bisect.bisect_left(entries, key, key=lambda e: e.name.encode("utf-8", "surrogateescape"))
+        expected, window = self._scans.get(parent) or (-1, 0)
+        window = min(max(window * 2, 4), _PREFETCH_FILES) if idx == expected else 1
+        self._scans.put(parent, (idx + window, window))
+        want = {te.id: te.size}
+        for e in entries[idx + 1: idx + window]:
+            if e.kind == FILE and e.id is not None and e.id not in want and e.id not in self._layouts:
+                want[e.id] = e.size
+        catalog = self.repo.catalog
+        if len(want) == 1:
+            rec = catalog.file(te.id)  # type: ignore[arg-type]
+            records = {rec.id: rec} if rec is not None else {}
+        else:
+            records = catalog.files_by_id(list(want))
+        if te.id not in records:
+            raise CorruptData(f"file record {te.id} for {rel!r} is missing from the catalog")
+        layouts = {}
+        for fid, rec in records.items():
+            lay = _Layout(rec.chunks)
+            if lay.size != want[fid]:
+                raise CorruptData(f"file {fid[:12]}: chunks add up to {lay.size} bytes, its entry says {want[fid]}")
+            layouts[fid] = lay
+        if len(layouts) > 1:  # their chunk locations too, in one go (bounded)
+            ids = [cid for lay in layouts.values() for cid in lay.ids][:_PREFETCH_CHUNKS]
+            found = catalog.chunks_by_id(ids)
+            for lay in layouts.values():
+                lay.locs = [found.get(cid) for cid in lay.ids]
+        for fid, lay in layouts.items():
+            self._layouts.put(fid, lay)
+        return layouts[te.id]  # type: ignore[index]
 
     def read_plan(self, path: str, offset: int, size: int) -> list["Segment"]:
         """Where the bytes at ``offset`` (up to ``size``, short only at end of file) come from:
@@ -334,7 +370,9 @@ class VersionFS:
                 handle = self._pack_handle(loc.pack)
                 if handle is not None:
                     if cid not in self._verified:
-                        self._verify_raw(handle, loc)
+                        stored = self._verify_raw(handle, loc)
+                        if lo == 0 and hi == len(stored):
+                            return stored  # just read and checked: hand over, do not read it again
                     return FileRange(handle, loc.offset + lo, hi - lo)
             data = self._load(loc)
             if lo == 0 and hi == len(data):
@@ -342,7 +380,7 @@ class VersionFS:
             self._chunks.put(cid, data)
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation") -> None:
+    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation") -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""
         stored = os.pread(handle.fd, loc.stored_len, loc.offset)
         if len(stored) != loc.stored_len:
@@ -354,6 +392,7 @@ class VersionFS:
             self.errors += 1
             raise
         self._verified.put(loc.id, True)
+        return stored
 
     def _load(self, loc: "ChunkLocation") -> bytes:
         try:

@@ -265,6 +265,15 @@ class Catalog:
             return None
         return FileRecord(file_id, row[0], FileRecord.chunks_from_bytes(row[1]))
 
+    def files_by_id(self, file_ids: Sequence[str]) -> dict[str, FileRecord]:
+        """Many file records in a few queries (ids not in the catalog are absent from the result)."""
+        out: dict[str, FileRecord] = {}
+        for part in _chunks(list(file_ids)):
+            q = ",".join("?" * len(part))
+            for fid, size, chunks in self._all(f"SELECT id, size, chunks FROM files WHERE id IN ({q})", part):
+                out[fid] = FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks))
+        return out
+
     def known_files(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for part in _chunks(list(ids)):
@@ -284,6 +293,16 @@ class Catalog:
             "SELECT pack, offset, stored_len, raw_len, codec FROM chunks WHERE id = ?", (chunk_id,)
         )
         return ChunkLocation(chunk_id, *row) if row else None
+
+    def chunks_by_id(self, chunk_ids: Sequence[bytes]) -> dict[bytes, ChunkLocation]:
+        """Many chunk locations in a few queries (unknown ids are absent from the result)."""
+        out: dict[bytes, ChunkLocation] = {}
+        for part in _chunks(list(chunk_ids)):
+            q = ",".join("?" * len(part))
+            for row in self._all(f"SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks WHERE id IN ({q})",
+                                 part):
+                out[row[0]] = ChunkLocation(*row)
+        return out
 
     def known_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
         found: set[bytes] = set()
