@@ -81,8 +81,8 @@ def tune_process() -> None:
 
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
           debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
-    """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok")`` is called once the
-    mount answers; ``ready("error <code> <message>")`` if it could not be made."""
+    """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
+    once the mount answers; ``ready("error <code> <message>")`` if it could not be made."""
     from tessera.fuse._binding import load_binding
     from tessera.fuse.operations import make_operations
     from tessera.repo import Repo
@@ -113,7 +113,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         write_record(record)
         logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
                     "threads" if threads else "single-threaded")
-        answer("ok")
+        answer(f"ok {version.ref}")
 
     ops = make_operations(binding, vfs, no_open=no_open,
                           on_init=lambda: threading.Thread(target=after_init, daemon=True).start())

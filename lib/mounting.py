@@ -256,19 +256,26 @@ def server_command(home: str, ref: str, mountpoint: str, opts: MountOptions, rea
 def mount_version(version: "Version", mountpoint: str | Path, opts: MountOptions | None = None) -> MountRecord:
     """Mount ``version`` read-only at ``mountpoint``; return once the mount answers. The server runs
     detached (its own session) until unmounted or sent SIGTERM/SIGINT."""
+    return mount_ref(version.repo.home, version.ref, mountpoint, opts)
+
+
+def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOptions | None = None) -> MountRecord:
+    """Like `mount_version`, for a ref the server resolves itself (its errors come back through the
+    pipe with their exit codes): the caller need not open the repository at all, which keeps
+    ``tessera mount`` fast."""
     opts = opts or MountOptions()
     check_fuse_device()
     mp = check_mountpoint(mountpoint)
-    home = str(Path(version.repo.home).resolve())
+    home = str(Path(home).expanduser().resolve())
     log = log_path(home, mp)
     log.parent.mkdir(parents=True, exist_ok=True)
     rfd, wfd = os.pipe()
     try:
         with open(log, "ab") as logf:
-            logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {version.ref} at {mp}\n".encode(
+            logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {ref} at {mp}\n".encode(
                 "utf-8", "surrogateescape"))
             logf.flush()
-            proc = subprocess.Popen(server_command(home, version.ref, mp, opts, wfd), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(server_command(home, ref, mp, opts, wfd), stdin=subprocess.DEVNULL,
                                     stdout=logf, stderr=logf, cwd="/", start_new_session=True,
                                     pass_fds=(wfd,), close_fds=True)
         os.close(wfd)
@@ -278,13 +285,25 @@ def mount_version(version: "Version", mountpoint: str | Path, opts: MountOptions
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
-    if answer == "ok":
-        return MountRecord(version.ref, version.hash, mp, proc.pid, time.time(), home, str(log))
+    if answer.startswith("ok "):
+        full = answer[3:].strip()
+        return MountRecord(full, full.rpartition("@")[2], mp, proc.pid, time.time(), home, str(log))
     _abort_server(proc, mp)
     code, msg = _parse_failure(answer, log)
+    raise error_for(code, msg)
+
+
+def error_for(code: int, msg: str) -> TesseraError:
+    """The error a server reported (by exit code) as the matching `TesseraError` class."""
+    from tessera import errors
+
+    for cls in (errors.FuseUnavailable, errors.MountError, errors.NotFound, errors.AmbiguousRef, errors.UsageError,
+                errors.CorruptData, errors.SchemaTooNew, errors.RemoteError):
+        if cls.exit_code == code:
+            return cls(msg)
     exc = MountError(msg)
     exc.exit_code = code
-    raise exc
+    return exc
 
 
 def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:

@@ -25,26 +25,36 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
     Returns once the mount is ready; the FUSE server keeps running in the background until
     `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
     """
-    from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_version
+    from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_ref
 
-    repo = open_repo()
-    version = repo.get(ref)
     opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
     if not foreground:
-        rec = mount_version(version, mountpoint, opts)
-        click.echo(f"mounted {version.ref} at {rec.mountpoint} (pid {rec.pid})")
+        # The server resolves REF and reports bad refs through its pipe: this process never opens
+        # the repository, so `tessera mount` costs one interpreter start less.
+        rec = mount_ref(_home(), ref, mountpoint, opts)
+        click.echo(f"mounted {rec.ref} at {rec.mountpoint} (pid {rec.pid})")
         return
     from tessera.fuse.mount import serve
 
+    repo = open_repo()
+    version = repo.get(ref)
     check_fuse_device()
     mp = check_mountpoint(mountpoint)
 
     def ready(msg: str) -> None:
-        if msg == "ok":
+        if msg.startswith("ok"):
             click.echo(f"mounted {version.ref} at {mp}; Ctrl-C or `tessera umount {mp}` to stop", err=True)
 
     serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
           debug=debug, ready=ready)
+
+
+def _home() -> str:
+    from tessera.config import default_home
+
+    root = click.get_current_context().find_root()
+    home = root.obj.get("home") if root.obj else None
+    return str(home or default_home())
 
 
 @cli.command()
@@ -53,8 +63,7 @@ def umount(mountpoint: str) -> None:
     """Unmount a tessera mount (also clears a mount whose server died: ENOTCONN)."""
     from tessera.mounting import unmount
 
-    home = open_repo().home
-    unmount(mountpoint, home)
+    unmount(mountpoint, _home())
     click.echo(f"unmounted {mountpoint}")
 
 
@@ -64,7 +73,7 @@ def mounts(as_json: bool) -> None:
     """List active mounts: ref, hash, mountpoint, server pid."""
     from tessera.mounting import list_mounts
 
-    found = list_mounts(open_repo().home)
+    found = list_mounts(_home())
     if as_json:
         emit_json([m.to_json() for m in found])
         return
