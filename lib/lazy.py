@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -251,6 +252,7 @@ class LazyFetcher:
         self._inflight: dict[Key, Future[dict[Key, memoryview | CorruptData]]] = {}
         self._ready: OrderedDict[Key, memoryview] = OrderedDict()
         self._ready_bytes = 0
+        self._hot = (0.0, 0)  # (when, window) of the latest sequential prefetch
         self._random_misses: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._warmed: LRUCache[bool] = LRUCache(1 << 16, sizeof=lambda _: 1)
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
@@ -365,18 +367,22 @@ class LazyFetcher:
 
     def _fetch_run(self, pack: str, rows: list[ChunkLocation],
                    wanted: Key | None = None) -> dict[Key, memoryview | CorruptData] | None:
-        """GET ``rows`` (neighbours in ``pack``) in one request, verify and cache each chunk. Returns
-        None when the first row is already being fetched by someone else."""
+        """GET ``rows`` (neighbours in ``pack``) in one request, verify and cache each chunk. Rows that
+        another request is already fetching are left to it (their bytes come along, unused). Returns
+        None when every row is already being fetched."""
         fut: Future[dict[Key, memoryview | CorruptData]] = Future()
         mine: list[ChunkLocation] = []
         with self._lock:
             for x in rows:
                 key = (pack, x.offset)
-                if key in self._inflight:
-                    break
-                self._inflight[key] = fut
-                mine.append(x)
+                if key not in self._inflight:
+                    self._inflight[key] = fut
+                    mine.append(x)
         if not mine:
+            return None
+        if wanted is not None and mine[0].offset != wanted[1]:  # someone else is fetching it: wait for them
+            fut.set_result({})
+            self._release(pack, mine, fut)
             return None
         try:
             start, end = mine[0].offset, mine[-1].offset + mine[-1].stored_len
@@ -407,10 +413,13 @@ class LazyFetcher:
             fut.set_exception(exc)
             raise
         finally:
-            with self._lock:
-                for x in mine:
-                    if self._inflight.get((pack, x.offset)) is fut:
-                        del self._inflight[(pack, x.offset)]
+            self._release(pack, mine, fut)
+
+    def _release(self, pack: str, rows: list[ChunkLocation], fut: Future[dict[Key, memoryview | CorruptData]]) -> None:
+        with self._lock:
+            for x in rows:
+                if self._inflight.get((pack, x.offset)) is fut:
+                    del self._inflight[(pack, x.offset)]
 
     # -- prefetch -----------------------------------------------------------------------------------
 
@@ -424,12 +433,15 @@ class LazyFetcher:
             s = self._streams.get(loc.pack)
             sequential = s is not None and s.start <= loc.offset <= s.end + MAX_GAP
             if s is not None and sequential:
-                s.end = max(s.end, end)
+                # a miss inside the stream means a prefetch failed or was outrun: resume from here
+                s.end = end
             else:
-                self._streams[loc.pack] = _Stream(loc.offset, end, self.min_window)
                 # a reader starting at a pack's first chunk is most likely going through it in order
-                # (a big file continued from the previous pack, small files in commit order)
+                # (a big file continued from the previous pack, small files in commit order): it
+                # keeps the window a sequential reader reached in the last second
                 sequential = loc.offset == self._pack_rows(loc.pack)[0][0]
+                hot = self._hot[1] if sequential and time.monotonic() - self._hot[0] < 1.0 else 0
+                self._streams[loc.pack] = _Stream(loc.offset, end, max(self.min_window, hot // GROWTH))
             self._streams.move_to_end(loc.pack)
             while len(self._streams) > _STREAMS:
                 self._streams.popitem(last=False)
@@ -496,6 +508,7 @@ class LazyFetcher:
                         or s.end - pos > PREFETCH_DEPTH * s.window // 2):
                     return
                 s.window = min(s.window * GROWTH, self.max_window)
+                self._hot = (time.monotonic(), s.window)
                 s.inflight += 1
                 start = s.end
                 self._streams.move_to_end(loc.pack)
