@@ -837,6 +837,10 @@ def _download_pack(repo: "Repo", remote: Remote, t: Transport, pack: str, progre
         tmp.unlink(missing_ok=True)
     rs.mark_pack_local(cat, pack)
     rs.mark_keys(cat, remote.name, [pack_key(pack)])
+    from tessera.lazy import cache_dir
+
+    for cached in (cache_dir(repo.home) / pack[:2]).glob(f"{pack}-*"):  # local now: lazy copies are dead weight
+        cached.unlink(missing_ok=True)
 
 
 def check_downloaded_pack(path: Path, pack: str, rows: Sequence[ChunkLocation], where: str) -> None:
