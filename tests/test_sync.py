@@ -249,6 +249,27 @@ def test_push_killed_midway_resumes_and_a_fresh_clone_is_clean(tmp_path: Path, s
     assert tree_digest(out) == tree_digest(source)
 
 
+def test_push_sigkilled_from_outside_at_a_random_moment(tmp_path: Path, s3_bucket: str, fault_proxy,
+                                                        monkeypatch: pytest.MonkeyPatch, source: Path, cli) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    home = make_home(tmp_path / "a")
+    ref = commit(cli, home, "ds", source)
+    cli("remote", "add", "origin", s3_bucket, env=env(home), check=True)
+    fault_proxy.delay_responses(0.2)  # every response: the push takes a few seconds
+    proc = subprocess.Popen(["tessera", "push", "ds"], env={**os.environ, **env(home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while fault_proxy.stats.methods.count("PUT") < 4 + random.Random().randrange(4) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait(30) == -9
+    fault_proxy.delay_responses(0.0)
+    assert "pushed" in cli("push", "ds", env=env(home), check=True).stdout
+    clone = fresh_home(tmp_path, cli, s3_bucket, "clone")
+    cli("pull", ref, env=env(clone), check=True)
+    assert cli("fsck", env=env(clone), check=True).stdout.startswith("ok:")
+
+
 # -- faults -------------------------------------------------------------------------------------------
 
 def test_push_survives_resets_503s_and_slow_responses(tmp_path: Path, s3_bucket: str, fault_proxy,
