@@ -66,6 +66,7 @@ _KIND_BITS = {FILE: 0o100000, DIR: 0o040000, SYMLINK: 0o120000}
 _DIR_CACHE_ENTRIES = 65536
 _LAYOUT_CACHE_CHUNKS = 1 << 17  # offset tables + pack locations: bounded by chunk count (~300 bytes each)
 _PREFETCH_FILES = 256
+_READ_AHEAD = 8 << 20  # bytes of a sequentially read file whose pack data is requested ahead
 _PREFETCH_CHUNKS = 4096
 _VERIFIED_IDS = 1 << 18
 _MAX_PACK_FDS = 256
@@ -143,7 +144,7 @@ Segment = Union[bytes, FileRange]
 class _Layout:
     """One file's chunks: ids, cumulative start offsets, and pack locations filled in lazily."""
 
-    __slots__ = ("size", "ids", "starts", "ends", "locs")
+    __slots__ = ("size", "ids", "starts", "ends", "locs", "next_read", "ahead")
 
     def __init__(self, chunks: tuple[tuple[bytes, int], ...]) -> None:
         self.ids = [cid for cid, _ in chunks]
@@ -151,6 +152,8 @@ class _Layout:
         self.starts = [0, *self.ends[:-1]] if chunks else []
         self.size = self.ends[-1] if chunks else 0
         self.locs: list[ChunkLocation | None] = [None] * len(chunks)
+        self.next_read = 0  # where a sequential reader continues
+        self.ahead = 0  # file offset up to which pack data has been asked for (read-ahead)
 
 
 class VersionFS:
@@ -324,6 +327,7 @@ class VersionFS:
             found = catalog.chunks_by_id(ids)
             for lay in layouts.values():
                 lay.locs = [found.get(cid) for cid in lay.ids]
+            self._will_need([loc for loc in found.values() if loc.id not in self._verified])  # and their data
         for fid, lay in layouts.items():
             self._layouts.put(fid, lay)
         return layouts[te.id]  # type: ignore[index]
@@ -340,6 +344,9 @@ class VersionFS:
         if offset >= end:
             return []
         self.reads += 1
+        if offset == lay.next_read and end < lay.size and end + _READ_AHEAD // 2 > lay.ahead:
+            self._read_ahead(lay, max(end, lay.ahead))
+        lay.next_read = end
         i = bisect.bisect_right(lay.starts, offset) - 1
         plan: list[Segment] = []
         pos = offset
@@ -354,6 +361,38 @@ class VersionFS:
         """Up to ``size`` bytes at ``offset`` (short only at end of file), all hash-checked."""
         parts = [seg if isinstance(seg, bytes) else seg.read() for seg in self.read_plan(path, offset, size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_ahead(self, lay: _Layout, start: int) -> None:
+        """A sequential reader: ask the kernel to start reading the pack data of the next
+        `_READ_AHEAD` bytes of this file now (``posix_fadvise(WILLNEED)``, asynchronous), so the chunk
+        checks of the coming reads find it in the page cache instead of waiting for the disk."""
+        first = bisect.bisect_right(lay.starts, start) - 1
+        last = bisect.bisect_left(lay.starts, start + _READ_AHEAD)
+        missing = [lay.ids[j] for j in range(first, last) if lay.locs[j] is None]
+        if missing:
+            found = self.repo.catalog.chunks_by_id(missing)
+            for j in range(first, last):
+                if lay.locs[j] is None:
+                    lay.locs[j] = found.get(lay.ids[j])
+        self._will_need([loc for loc in lay.locs[first:last] if loc is not None and loc.id not in self._verified])
+        lay.ahead = lay.ends[last - 1] if last > first else lay.size
+
+    def _will_need(self, locs: list["ChunkLocation"]) -> None:
+        """posix_fadvise(WILLNEED) over the pack ranges holding ``locs``, merged into runs."""
+        if not locs or not hasattr(os, "posix_fadvise"):
+            return
+        runs: dict[str, list[list[int]]] = {}
+        for loc in sorted(locs, key=lambda c: (c.pack, c.offset)):
+            pack_runs = runs.setdefault(loc.pack, [])
+            if pack_runs and loc.offset - pack_runs[-1][1] < (1 << 20):
+                pack_runs[-1][1] = max(pack_runs[-1][1], loc.offset + loc.stored_len)
+            else:
+                pack_runs.append([loc.offset, loc.offset + loc.stored_len])
+        for pack, pack_runs in runs.items():
+            handle = self._pack_handle(pack)
+            if handle is not None:
+                for lo, hi in pack_runs:
+                    os.posix_fadvise(handle.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
     def _location(self, lay: _Layout, i: int) -> "ChunkLocation":
         loc = lay.locs[i]
