@@ -101,8 +101,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, tricky_tree: Path) -> Iterator
     info["mnt"] = mp
     yield info
     umount(home, mp)
-    for m in list_mounts(home):  # nothing may outlive the module
-        umount(home, Path(m.mountpoint))
+    for m in list_mounts(home):  # nothing of ours may outlive the module (others' mounts are not ours)
+        if m.mountpoint.startswith(str(base) + os.sep):
+            umount(home, Path(m.mountpoint))
 
 
 # -- reading ----------------------------------------------------------------------------------------
