@@ -403,14 +403,18 @@ def test_corrupt_chunk_gives_eio_and_the_mount_stays_up(env: dict, tmp_path: Pat
 
 # -- bad input: one line, non-zero exit, nothing mounted ---------------------------------------------
 
+def _ours(home: Path) -> set[str]:
+    return {m.mountpoint for m in list_mounts(home) if m.home}  # registered in this home (not other sessions')
+
+
 def _assert_refused(home: Path, mp: Path, args: list[str], code: int, words: str) -> None:
-    before = {m.mountpoint for m in list_mounts(home)}
+    before = _ours(home)
     p = tessera_cli(home, "mount", *args)
     assert p.returncode == code, (p.returncode, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], p.stderr
     assert "Traceback" not in p.stderr
-    assert {m.mountpoint for m in list_mounts(home)} == before
+    assert _ours(home) == before
     if mp.exists() and mp.is_dir() and not os.path.ismount(mp):
         assert not is_mounted(str(mp))
 
