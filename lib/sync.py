@@ -812,7 +812,8 @@ def download_packs(repo: "Repo", remote: Remote, version: "Version", progress: P
     progress.start(f"pull {version.name}@{version.hash[:12]}", sum(states[p][0] for p in todo))
     t = repo.transports.get(remote.url)
     try:
-        _run_parallel(DOWNLOAD_WORKERS, [lambda p=p: _download_pack(repo, remote, t, p, progress) for p in todo])
+        with store.writing():  # `tessera gc` waits: it must not take our files in tmp/ for garbage
+            _run_parallel(DOWNLOAD_WORKERS, [lambda p=p: _download_pack(repo, remote, t, p, progress) for p in todo])
     finally:
         progress.finish()
     return len(todo)
