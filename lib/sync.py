@@ -465,6 +465,13 @@ class PushResult:
     meta_packs: int = 0
     objects: int = 0  # every object written (packs, indexes, meta, version, history, tags)
 
+    def add(self, other: "PushResult") -> None:
+        self.packs += other.packs
+        self.pack_bytes += other.pack_bytes
+        self.indexes += other.indexes
+        self.meta_packs += other.meta_packs
+        self.objects += other.objects
+
     @property
     def uploaded(self) -> bool:
         return self.objects > 0
@@ -481,12 +488,25 @@ def _mib(n: int) -> str:
 
 
 def push(repo: "Repo", ref: str, remote: str | None = None, *, progress: Progress | None = None) -> PushResult:
-    """Upload version ``ref`` (and what it needs) to ``remote``, skipping what it already holds."""
+    """Upload version ``ref`` (and what it needs) to ``remote``, skipping what it already holds.
+
+    A bare dataset ``NAME`` pushes its whole history (every version the remote lacks, oldest first,
+    like ``git push``); ``NAME@HASH`` and ``NAME:TAG`` push that one version. The result adds up
+    what was uploaded; its ``ref`` is the version named (for ``NAME``: the latest)."""
     from tessera.version import Version
 
     rem = resolve_remote(repo, remote)
-    version = Version(repo, repo.resolve_local(ref))
-    return _Pusher(repo, rem, progress).push(version)
+    r = parse_ref(ref)
+    version = Version(repo, repo.resolve_local(r))
+    pusher = _Pusher(repo, rem, progress)
+    if r.prefix or r.tag:
+        return pusher.push(version)
+    total = PushResult(version.ref, rem.name)
+    for h in rs.dataset_hashes(repo.catalog, r.dataset):
+        if h != version.hash:
+            total.add(pusher.push(Version(repo, repo.resolve_local(f"{r.dataset}@{h}"))))
+    total.add(pusher.push(version))
+    return total
 
 
 def push_all(repo: "Repo", name: str | None = None, remote: str | None = None, *,

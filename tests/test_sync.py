@@ -190,6 +190,30 @@ def test_push_v2_uploads_only_new_packs_and_again_nothing(tmp_path: Path, s3_buc
     repo.close()
 
 
+def test_push_name_sends_the_whole_history_and_tags(tmp_path: Path) -> None:
+    import uuid
+
+    from tessera.repo import Repo
+
+    url = f"memory://hist-{uuid.uuid4().hex[:8]}/r"
+    src = tmp_path / "src"
+    src.mkdir()
+    with Repo(tmp_path / "a") as a:
+        refs = []
+        for i in range(3):
+            (src / "n.txt").write_text(f"version {i}\n")
+            refs.append(a.commit("ds", src, message=f"v{i}").ref)
+        a.tag(refs[0], "first")
+        res = a.push("ds", url)
+        assert res.ref == refs[-1] and res.objects > 0
+        assert not a.push(refs[1], url).uploaded
+    with Repo(tmp_path / "b", remote=url) as b:
+        assert [e.message for e in b.log("ds")] == ["v2", "v1", "v0"]
+        assert b.get("ds:first").ref == refs[0]
+        assert b.get("ds").read_text("n.txt") == "version 2\n"
+        assert b.get(refs[0]).read_text("n.txt") == "version 0\n"
+
+
 def test_two_homes_push_the_same_dataset_concurrently(tmp_path: Path, s3_bucket: str, cli) -> None:
     homes = []
     for i in range(2):

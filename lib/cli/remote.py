@@ -97,10 +97,9 @@ def remote_cache(size: str | None, clear: bool) -> None:
 @cli.command()
 @click.argument("ref", required=False)
 @click.option("-r", "--remote", "remote_name", metavar="REMOTE", help="Remote name or URL (default: the default remote).")
-@click.option("--all", "all_versions", is_flag=True,
-              help="Every version of dataset REF, or of every dataset when REF is omitted.")
+@click.option("--all", "all_versions", is_flag=True, help="Every version of every dataset.")
 def push(ref: str | None, remote_name: str | None, all_versions: bool) -> None:
-    """Upload version REF (NAME = its latest version, NAME@HASH, NAME:TAG) to a remote.
+    """Upload REF to a remote: NAME = every version of the dataset, NAME@HASH or NAME:TAG = one.
 
     Only what the remote lacks is sent (known from this home's records, without listing the bucket).
     An interrupted push, run again, uploads only what is still missing.
@@ -110,8 +109,8 @@ def push(ref: str | None, remote_name: str | None, all_versions: bool) -> None:
 
     repo = open_repo()
     if all_versions:
-        if ref is not None and any(c in ref for c in "@:"):
-            raise UsageError("--all takes a dataset NAME, not a version")
+        if ref is not None:
+            raise UsageError("give either REF or --all")
         results = sync.push_all(repo, ref, remote_name, progress=progress_bar())
         for res in results:
             click.echo(res.summary())
