@@ -17,7 +17,7 @@ from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
 @click.option("--no-open/--open", "no_open", default=True, show_default=True,
               help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
-@click.option("--debug", is_flag=True, hidden=True, help="libfuse debug output (into the mount log).")
+@click.option("--debug", is_flag=True, help="Log every FUSE request (libfuse debug trace) into the mount log.")
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
           timeout: float, debug: bool) -> None:
     """Mount version REF read-only at MOUNTPOINT (an empty directory).
