@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple, Union
 
@@ -67,6 +68,7 @@ _DIR_CACHE_ENTRIES = 65536
 _LAYOUT_CACHE_CHUNKS = 1 << 17  # offset tables + pack locations: bounded by chunk count (~300 bytes each)
 _PREFETCH_FILES = 256
 _READ_AHEAD = 8 << 20  # bytes of a sequentially read file whose pack data is requested ahead
+_AHEAD_CHUNKS = 256  # raw chunks queued for a background check at most
 _PREFETCH_CHUNKS = 4096
 _VERIFIED_IDS = 1 << 18
 _MAX_PACK_FDS = 256
@@ -159,7 +161,8 @@ class _Layout:
 class VersionFS:
     """A read-only file system view of one version. Thread-safe (the FUSE loop may be threaded)."""
 
-    def __init__(self, version: "Version", *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, version: "Version", *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 read_ahead_threads: int = 2) -> None:
         self.version = version
         self.repo = version.repo
         self.store = version.repo.store
@@ -176,8 +179,13 @@ class VersionFS:
         self._fd_lock = threading.Lock()
         self.reads = 0
         self.errors = 0
+        # Background checks of raw chunks a sequential reader is about to need (see `_will_need`).
+        self._ahead = ThreadPoolExecutor(read_ahead_threads, "tessera-verify") if read_ahead_threads > 0 else None
+        self._pending: dict[bytes, Future[None]] = {}
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
         with self._fd_lock:
             self._fds.clear()
             self._retired.clear()
@@ -378,11 +386,21 @@ class VersionFS:
         lay.ahead = lay.ends[last - 1] if last > first else lay.size
 
     def _will_need(self, locs: list["ChunkLocation"]) -> None:
-        """posix_fadvise(WILLNEED) over the pack ranges holding ``locs``, merged into runs."""
-        if not locs or not hasattr(os, "posix_fadvise"):
+        """Start getting the data of chunks about to be read: raw chunks of local packs are read and
+        checked by background threads (disk waits and their kernel CPU then overlap with serving, and
+        the reads that follow find them verified and cached); others get posix_fadvise(WILLNEED)."""
+        rest = []
+        for loc in locs:
+            if loc.codec != RAW or self._ahead is None or len(self._pending) >= _AHEAD_CHUNKS:
+                rest.append(loc)
+            elif loc.id not in self._pending and loc.id not in self._verified:
+                handle = self._pack_handle(loc.pack)
+                if handle is not None:
+                    self._pending[loc.id] = self._ahead.submit(self._verify_ahead, handle, loc)
+        if not rest or not hasattr(os, "posix_fadvise"):
             return
         runs: dict[str, list[list[int]]] = {}
-        for loc in sorted(locs, key=lambda c: (c.pack, c.offset)):
+        for loc in sorted(rest, key=lambda c: (c.pack, c.offset)):
             pack_runs = runs.setdefault(loc.pack, [])
             if pack_runs and loc.offset - pack_runs[-1][1] < (1 << 20):
                 pack_runs[-1][1] = max(pack_runs[-1][1], loc.offset + loc.stored_len)
@@ -393,6 +411,14 @@ class VersionFS:
             if handle is not None:
                 for lo, hi in pack_runs:
                     os.posix_fadvise(handle.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+
+    def _verify_ahead(self, handle: "_PackFd", loc: "ChunkLocation") -> None:
+        try:
+            self._verify_raw(handle, loc, count_errors=False)
+        except (CorruptData, OSError):
+            pass  # the read that needs this chunk checks it again and reports the error itself
+        finally:
+            self._pending.pop(loc.id, None)
 
     def _location(self, lay: _Layout, i: int) -> "ChunkLocation":
         loc = lay.locs[i]
@@ -409,6 +435,10 @@ class VersionFS:
                 handle = self._pack_handle(loc.pack)
                 if handle is not None:
                     if cid not in self._verified:
+                        ahead = self._pending.get(cid)
+                        if ahead is not None:  # a background check of this chunk is under way: wait for it
+                            ahead.result()
+                    if cid not in self._verified:
                         stored = self._verify_raw(handle, loc)
                         if lo == 0 and hi == len(stored):
                             return stored  # just read and checked: hand over, do not read it again
@@ -419,16 +449,15 @@ class VersionFS:
             self._chunks.put(cid, data)
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation") -> bytes:
+    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation", count_errors: bool = True) -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""
         stored = os.pread(handle.fd, loc.stored_len, loc.offset)
-        if len(stored) != loc.stored_len:
-            self.errors += 1
-            raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
         try:
+            if len(stored) != loc.stored_len:
+                raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
             decode_chunk(loc, stored)
         except CorruptData:
-            self.errors += 1
+            self.errors += count_errors
             raise
         self._verified.put(loc.id, True)
         return stored
