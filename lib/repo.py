@@ -58,6 +58,7 @@ class Repo:
         self.remote = remote
         self._transports: Any = None
         self._lazy: Any = None
+        self._remote_packs: set[str] = set()
         self._sync_lock = threading.RLock()
         self.store.remote_fetch = self._fetch_remote_chunk
 
@@ -186,7 +187,16 @@ class Repo:
         raise CorruptData(f"tree {tree_id[:12]} is missing from the catalog")
 
     def _fetch_remote_chunk(self, loc: ChunkLocation) -> bytes:
-        """`Store.read_stored` calls this for a chunk whose pack is not local: a lazy remote read."""
+        """`Store.read_stored` calls this for a chunk whose pack file is not here: a lazy remote read
+        when the pack lives on a remote (``packs.local = 0``), else the store is damaged."""
+        if loc.pack not in self._remote_packs:
+            from tessera.catalog.remote_state import pack_states
+            from tessera.errors import CorruptData
+
+            _, local = pack_states(self.catalog, [loc.pack]).get(loc.pack, (0, True))
+            if local:
+                raise CorruptData(f"pack {loc.pack} holding chunk {loc.id.hex()} is missing")
+            self._remote_packs.add(loc.pack)
         if self._lazy is None:
             from tessera.lazy import LazyFetcher
 
