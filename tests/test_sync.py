@@ -11,7 +11,6 @@ import os
 import random
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
