@@ -23,6 +23,16 @@ def _safe_target(root: Path, rel: str) -> Path:
     return root / rel
 
 
+def _make_dir(root: Path, rel: str) -> None:
+    """Create a directory of the version. With --force, whatever already sits at that path (a
+    symlink above all: writing through it could land outside the target) is replaced first.
+    Parents come before children in the walk, so every ancestor is already a real directory."""
+    p = _safe_target(root, rel)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        p.unlink()
+    p.mkdir(exist_ok=True)
+
+
 def export_version(version: Version, target: str | Path, *, force: bool = False,
                    progress: Progress | None = None) -> int:
     """Write every entry of ``version`` under ``target``; returns the number of files written."""
@@ -37,7 +47,7 @@ def export_version(version: Version, target: str | Path, *, force: bool = False,
         root.mkdir(parents=True, exist_ok=True)
         for e in entries:
             if e.kind == DIR:
-                _safe_target(root, e.path).mkdir(parents=True, exist_ok=True)
+                _make_dir(root, e.path)
         files = [e for e in entries if e.kind == FILE]
         progress.start("export", sum(e.size for e in files))
         with ThreadPoolExecutor(WORKERS) as pool:
@@ -57,10 +67,13 @@ def export_version(version: Version, target: str | Path, *, force: bool = False,
 
 def _write_file(version: Version, root: Path, e: Entry, progress: Progress) -> None:
     dest = _safe_target(root, e.path)
-    if dest.is_symlink():
-        dest.unlink()
+    if dest.is_dir() and not dest.is_symlink():
+        raise UsageError(f"cannot export file {e.path!r}: a directory is in the way")
     tmp = dest.with_name(f".{dest.name}.tessera-tmp")
-    with version.open(e.path) as src, open(tmp, "wb") as out:
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with version.open(e.path) as src, open(fd, "wb") as out:
         while True:
             block = src.read(_READ)
             if not block:

@@ -379,3 +379,24 @@ def test_keep_busy_keeps_previous_content_of_a_file_being_written(repo: tessera.
     final = repo.commit_dir("d", src, keep_busy=True)
     assert final.version.read_bytes("busy.log") == log.read_bytes() and not final.stats.busy
     assert v1.hash != final.version.hash
+
+
+def test_export_force_never_writes_through_symlinks(repo: tessera.Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.txt").write_text("payload")
+    (src / "f.txt").write_text("f")
+    v = repo.commit("d", src)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.txt").write_text("precious")
+    target = tmp_path / "target"
+    target.mkdir()
+    os.symlink(outside, target / "a")             # a directory of the version is a symlink out
+    os.symlink(outside / "f.txt", target / "f.txt")  # a file of the version is a symlink out
+    repo.export(v.ref, target, force=True)
+    assert sorted(p.name for p in outside.iterdir()) == ["f.txt"]
+    assert (outside / "f.txt").read_text() == "precious"
+    assert not (target / "a").is_symlink() and (target / "a" / "x.txt").read_text() == "payload"
+    assert not (target / "f.txt").is_symlink() and (target / "f.txt").read_text() == "f"
+    assert repo.verify(v.ref, target).ok
