@@ -121,8 +121,11 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     try:
         binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
     except RuntimeError as exc:
-        answer(f"error {MountError.exit_code} ")  # the reason is libfuse's last line in the log
-        raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
+        if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
+            logger.info("stopped by a signal (libfuse status %s)", exc)
+        else:
+            answer(f"error {MountError.exit_code} ")  # the reason is libfuse's last line in the log
+            raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
@@ -137,10 +140,14 @@ class _Once:
     def __init__(self, sink: Callable[[str], None] | None) -> None:
         self._sink = sink
         self._lock = threading.Lock()
+        self.sent = False
+        self.ok = False  # the mount was reported ready
 
     def __call__(self, msg: str) -> None:
         with self._lock:
-            sink, self._sink = self._sink, None
+            if self.sent:
+                return
+            sink, self._sink, self.sent, self.ok = self._sink, None, True, msg.startswith("ok")
         if sink is not None:
             sink(msg)
 

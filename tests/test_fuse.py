@@ -339,6 +339,8 @@ def test_sigterm_unmounts_cleanly(env: dict) -> None:
     assert _wait(lambda: not is_mounted(str(mp)))
     assert _wait(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
     assert all(m.mountpoint != str(mp) for m in list_mounts(home))
+    log = sorted((home / "mounts").glob("*.log"), key=os.path.getmtime)[-1].read_text()
+    assert "stopped by a signal" in log and "could not mount" not in log
 
 
 def test_sigkill_leaves_enotconn_and_umount_recovers(env: dict) -> None:
