@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
-from tessera.errors import CorruptData, NotFound, RemoteError, TesseraError
+from tessera.errors import NotFound, TesseraError
 from tessera.fuse._binding import Binding, tune_connection
 from tessera.vfs import Attr, IsADirectory, NotADirectory, NotASymlink, VersionFS
 
@@ -52,11 +52,8 @@ def make_operations(binding: Binding, vfs: VersionFS, *, no_open: bool = True, b
                 return method(self, *args)
             except TesseraError as exc:
                 code = errno_for(exc)
-                if code == errno.EIO:
-                    if isinstance(exc, (CorruptData, RemoteError)):
-                        logger.error("%s %s: %s (returning EIO)", method.__name__, args[0] if args else "", exc)
-                    else:
-                        logger.error("%s %s failed: %s (returning EIO)", method.__name__, args[0] if args else "", exc)
+                if code == errno.EIO:  # CorruptData, RemoteError, ...: this read fails, the mount stays up
+                    logger.error("%s %s: %s (returning EIO)", method.__name__, args[0] if args else "", exc)
                 raise FuseOSError(code) from None
             except OSError as exc:
                 if isinstance(exc, FuseOSError):
