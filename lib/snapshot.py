@@ -41,15 +41,34 @@ BATCH_BYTES = 4 * 1024 * 1024     # small files are handed to workers in batches
 BATCH_FILES = 256
 
 
-def _read_all(fd: int, size_hint: int) -> bytes:
-    """Read to EOF (the file may have grown since it was stat'ed: the caller compares sizes)."""
-    data = os.read(fd, size_hint + 1)
-    if len(data) <= size_hint:
-        return data
-    parts = [data]
-    while block := os.read(fd, 1 << 20):
+def _read_upto(fd: int, size: int) -> bytes:
+    """The first ``size + 1`` bytes at most: one byte more than stat'ed tells the caller the file grew
+    (and it will be read again), without ever chasing a writer that appends faster than we read."""
+    parts = []
+    left = size + 1
+    while left > 0:
+        block = os.read(fd, min(left, 1 << 24))
+        if not block:
+            break
         parts.append(block)
-    return b"".join(parts)
+        left -= len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Bounded:
+    """A reader that stops after ``limit`` bytes (for streaming big files; see `_read_upto`)."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buf)
+        n = self._raw.readinto(view[: min(len(view), self._left)])
+        self._left -= n or 0
+        return n or 0
 
 
 @dataclass
@@ -225,9 +244,9 @@ class Snapshotter:
             size = 0
             try:
                 if before.st_size <= WHOLE_READ_MAX:
-                    pieces = self._chunker().cut_buf(_read_all(fd, before.st_size))
+                    pieces = self._chunker().cut_buf(_read_upto(fd, before.st_size))
                 else:
-                    pieces = self._chunker().cut_stream(fh)
+                    pieces = self._chunker().cut_stream(_Bounded(fh, before.st_size + 1))  # type: ignore[arg-type]
                 for piece in pieces:
                     sha.update(piece)
                     cid = chunk_id(piece)

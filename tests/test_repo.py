@@ -356,7 +356,9 @@ def test_keep_busy_keeps_previous_content_of_a_file_being_written(repo: tessera.
 
     def writer() -> None:  # appends without pause: every read of the file sees it change
         with open(log, "ab", buffering=0) as f:
-            while not stop.is_set():
+            for _ in range(64 * 1024):  # at most 256 MiB, whatever happens
+                if stop.is_set():
+                    break
                 f.write(b"x" * 4096)
 
     t = threading.Thread(target=writer)
@@ -400,3 +402,42 @@ def test_export_force_never_writes_through_symlinks(repo: tessera.Repo, tmp_path
     assert not (target / "a").is_symlink() and (target / "a" / "x.txt").read_text() == "payload"
     assert not (target / "f.txt").is_symlink() and (target / "f.txt").read_text() == "f"
     assert repo.verify(v.ref, target).ok
+
+
+def test_reading_a_growing_file_is_bounded(repo: tessera.Repo, tmp_path: Path) -> None:
+    """A writer appending faster than we read must not make a commit read (or hold) without end:
+    each read stops one byte past the stat'ed size, and the file is retried, then reported."""
+    import resource
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    grow = src / "grow.bin"
+    grow.write_bytes(os.urandom(9 << 20))  # above the whole-read size: the streaming path
+    small = src / "small.bin"
+    small.write_bytes(b"s")
+    stop = threading.Event()
+
+    def writer() -> None:
+        block = os.urandom(1 << 20)
+        with open(grow, "ab", buffering=0) as f, open(small, "ab", buffering=0) as g:
+            for _ in range(2000):
+                if stop.is_set():
+                    break
+                f.write(block)
+                g.write(b"x")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        try:  # a read may land between two writes (then the commit succeeds); either is fine
+            res = repo.commit_dir("d", src)
+            assert res.version.entry("grow.bin").size >= 9 << 20
+        except tessera.errors.SourceError as exc:
+            assert "kept changing" in str(exc)
+    finally:
+        stop.set()
+        t.join()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 512 * 1024, f"peak RSS grew by {grown_kib} KiB"
