@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+from collections import deque
 import hashlib
 import logging
 import os
@@ -209,6 +210,7 @@ class Store:
         self.pack_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, PackHandle] = {}
+        self._retired: deque[PackHandle] = deque(maxlen=MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
         self.remote_fetch: RemoteFetch | None = None
 
@@ -254,6 +256,10 @@ class Store:
             return None
         with self._fd_lock:
             if len(self._fds) >= MAX_PACK_FDS:
+                # Retire, do not close: a handle given out a moment ago may still be read (the mount
+                # hands (fd, offset) ranges to libfuse, which reads after our callback returns).
+                # Retired handles close when pushed out of the deque and no longer referenced.
+                self._retired.extend(self._fds.values())
                 self._fds.clear()
             return self._fds.setdefault(pack_id, handle)
 

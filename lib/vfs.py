@@ -35,7 +35,6 @@ import bisect
 import logging
 import os
 import threading
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple, Union
@@ -46,7 +45,7 @@ from tessera.cache import LRUCache
 from tessera.errors import CorruptData, NotFound, UsageError
 from tessera.format.compress import RAW
 from tessera.model import DIR, FILE, SYMLINK, TreeEntry
-from tessera.store import decode_chunk
+from tessera.store import PackHandle, decode_chunk
 
 if TYPE_CHECKING:
     from tessera.catalog import ChunkLocation
@@ -71,7 +70,6 @@ _READ_AHEAD = 8 << 20  # bytes of a sequentially read file whose pack data is re
 _AHEAD_CHUNKS = 256  # raw chunks queued for a background check at most
 _PREFETCH_CHUNKS = 4096
 _VERIFIED_IDS = 1 << 18
-_MAX_PACK_FDS = 256
 
 
 class NotADirectory(UsageError):
@@ -109,23 +107,10 @@ class StatFS(NamedTuple):
     namemax: int
 
 
-class _PackFd:
-    """An open pack file, closed when the last reader lets go of it (so eviction never closes an fd
-    another thread is reading from, which could otherwise be reused for a different file)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __del__(self) -> None:
-        os.close(self.fd)
-
-
 class FileRange(NamedTuple):
     """``size`` verified bytes at ``pos`` in an open pack file (raw chunks are stored as is)."""
 
-    handle: _PackFd
+    handle: PackHandle
     pos: int
     size: int
 
@@ -174,9 +159,6 @@ class VersionFS:
         self._layouts: LRUCache[_Layout] = LRUCache(_LAYOUT_CACHE_CHUNKS, sizeof=lambda lay: len(lay.ids) + 1)
         self._verified: LRUCache[bool] = LRUCache(_VERIFIED_IDS, sizeof=lambda _: 1)
         self._scans: LRUCache[tuple[int, int]] = LRUCache(1024, sizeof=lambda _: 1)  # dir -> (next index, window)
-        self._fds: dict[str, _PackFd] = {}
-        self._retired: deque[_PackFd] = deque(maxlen=_MAX_PACK_FDS)
-        self._fd_lock = threading.Lock()
         self.reads = 0
         self.errors = 0
         # Background checks of raw chunks a sequential reader is about to need (see `_will_need`).
@@ -186,9 +168,6 @@ class VersionFS:
     def close(self) -> None:
         if self._ahead is not None:
             self._ahead.shutdown(wait=True, cancel_futures=True)
-        with self._fd_lock:
-            self._fds.clear()
-            self._retired.clear()
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -412,7 +391,7 @@ class VersionFS:
                 for lo, hi in pack_runs:
                     os.posix_fadvise(handle.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
-    def _verify_ahead(self, handle: "_PackFd", loc: "ChunkLocation") -> None:
+    def _verify_ahead(self, handle: "PackHandle", loc: "ChunkLocation") -> None:
         try:
             self._verify_raw(handle, loc, count_errors=False)
         except (CorruptData, OSError):
@@ -449,7 +428,7 @@ class VersionFS:
             self._chunks.put(cid, data)
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def _verify_raw(self, handle: "_PackFd", loc: "ChunkLocation", count_errors: bool = True) -> bytes:
+    def _verify_raw(self, handle: "PackHandle", loc: "ChunkLocation", count_errors: bool = True) -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""
         stored = os.pread(handle.fd, loc.stored_len, loc.offset)
         try:
@@ -469,21 +448,9 @@ class VersionFS:
             self.errors += 1
             raise
 
-    def _pack_handle(self, pack: str) -> "_PackFd | None":
-        handle = self._fds.get(pack)
-        if handle is not None:
-            return handle
-        try:
-            handle = _PackFd(os.open(self.store.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC))
-        except FileNotFoundError:
-            return None  # not local (lazy remote): the caller fetches the whole chunk instead
-        with self._fd_lock:
-            if len(self._fds) >= _MAX_PACK_FDS:
-                # Retire, do not close: a FileRange handed out a moment ago may still be read (by
-                # libfuse, after our callback returned). Retired handles close when pushed out.
-                self._retired.extend(self._fds.values())
-                self._fds.clear()
-            return self._fds.setdefault(pack, handle)
+    def _pack_handle(self, pack: str) -> "PackHandle | None":
+        """An open pack (None when not local: the caller fetches the whole chunk instead)."""
+        return self.store.pack_handle(pack)
 
     # -- convenience ------------------------------------------------------------------------------
 
