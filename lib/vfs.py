@@ -34,7 +34,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple, Union
