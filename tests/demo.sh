@@ -47,6 +47,8 @@ run tessera mounts
 python3 - "$DEMO/mnt" <<'PY'
 import os, sys, hashlib
 root = sys.argv[1]
+import warnings
+warnings.filterwarnings("ignore", message="This DataLoader will create")  # 4 workers on a 2-core box
 try:
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -80,6 +82,7 @@ say "4. Share through S3 (a local moto server stands in for the bucket)"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 moto_server -H 127.0.0.1 -p "$PORT" >/dev/null 2>&1 &
 MOTO_PID=$!
+disown "$MOTO_PID"   # killed in cleanup; no "Killed" notice from the shell
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_DEFAULT_REGION=us-east-1
 for _ in $(seq 50); do python3 -c "import urllib.request,os; urllib.request.urlopen(os.environ['AWS_ENDPOINT_URL'])" 2>/dev/null && break; sleep 0.2; done
 python3 -c "import boto3; boto3.client('s3').create_bucket(Bucket='demo-bucket')"
