@@ -61,6 +61,7 @@ class Repo:
         self._remote_packs: set[str] = set()
         self._sync_lock = threading.RLock()
         self.store.remote_fetch = self._fetch_remote_chunk
+        self.store.remote_will_need = self._will_need_remote_chunks
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
         if self.catalog.setting("chunk.avg_size") is None:
@@ -204,6 +205,19 @@ class Repo:
                 if self._lazy is None:
                     self._lazy = LazyFetcher.for_repo(self)
         return self._lazy.fetch(loc)
+
+    def _will_need_remote_chunks(self, locs: list[ChunkLocation]) -> None:
+        """`Store.will_need`: let lazy reads (once in use) start on chunks a reader is about to read."""
+        if self._lazy is None:
+            return
+        unknown = {loc.pack for loc in locs} - self._remote_packs
+        if unknown:
+            from tessera.catalog.remote_state import pack_states
+
+            for pack, (_, local) in pack_states(self.catalog, sorted(unknown)).items():
+                if not local:
+                    self._remote_packs.add(pack)
+        self._lazy.will_need([loc for loc in locs if loc.pack in self._remote_packs])
 
     def read_chunk(self, cid: bytes) -> bytes:
         data = self._chunks.get(cid)

@@ -36,6 +36,8 @@ DEFAULT_PACK_TARGET = 48 * 1024 * 1024
 
 # Fetches the stored bytes of a chunk whose pack is not local (set by the remote layer for lazy reads).
 RemoteFetch = Callable[[ChunkLocation], bytes]
+# Told of chunks of packs that are not local that a reader is about to read, in order (a hint).
+RemoteHint = Callable[[list[ChunkLocation]], None]
 
 
 def fsync_dir(path: Path) -> None:
@@ -213,6 +215,7 @@ class Store:
         self._retired: deque[PackHandle] = deque(maxlen=MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
         self.remote_fetch: RemoteFetch | None = None
+        self.remote_will_need: RemoteHint | None = None
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -279,6 +282,12 @@ class Store:
         if len(data) != loc.stored_len:
             raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
         return data
+
+    def will_need(self, locs: list[ChunkLocation]) -> None:
+        """A reader is about to read these chunks, in this order, and their packs are not local: the
+        remote layer may start fetching them now (the mount's read-ahead calls this). A hint only."""
+        if self.remote_will_need is not None and locs:
+            self.remote_will_need(locs)
 
     def read_chunk(self, cid: bytes, loc: ChunkLocation | None = None) -> bytes:
         loc = loc or self.location(cid)

@@ -8,6 +8,7 @@ thing and no fault hides in a pooled keep-alive connection.
         proxy.reset_next(3)          # RST the next 3 connections after reading their request
         proxy.fail_next(3, 503)      # answer the next 3 requests with an S3-style 503
         proxy.drop_responses(1)      # forward the next request, then RST instead of answering
+        proxy.cut_responses(1, keep=4096, stall=0.0)  # answer, but hang up after 4 KiB of the body
         proxy.delay_responses(2.0, count=1)  # hold the next response back 2 s
         proxy.down(); proxy.up()     # refuse connections (listener closed), then listen again
 """
@@ -38,6 +39,7 @@ class ProxyStats:
     resets: int = 0
     failures: int = 0
     dropped: int = 0
+    cut: int = 0
     delayed: int = 0
     methods: list[str] = field(default_factory=list)
 
@@ -47,8 +49,10 @@ class _Faults:
     """Pending faults: for each kind, [how many, how many requests to let through first]."""
 
     counts: dict[str, list[int]] = field(default_factory=lambda: {"reset": [0, 0], "fail": [0, 0],
-                                                                  "drop": [0, 0]})
+                                                                  "drop": [0, 0], "cut": [0, 0]})
     fail_status: int = 503
+    cut_keep: int = 0
+    cut_stall: float = 0.0
     delay: float = 0.0
     delay_count: int | None = 0  # None: every response
 
@@ -129,6 +133,13 @@ class FaultProxy:
         """Forward the next ``n`` requests (so they take effect), then reset instead of answering."""
         with self._lock:
             self._faults.counts["drop"] = [n, after]
+
+    def cut_responses(self, n: int, *, keep: int = 0, stall: float = 0.0, after: int = 0) -> None:
+        """Answer the next ``n`` requests with the response head and the first ``keep`` bytes of the
+        body, go silent for ``stall`` seconds, then hang up: a stream that breaks (or stalls) mid-body."""
+        with self._lock:
+            self._faults.counts["cut"] = [n, after]
+            self._faults.cut_keep, self._faults.cut_stall = keep, stall
 
     def delay_responses(self, seconds: float, count: int | None = None) -> None:
         """Hold back the next ``count`` responses (all of them if None) by ``seconds``."""
@@ -220,6 +231,12 @@ class FaultProxy:
         if self._take("drop"):
             self._count("dropped")
             return _reset(conn)
+        if self._take("cut"):
+            self._count("cut")
+            head_end = response.index(b"\r\n\r\n") + 4
+            conn.sendall(response[:head_end + self._faults.cut_keep])
+            time.sleep(self._faults.cut_stall)
+            return conn.shutdown(socket.SHUT_RDWR)  # a clean close: the client reads what was sent
         delay = self._take_delay()
         if delay:
             self._count("delayed")

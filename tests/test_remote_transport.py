@@ -91,6 +91,51 @@ def test_ranged_get(transport: Transport) -> None:
         transport.get("obj", -1, 3)
 
 
+def test_open_read_ranges(transport: Transport) -> None:
+    data = _random(3 * MiB + 123, seed=3)
+    transport.put("packs/p", data)
+    with transport.open_read("packs/p", 1000, 2 * MiB + 7) as stream:
+        assert stream.read(10) == data[1000:1010]
+        assert stream.read(MiB) == data[1010:1010 + MiB]
+        assert stream.read() == data[1010 + MiB:2 * MiB + 7]
+        assert stream.read(5) == b""
+    with transport.open_read("packs/p", 2 * MiB) as stream:  # open-ended
+        assert b"".join(stream) == data[2 * MiB:]
+    with transport.open_read("packs/p") as stream:
+        assert stream.read(len(data) + 100) == data  # a short read only at the end
+    with transport.open_read("packs/p", len(data) - 3, len(data) + 100) as stream:  # clipped
+        assert stream.read() == data[-3:]
+    for start, end in [(len(data), None), (len(data) + 5, None), (7, 7)]:
+        with transport.open_read("packs/p", start, end) as stream:
+            assert stream.read(10) == b"" and stream.read() == b""
+    with pytest.raises(UsageError):
+        transport.open_read("packs/p", -1)
+
+
+def test_open_read_closed_early(transport: Transport) -> None:
+    data = _random(8 * MiB, seed=4)
+    transport.put("big", data)
+    stream = transport.open_read("big", 5)
+    assert stream.read(100) == data[5:105]
+    stream.close()  # most of the range unread: the request is dropped
+    stream.close()
+    assert stream.read(10) == b""
+    transport.put("small", b"abc")  # the transport still works (a fresh connection)
+    assert transport.get("small") == b"abc"
+    streams = [transport.open_read("big", i * MiB) for i in range(4)]
+    assert [s.read(3) for s in streams] == [data[i * MiB:i * MiB + 3] for i in range(4)]
+    for s in streams:
+        s.close()
+
+
+def test_open_read_missing_key(transport: Transport) -> None:
+    for start, end in [(0, None), (0, 10), (4, 4), (100, None)]:
+        with pytest.raises(NotFound):
+            transport.open_read("nope", start, end)
+    with pytest.raises(UsageError):
+        transport.open_read("../x")
+
+
 def test_head(transport: Transport) -> None:
     transport.put("dir/x", b"12345")
     info = transport.head("dir/x")
@@ -439,6 +484,47 @@ def test_hung_server_fails_within_timeouts(proxied: str, fault_proxy: FaultProxy
         remote.get("k")
     assert time.monotonic() - started < 3  # 2 attempts x 0.5 s + backoff, not 5 s
     fault_proxy.clear()
+
+
+def test_stream_broken_mid_body_is_transient(proxied: str, fault_proxy: FaultProxy) -> None:
+    remote = open_transport(proxied, timeout=5, retries=2)
+    data = _random(4 * MiB, seed=5)
+    remote.put("packs/p", data)
+    fault_proxy.cut_responses(2, keep=MiB)  # the first open, and then the reopen, break after 1 MiB
+    stream = remote.open_read("packs/p", 10)
+    got = stream.read(MiB // 2)
+    with pytest.raises(TransientRemoteError, match="s3 read .*packs/p"):
+        while piece := stream.read(MiB // 4):
+            got += piece
+    stream.close()
+    assert got == data[10:10 + len(got)] and MiB // 2 <= len(got) <= MiB
+    with remote.open_read("packs/p", 10 + len(got)) as again:  # the caller resumes where it got to
+        with pytest.raises(TransientRemoteError):
+            again.read()
+    with remote.open_read("packs/p", 10 + len(got)) as again:
+        assert got + again.read() == data[10:]
+    assert fault_proxy.stats.cut == 2
+
+
+def test_stream_stalled_mid_body_times_out(proxied: str, fault_proxy: FaultProxy) -> None:
+    remote = open_transport(proxied, timeout=0.5, retries=0)
+    remote.put("packs/p", _random(MiB, seed=6))
+    fault_proxy.cut_responses(1, keep=1000, stall=3.0)
+    with remote.open_read("packs/p") as stream:
+        assert len(stream.read(1000)) == 1000
+        started = time.monotonic()
+        with pytest.raises(TransientRemoteError, match="Timeout"):
+            stream.read(1000)
+        assert time.monotonic() - started < 2
+
+
+def test_open_read_retried_through_503s(proxied: str, fault_proxy: FaultProxy) -> None:
+    remote = open_transport(proxied, timeout=5, retries=3)
+    remote.put("packs/p", b"0123456789")
+    fault_proxy.fail_next(2, 503)
+    with remote.open_read("packs/p", 3) as stream:
+        assert stream.read() == b"3456789"
+    assert fault_proxy.stats.failures == 2
 
 
 def test_retrying_passes_permanent_errors_through(proxied: str, fault_proxy: FaultProxy) -> None:

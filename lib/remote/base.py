@@ -4,10 +4,11 @@ A transport moves opaque bytes under string keys relative to its root. It knows 
 versions or the catalog; retries are a wrapper (`tessera.remote.retry.Retrying`), not a concern of the
 backends. Every backend raises only `TesseraError` subclasses:
 
-- `NotFound` for a missing key (`get`, `get_file`); `head` returns ``None`` instead,
+- `NotFound` for a missing key (`get`, `open_read`, `get_file`); `head` returns ``None`` instead,
 - `PreconditionFailed` when a conditional put (``if_none_match=True``) loses,
 - `AccessDenied` when credentials are refused,
-- `TransientRemoteError` for faults worth retrying, `RemoteError` for the rest,
+- `TransientRemoteError` for faults worth retrying (also from `ObjectReader.read` when a stream breaks
+  mid-way: reopen from where it got to), `RemoteError` for the rest,
 - `UsageError` for a malformed key or URL.
 """
 from __future__ import annotations
@@ -37,10 +38,42 @@ class ObjectInfo:
     etag: str | None = None
 
 
+class ObjectReader(ABC):
+    """Bytes ``[start, end)`` of one object, read in order over one request (`Transport.open_read`).
+
+    Not thread-safe: one reader per thread. ``close`` releases (for S3: aborts) the request; it is
+    idempotent and a closed reader reads ``b""``. A use as a context manager closes it; iterating
+    yields blocks of up to 1 MiB.
+    """
+
+    @abstractmethod
+    def read(self, n: int = -1) -> bytes:
+        """The next ``n`` bytes (all that is left for ``n < 0``), fewer only at the end, ``b""`` there.
+
+        Raises `TransientRemoteError` when the stream breaks mid-way (connection reset, read timeout):
+        the bytes returned so far are good, and a new `open_read` can continue after them."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop reading and release the request (unread bytes are not transferred, as far as possible)."""
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while block := self.read(COPY_BUFSIZE):
+            yield block
+
+
 class Transport(ABC):
     """Keys and bytes. Implementations must be safe to call from several threads at once."""
 
     url: str
+    timeout: float | None = None
+    """Seconds one request may wait on the server (connect, or silence while reading); None: no network."""
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
@@ -53,6 +86,12 @@ class Transport(ABC):
     @abstractmethod
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``key`` (clipped to its size); `NotFound` if missing."""
+
+    @abstractmethod
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
+        """A stream of bytes ``[start, end)`` of ``key`` (clipped to its size) over one request, for
+        reading far more than fits a buffer. `NotFound` (raised here, not by the first read) if
+        missing; ``start`` past the end gives an empty stream."""
 
     @abstractmethod
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from tessera.errors import AccessDenied, DiskFull, NotFound, PreconditionFailed, RemoteError, UsageError
 from tessera.remote.base import (
     ObjectInfo,
+    ObjectReader,
     Progress,
     Transport,
     atomic_output,
@@ -119,6 +120,18 @@ class LocalTransport(Transport):
             f.seek(first)
             return f.read(-1 if last is None else max(0, last - first))
 
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
+        first, last = check_range(start, end)
+        path = self._path(key)
+        with _os_errors(self.url, key):
+            f = open(path, "rb")
+            try:
+                f.seek(first)
+            except BaseException:
+                f.close()
+                raise
+        return _FileReader(f, None if last is None else max(0, last - first), self.url, key)
+
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         source = self._path(key)
         with _os_errors(self.url, key), open(source, "rb") as src:
@@ -151,6 +164,31 @@ class LocalTransport(Transport):
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError):
                 pass
+
+
+class _FileReader(ObjectReader):
+    """Up to ``left`` bytes (None: to the end) of an open file, from where it is positioned."""
+
+    def __init__(self, f: BinaryIO, left: int | None, url: str, key: str) -> None:
+        self._f: BinaryIO | None = f
+        self._left = left
+        self._where = (url, key)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._f is None:
+            return b""
+        if self._left is not None:
+            n = self._left if n < 0 else min(n, self._left)
+        with _os_errors(*self._where):
+            data = self._f.read(n)
+        if self._left is not None:
+            self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 def _walk(directory: str, rel: str) -> Iterator[ObjectInfo]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from tessera.errors import NotFound, PreconditionFailed
 from tessera.remote.base import (
     ObjectInfo,
+    ObjectReader,
     Progress,
     Transport,
     atomic_output,
@@ -80,6 +81,10 @@ class MemoryTransport(Transport):
         first, last = check_range(start, end)
         return self._read(key)[first:last]
 
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
+        first, last = check_range(start, end)
+        return BytesReader(self._read(key), first, last)
+
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         data = self._read(key)
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
@@ -113,6 +118,27 @@ class MemoryTransport(Transport):
         full = self._full(key)
         with self._bucket.lock:
             self._bucket.objects.pop(full, None)
+
+
+class BytesReader(ObjectReader):
+    """A reader over ``data[start:end]`` (no copy until read)."""
+
+    def __init__(self, data: bytes, start: int = 0, end: int | None = None) -> None:
+        self._view: memoryview | None = memoryview(data)[start:end]
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._view is None:
+            return b""
+        stop = len(self._view) if n < 0 else self._pos + n
+        piece = self._view[self._pos:stop]
+        self._pos += len(piece)
+        return bytes(piece)
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
 
 
 def _info(key: str, data: bytes) -> ObjectInfo:

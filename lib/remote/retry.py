@@ -4,6 +4,9 @@ Only `TransientRemoteError` is retried, with exponential backoff and jitter. `No
 `AccessDenied`, `PreconditionFailed` and every other error pass straight through. When the retries
 run out the caller gets a plain `RemoteError` (not transient, so an outer layer does not retry it
 again) whose one-line message names the operation and the last cause.
+
+`open_read` retries opening a stream only: a stream that breaks later raises `TransientRemoteError`
+from its ``read``, and the caller opens a new one from the offset it got to.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from tessera.errors import PreconditionFailed, RemoteError, TransientRemoteError
-from tessera.remote.base import ObjectInfo, Progress, Transport
+from tessera.remote.base import ObjectInfo, ObjectReader, Progress, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Retrying(Transport):
     ) -> None:
         self.inner = inner
         self.url = inner.url
+        self.timeout = inner.timeout
         self.retries = max(0, retries)
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -105,6 +109,11 @@ class Retrying(Transport):
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, start, end))
+
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
+        """Opening is retried; a stream that breaks later raises `TransientRemoteError` from ``read``
+        and the caller opens a new one from where it got to (only it knows what it has used)."""
+        return self._call(f"open_read {key}", lambda: self.inner.open_read(key, start, end))
 
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         meter = _HighWater(progress)

@@ -29,6 +29,7 @@ from tessera.errors import (
 )
 from tessera.remote.base import (
     ObjectInfo,
+    ObjectReader,
     Progress,
     Transport,
     atomic_output,
@@ -72,6 +73,7 @@ class S3Transport(Transport):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.timeout = timeout
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._page_size = page_size
         self._bucket_checked = False
@@ -88,6 +90,8 @@ class S3Transport(Transport):
             read_timeout=timeout,
             retries={"total_max_attempts": 1, "mode": "standard"},  # Retrying retries, not botocore
             max_pool_connections=pool,
+            # whole-object GETs ask for the checksum themselves (ChecksumMode); streams do not
+            response_checksum_validation="when_required",
         )
         with self._boundary("open", ""):
             session = boto3.session.Session()
@@ -121,28 +125,47 @@ class S3Transport(Transport):
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        body = self._get_object("get", key, start, end, checksum=True)
+        if body is None:
+            return b""
+        with self._boundary("get", key):
+            return body.read()
+
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
+        """No transport checksum here, even over a whole object (it costs a CRC32 pass over every
+        byte): a stream is read in pieces by callers that check what they use (lazy reads verify
+        every chunk's xxh3-128)."""
+        body = self._get_object("open_read", key, start, end)
+        return _BodyReader(self, key, body)
+
+    def _get_object(self, what: str, key: str, start: int | None, end: int | None, *,
+                    checksum: bool = False) -> Any:
+        """The ``StreamingBody`` of a (ranged) GET, or None when the range is empty. ``checksum``:
+        have botocore check a whole object against the checksum S3 stored with it."""
         first, last = check_range(start, end)
         if last is not None and last <= first:
             if self.head(key) is None:
                 raise NotFound(f"{self.url}/{key} does not exist")
-            return b""
+            return None
         extra = {}
         if first or last is not None:
             extra["Range"] = f"bytes={first}-{'' if last is None else last - 1}"
-        with self._boundary("get", key):
+        elif checksum:
+            extra["ChecksumMode"] = "ENABLED"
+        with self._boundary(what, key):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
             except Exception as err:
                 if _error_code(err) == "InvalidRange":  # start beyond the end of the object
-                    return b""
+                    return None
                 raise
-            return response["Body"].read()
+            return response["Body"]
 
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         full = self._key(key)
         try:
             with atomic_output(path) as tmp, self._boundary("get_file", key):
-                self._client.download_file(self.bucket, full, tmp,
+                self._client.download_file(self.bucket, full, tmp, ExtraArgs={"ChecksumMode": "ENABLED"},
                                            Config=self._transfer_config, Callback=progress)
         except NotFound:
             self._check_bucket()
@@ -200,6 +223,39 @@ class S3Transport(Transport):
             if mapped is None:
                 raise
             raise mapped from err
+
+
+class _BodyReader(ObjectReader):
+    """A GET response body read as it arrives; errors while reading are translated like any other
+    (a reset or a read timeout mid-way is a `TransientRemoteError`)."""
+
+    def __init__(self, transport: S3Transport, key: str, body: Any) -> None:
+        self._transport = transport
+        self._key = key
+        self._body = body
+
+    def read(self, n: int = -1) -> bytes:
+        body = self._body
+        if body is None:
+            return b""
+        with self._transport._boundary("read", self._key):
+            if n < 0:
+                return body.read()
+            data = body.read(n)
+            if 0 < len(data) < n:  # urllib3 fills the request except at the end: this is rare
+                parts = [data]
+                while n > (got := sum(map(len, parts))) and (more := body.read(n - got)):
+                    parts.append(more)
+                data = b"".join(parts)
+            return data
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()  # drops the connection: the rest of the range is not read
+            except Exception as err:  # noqa: BLE001 - closing a dead connection must not fail the caller
+                logger.debug("closing the body of %s: %s", self._key, err)
 
 
 def translate_error(err: BaseException, *, bucket: str, url: str, what: str, key: str) -> TesseraError | None:
