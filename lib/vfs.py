@@ -366,7 +366,13 @@ class VersionFS:
     def _will_need(self, locs: list["ChunkLocation"]) -> None:
         """Start getting the data of chunks about to be read: raw chunks of local packs are read and
         checked by background threads (disk waits and their kernel CPU then overlap with serving, and
-        the reads that follow find them verified and cached); others get posix_fadvise(WILLNEED)."""
+        the reads that follow find them verified and cached); others get posix_fadvise(WILLNEED).
+        Chunks whose pack is not local go to the store's remote hint (a lazy stream starts early)."""
+        local = {pack: self._pack_handle(pack) is not None for pack in {loc.pack for loc in locs}}
+        remote = [loc for loc in locs if not local[loc.pack]]
+        if remote:
+            self.store.will_need(remote)
+            locs = [loc for loc in locs if local[loc.pack]]
         rest = []
         for loc in locs:
             if loc.codec != RAW or self._ahead is None or len(self._pending) >= _AHEAD_CHUNKS:
