@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from tessera.catalog import Catalog, ChunkLocation
 from tessera.errors import CorruptData
 from tessera.format.pack import KIND_CHUNK, iter_blobs
+from tessera.ids import sha256_hex
 from tessera.model import DIR, FILE, Tree
 from tessera.progress import NullProgress, Progress
 from tessera.store import Store, decode_chunk
@@ -40,8 +41,11 @@ def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Pr
         except FileNotFoundError:
             report.errors.append(f"pack {p.id} is missing")
             continue
+        if size == 0:
+            report.errors.append(f"pack {p.id} is empty")
+            continue
         rows = {c.id: c for c in catalog.pack_chunks(p.id)}
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else _empty() as m:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             try:
                 blobs = list(iter_blobs(m, f"pack {p.id}"))
             except CorruptData as exc:
@@ -74,14 +78,6 @@ def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Pr
         report.garbage.append(f"temporary file tmp/{f.name}")
 
 
-class _empty:
-    def __enter__(self) -> bytes:
-        return b""
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def check_versions(catalog: Catalog, report: FsckReport, progress: Progress) -> None:
     seen_trees: set[str] = set()
     seen_files: set[str] = set()
@@ -104,7 +100,7 @@ def check_versions(catalog: Catalog, report: FsckReport, progress: Progress) -> 
             except CorruptData as exc:
                 report.errors.append(f"version {vh[:12]}: tree {tid[:12]}: {exc}")
                 continue
-            if tid != _sha(data):
+            if tid != sha256_hex(data):
                 report.errors.append(f"version {vh[:12]}: tree {tid[:12]} fails its hash check")
             for e in tree.entries:
                 if e.kind == DIR and e.id:
@@ -129,12 +125,6 @@ def check_file(catalog: Catalog, vh: str, file_id: str, report: FsckReport) -> N
             report.errors.append(f"version {vh[:12]}: file {file_id[:12]} needs chunk {cid.hex()}, which is missing")
     if sum(n for _, n in rec.chunks) != rec.size:
         report.errors.append(f"file {file_id[:12]}: chunk sizes do not add up to its size")
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def fsck(catalog: Catalog, store: Store, progress: Progress | None = None) -> FsckReport:

@@ -13,7 +13,7 @@ from tessera.cache import LRUCache
 from tessera.catalog import Catalog, ChunkLocation, DatasetInfo
 from tessera.checkout import VerifyReport, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
-from tessera.errors import AmbiguousRef, NotFound, UsageError
+from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
 from tessera.format.chunker import ChunkParams
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
@@ -177,15 +177,10 @@ class Repo:
         if tree is None:
             data = self.catalog.tree(tree_id)
             if data is None:
-                data = self._fetch_tree(tree_id)
+                raise CorruptData(f"tree {tree_id[:12]} is missing from the catalog")
             tree = Tree.from_bytes(data)
             self._trees.put(tree_id, tree)
         return tree
-
-    def _fetch_tree(self, tree_id: str) -> bytes:
-        from tessera.errors import CorruptData
-
-        raise CorruptData(f"tree {tree_id[:12]} is missing from the catalog")
 
     def _fetch_remote_chunk(self, loc: ChunkLocation) -> bytes:
         """`Store.read_stored` calls this for a chunk whose pack file is not here: a lazy remote read

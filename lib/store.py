@@ -169,8 +169,9 @@ class PackSet:
             writer.add(blob_id, codec, stored, raw_len)
         except OSError as exc:
             raise_os_error(exc, "writing a pack")
-        self.new_chunks += 1
-        self.new_bytes += len(stored)
+        with self._lock:
+            self.new_chunks += 1
+            self.new_bytes += len(stored)
         if writer.size >= self.target_size:
             self._local.writer = None
             self._seal(writer)
@@ -291,8 +292,7 @@ class Store:
 
     def read_chunk(self, cid: bytes, loc: ChunkLocation | None = None) -> bytes:
         loc = loc or self.location(cid)
-        data = decode_chunk(loc, self.read_stored(loc))
-        return data
+        return decode_chunk(loc, self.read_stored(loc))
 
     def close(self) -> None:
         with self._fd_lock:

@@ -23,7 +23,6 @@ and metadata packs against their SHA-256 ids, trees against theirs, chunks again
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -42,7 +41,7 @@ from tessera.errors import CorruptData, NotFound, PreconditionFailed, TesseraErr
 from tessera.faults import crash_point
 from tessera.format.compress import CODEC_NAMES, Compressor, decompress
 from tessera.format.pack import KIND_CHUNK, KIND_FILE, KIND_TREE, PACK_MAGIC, encode_header, iter_blobs
-from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
+from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref, sha256_hex
 from tessera.model import DIR, FILE, SYMLINK, FileRecord, HistoryEntry, Tree
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport, parse_url
@@ -309,7 +308,7 @@ def read_pack_index(path: Path, pack: str) -> tuple[int, list[ChunkLocation]]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            if hashlib.sha256(m).hexdigest() != pack:
+            if sha256_hex(m) != pack:
                 raise CorruptData(f"local pack {pack} fails its hash check (run `tessera fsck`)")
             chunks = [ChunkLocation(b.id, pack, b.offset, b.stored_len, b.raw_len, b.codec)
                       for b in iter_blobs(m, f"pack {pack}") if b.kind == KIND_CHUNK]
@@ -336,7 +335,7 @@ def check_tree(tree: Tree, where: str) -> None:
 
 def decode_meta_pack(pack: str, data: bytes, where: str) -> tuple[list[tuple[str, bytes]], list[FileRecord]]:
     """Trees and file records of a metadata pack, each checked."""
-    if hashlib.sha256(data).hexdigest() != pack:
+    if sha256_hex(data) != pack:
         raise CorruptData(f"{where} fails its hash check")
     trees: list[tuple[str, bytes]] = []
     files: list[FileRecord] = []
@@ -345,7 +344,7 @@ def decode_meta_pack(pack: str, data: bytes, where: str) -> tuple[list[tuple[str
         _need(len(raw) == b.raw_len and len(b.id) == 32, where, "bad blob")
         bid = b.id.hex()
         if b.kind == KIND_TREE:
-            if hashlib.sha256(raw).hexdigest() != bid:
+            if sha256_hex(raw) != bid:
                 raise CorruptData(f"{where}: tree {bid[:12]} fails its hash check")
             try:
                 tree = Tree.from_bytes(raw)
@@ -380,7 +379,7 @@ class MetaPackBuilder:
 
     def finish(self) -> tuple[str, bytes]:
         data = b"".join(self._parts)
-        return hashlib.sha256(data).hexdigest(), data
+        return sha256_hex(data), data
 
 
 # -- what a version needs -----------------------------------------------------------------------------
@@ -735,12 +734,15 @@ def fetch_version_metadata(repo: "Repo", remote: Remote, hash: str) -> tuple[int
         raise CorruptData(f"{remote.url}: history names version {hash[:12]} but {version_key(hash)} is missing") from None
     known = rs.known_keys(cat, remote.name, [meta_key(m) for m in vobj.meta])
 
-    def get_meta(pack: str) -> None:
-        key = meta_key(pack)
+    def required(key: str) -> bytes:
         try:
-            data = t.get(key)
+            return t.get(key)
         except NotFound:
             raise CorruptData(f"{remote.url}: version {hash[:12]} needs {key}, which is missing") from None
+
+    def get_meta(pack: str) -> None:
+        key = meta_key(pack)
+        data = required(key)
         trees, files = decode_meta_pack(pack, data, f"{remote.url}/{key}")
         rs.add_metadata(cat, trees, files)
         rs.mark_meta_pack(cat, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
@@ -751,10 +753,7 @@ def fetch_version_metadata(repo: "Repo", remote: Remote, hash: str) -> tuple[int
 
     def get_index(pack: str) -> None:
         key = index_key(pack)
-        try:
-            data = t.get(key)
-        except NotFound:
-            raise CorruptData(f"{remote.url}: version {hash[:12]} needs {key}, which is missing") from None
+        data = required(key)
         size, chunks = decode_index(pack, data, f"{remote.url}/{key}")
         rs.add_remote_pack(cat, pack, size, chunks)
 
@@ -871,7 +870,7 @@ def check_downloaded_pack(path: Path, pack: str, rows: Sequence[ChunkLocation], 
         if os.fstat(f.fileno()).st_size == 0:
             raise CorruptData(f"{where} is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            if hashlib.sha256(m).hexdigest() != pack:
+            if sha256_hex(m) != pack:
                 raise CorruptData(f"{where} fails its hash check")
             blobs = {b.offset: b for b in iter_blobs(m, where) if b.kind == KIND_CHUNK}
             for row in rows:

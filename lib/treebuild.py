@@ -1,11 +1,11 @@
 """Build Merkle trees bottom-up from a flat list of entries (used by commit and derived datasets)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from tessera.errors import UsageError
+from tessera.ids import sha256_hex
 from tessera.model import DIR, FILE, Entry, Tree, TreeEntry
 
 
@@ -75,7 +75,7 @@ def build_trees(entries: Iterable[Entry], prebuilt: dict[str, tuple[str, int, in
                 nfiles += e.kind == FILE
         tree = Tree.of(out)
         data = tree.to_bytes()
-        tid = hashlib.sha256(data).hexdigest()
+        tid = sha256_hex(data)
         trees.append((tid, data))
         built[dir_path] = (tid, tree.size, nfiles)
     root_id, size, nfiles = built[""]

@@ -332,12 +332,6 @@ class Catalog:
         )
         return [ChunkLocation(*r) for r in rows]
 
-    def iter_files(self) -> Iterator[FileRecord]:
-        with self._lock:
-            rows = self.conn.execute("SELECT id, size, chunks FROM files").fetchall()
-        for fid, size, chunks in rows:
-            yield FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks))
-
     def stats(self) -> dict[str, int]:
         row = self._one(
             "SELECT (SELECT count(*) FROM datasets), (SELECT count(*) FROM versions),"
@@ -348,12 +342,6 @@ class Catalog:
         assert row is not None
         keys = ("datasets", "versions", "files", "chunks", "chunk_bytes", "stored_bytes", "packs", "pack_bytes")
         return dict(zip(keys, row))
-
-    def delete_packs(self, pack_ids: Sequence[str]) -> None:
-        with self.write() as c:
-            for pid in pack_ids:
-                c.execute("DELETE FROM chunks WHERE pack = ?", (pid,))
-                c.execute("DELETE FROM packs WHERE id = ?", (pid,))
 
     # -- stat cache -------------------------------------------------------------------------------
 
