@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 PYTEST_ARGS ?=
 
-.PHONY: all deps sysdeps pydeps demo test bench clean
+.PHONY: all deps sysdeps pydeps demo test typecheck bench clean
 
 all: test
 
@@ -30,8 +30,16 @@ $(STAMP): pyproject.toml
 demo: deps
 	bash tests/demo.sh
 
-test: deps
+test: deps typecheck
 	pytest -q $(PYTEST_ARGS) tests
+
+# mypy --strict over lib/, fuse/ and daemon/ as the package `tessera` (a tree of symlinks: setuptools maps
+# tessera = lib, tessera.fuse = fuse, tessera.daemon = daemon; mypy cannot read that mapping).
+typecheck: deps
+	@rm -rf build/typecheck && mkdir -p build/typecheck/tessera
+	@for f in lib/*; do ln -s "$$PWD/$$f" build/typecheck/tessera/; done
+	@ln -s "$$PWD/fuse" build/typecheck/tessera/fuse && ln -s "$$PWD/daemon" build/typecheck/tessera/daemon
+	cd build/typecheck && $(abspath $(VENV))/bin/mypy --config-file ../../pyproject.toml tessera
 
 bench: deps
 	@command -v restic >/dev/null && command -v borg >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null || echo "peers not installable; skipping them")

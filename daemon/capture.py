@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tessera.catalog import daemon_state as ds
 from tessera.daemon.config import check_not_home, ignore_matcher
 from tessera.daemon.openfiles import open_for_writing, process_tree
 from tessera.errors import BadRef, MountError, SourceError, TesseraError, UsageError
@@ -255,12 +254,12 @@ class Run:
         res = self.repo.commit_dir(c.dataset, c.directory, message=self._message(lineage), meta=meta,
                                    exclude=self._ignored.excludes)
         if res.created:
-            head = ds.head_history_row(self.repo.catalog, c.dataset)
-            if head is not None:
-                self._last_row[c.dataset] = head[0]
+            newest = self.repo.catalog.history(c.dataset, limit=1)
+            if newest:
+                self._last_row[c.dataset] = newest[0].seq
             self.versions[c.dataset] = res.version.ref
             self.report(f"captured {res.version.ref}" + (" (final)" if final else ""))
-        return res.created
+        return bool(res.created)
 
     def _final_snapshot(self, c: CaptureSpec, lineage: dict[str, Any]) -> None:
         for attempt in range(FINAL_TRIES):
@@ -273,18 +272,19 @@ class Run:
                     raise
                 time.sleep(0.5 * (attempt + 1))
         # unchanged since the last snapshot: give the head this run's final lineage
-        head = ds.head_history_row(self.repo.catalog, c.dataset)
-        assert head is not None
-        seq, hash_, meta = head
-        final_meta = dict(meta)
+        head = self.repo.catalog.history(c.dataset, limit=1)[0]
+        hash_ = head.hash
+        final_meta = dict(head.meta)
         final_meta["capture"] = dict(lineage, directory=c.directory)
-        if self._last_row.get(c.dataset) == seq:
-            ds.amend_history_meta(self.repo.catalog, seq, final_meta, self._message(lineage))
+        if self._last_row.get(c.dataset) == head.seq:
+            self.repo.catalog.amend_history(head.seq, final_meta, self._message(lineage))
         else:
             from tessera.config import default_author
+            from tessera.model import HistoryEntry
 
-            ds.append_history(self.repo.catalog, c.dataset, hash_, default_author(), self._message(lineage),
-                              {"capture": final_meta["capture"]})
+            self.repo.catalog.append_history(HistoryEntry(
+                c.dataset, hash_, hash_, time.time(), default_author(), self._message(lineage),
+                {"capture": final_meta["capture"]}))
         self.versions[c.dataset] = f"{c.dataset}@{hash_}"
         self.report(f"captured {c.dataset}@{hash_} (final, content unchanged)")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tessera.catalog import daemon_state as ds
+from tessera.catalog.remote_state import remote_names
 from tessera.daemon.config import (
     DaemonConfig,
     DaemonSettings,
@@ -161,7 +162,7 @@ class _Watch:
 
 
 def backoff(attempts: int, lo: float, hi: float) -> float:
-    return min(hi, lo * (2 ** min(attempts, 30))) * random.uniform(0.85, 1.0)
+    return min(hi, lo * 2.0 ** min(attempts, 30)) * random.uniform(0.85, 1.0)
 
 
 # -- push worker ----------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class Daemon:
     def _load_checked(self) -> DaemonConfig:
         config = load_config(self.config_path)
         check_config_against_home(config, self.home)
-        known = set(ds.remote_names(self.repo.catalog))
+        known = set(remote_names(self.repo.catalog))
         for w in config.watches:
             if w.remote and w.remote not in known:
                 raise NotFound(f"{w.where(str(config.path))}: unknown remote {w.remote!r} "

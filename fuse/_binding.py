@@ -177,11 +177,13 @@ def _plus_fuse_class(mfusepy: ModuleType) -> Any:
     if getattr(mfusepy, "fuse_version_major", 2) != 3:
         return mfusepy.FUSE
 
-    class PlusFUSE(mfusepy.FUSE):  # type: ignore[misc,valid-type]
+    base: Any = mfusepy.FUSE
+
+    class PlusFUSE(base):  # type: ignore[misc]
         def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,
                            flags: int) -> int:
             if not flags & FUSE_READDIR_PLUS or not hasattr(self.operations, "readdir_attrs"):
-                return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+                return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
             # Offset mode (each entry carries the offset of the next one): libfuse 3.14 only does the
             # node bookkeeping readdirplus needs in this mode; its list mode sends entries without
             # node ids, so the kernel would LOOKUP every name again.

@@ -1,6 +1,6 @@
 """The mount server: serves one version at one mountpoint until unmounted or signalled.
 
-Started by `tessera.mounting.mount_version` as ``python -m tessera.fuse.mount --home H --ref R
+Started by `tessera.mounting.mount_ref` as ``python -m tessera.fuse.mount --home H --ref R
 --mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
 
 Mount options, chosen because a version never changes (measured on libfuse 3.14, see docs/mount.md):
@@ -14,7 +14,6 @@ SIGTERM, SIGINT and SIGHUP are handled by libfuse: the loop stops and the mount 
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
@@ -24,7 +23,14 @@ import time
 from typing import Callable
 
 from tessera.errors import MountError, TesseraError
-from tessera.mounting import MountRecord, find_kernel_mount, remove_record, write_record
+from tessera.mounting import (
+    MountRecord,
+    find_kernel_mount,
+    parse_server_args,
+    ready_line,
+    remove_record,
+    write_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +98,12 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     tune_process()
     try:
         binding = load_binding()
-        repo = Repo(home)
+        repo = Repo(home, chunk_cache_bytes=cache_size)
         version = repo.get(ref)
     except TesseraError as exc:
-        answer(f"error {exc.exit_code} {exc}")
+        answer(ready_line(exc))
         raise
-    vfs = VersionFS(version, cache_bytes=cache_size)
+    vfs = VersionFS(version)
     record = MountRecord(version.ref, version.hash, mountpoint, os.getpid(), time.time(), str(repo.home),
                          str(_log_of_stderr()))
 
@@ -105,7 +111,8 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         try:
             os.stat(mountpoint)  # returns once the kernel has our INIT reply: the mount is usable
         except OSError as exc:
-            answer(f"error {MountError.exit_code} the new mount at {mountpoint} does not answer: {exc.strerror}")
+            answer(ready_line(code=MountError.exit_code,
+                              message=f"the new mount at {mountpoint} does not answer: {exc.strerror}"))
             return
         raise_read_ahead(mountpoint)
         gc.freeze()  # startup objects never need scanning again; collect rarely (the hot paths make no cycles)
@@ -113,7 +120,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         write_record(record)
         logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
                     "threads" if threads else "single-threaded")
-        answer(f"ok {version.ref}")
+        answer(ready_line(ref=version.ref))
 
     ops = make_operations(binding, vfs, no_open=no_open,
                           on_init=lambda: threading.Thread(target=after_init, daemon=True).start())
@@ -124,14 +131,14 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
             logger.info("stopped by a signal (libfuse status %s)", exc)
         else:
-            answer(f"error {MountError.exit_code} ")  # the reason is libfuse's last line in the log
+            answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
             raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
         repo.close()
-        answer(f"error {MountError.exit_code} the mount server stopped before the mount was ready")
-    logger.info("unmounted %s (%d reads, %d errors)", mountpoint, vfs.reads, vfs.errors)
+        answer(ready_line(code=MountError.exit_code, message="the mount server stopped before the mount was ready"))
+    logger.info("unmounted %s (%d reads, %d chunk errors)", mountpoint, vfs.reads, repo.chunks.errors)
 
 
 class _Once:
@@ -171,22 +178,13 @@ def pipe_writer(fd: int) -> Callable[[str], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tessera.fuse.mount", description="tessera mount server")
-    p.add_argument("--home", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--mountpoint", required=True)
-    p.add_argument("--cache-size", type=int, default=128 * 1024 * 1024)
-    p.add_argument("--ready-fd", type=int)
-    p.add_argument("--open", action="store_true", help="answer open() (default: ENOSYS, the kernel's no-open mode)")
-    p.add_argument("--threads", action="store_true", help="libfuse's multithreaded loop")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    args = parse_server_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
     ready = pipe_writer(args.ready_fd) if args.ready_fd is not None else None
     try:
-        serve(args.home, args.ref, args.mountpoint, cache_size=args.cache_size, no_open=not args.open,
-              threads=args.threads, debug=args.debug, ready=ready)
+        serve(args.home, args.ref, args.mountpoint, cache_size=args.opts.cache_size, no_open=args.opts.no_open,
+              threads=args.opts.threads, debug=args.opts.debug, ready=ready)
     except TesseraError as exc:
         logger.error("%s", exc)
         return exc.exit_code

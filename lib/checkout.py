@@ -10,7 +10,7 @@ from pathlib import Path
 from tessera.errors import UsageError
 from tessera.model import DIR, FILE, SYMLINK, Entry
 from tessera.progress import NullProgress, Progress
-from tessera.store import raise_os_error
+from tessera.errors import raise_os_error
 from tessera.treebuild import check_path
 from tessera.version import Version
 

@@ -7,9 +7,26 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from tessera.errors import UsageError
 from tessera.format.chunker import ChunkParams
 
 DEFAULT_HOME = "~/.tessera"
+DEFAULT_PACK_TARGET = 48 * 1024 * 1024  # data packs: ~22 per GiB, each one PUT to a remote
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '1048576' -> bytes; a one-line `UsageError` otherwise."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
+    if value < 0:
+        raise UsageError(f"bad size {text!r}: must not be negative")
+    return value
 
 
 def default_home() -> Path:
@@ -32,7 +49,7 @@ class RepoSettings:
 
     chunk: ChunkParams = ChunkParams()
     compression_level: int = 3
-    pack_target: int = 48 * 1024 * 1024
+    pack_target: int = DEFAULT_PACK_TARGET
 
     def to_items(self) -> dict[str, str]:
         return {
@@ -47,7 +64,10 @@ class RepoSettings:
     @classmethod
     def from_items(cls, items: dict[str, str]) -> "RepoSettings":
         d = cls()
-        get = lambda k, default: int(items.get(k, default))  # noqa: E731
+
+        def get(key: str, default: int) -> int:
+            return int(items.get(key) or default)
+
         chunk = ChunkParams(get("chunk.min_size", d.chunk.min_size), get("chunk.avg_size", d.chunk.avg_size),
                             get("chunk.max_size", d.chunk.max_size),
                             get("chunk.normalization", d.chunk.normalization))

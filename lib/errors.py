@@ -5,6 +5,9 @@
 """
 from __future__ import annotations
 
+import errno
+from typing import NoReturn
+
 
 class TesseraError(Exception):
     """Base of all expected errors. ``str(err)`` is a one-line message for the user."""
@@ -109,7 +112,47 @@ class ConfigError(UsageError):
     """A malformed config file or a bad watch."""
 
 
+class NotADirectory(UsageError):
+    """A path used as a directory is a file or symlink (ENOTDIR in a mount)."""
+
+
+class IsADirectory(UsageError):
+    """A directory was read as a file (EISDIR in a mount)."""
+
+
+class NotASymlink(UsageError):
+    """readlink of something that is not a symlink (EINVAL in a mount)."""
+
+
 class Interrupted(TesseraError):
     """The user (or SIGTERM) stopped the operation; nothing partial was kept."""
 
     exit_code = 130
+
+
+# Every class above, most specific first: `error_for` turns an exit code (a mount server's, a child's)
+# back into the error class that produced it.
+ERROR_CLASSES: tuple[type[TesseraError], ...] = (
+    FuseUnavailable, MountError, NotFound, AmbiguousRef, CorruptData, SchemaTooNew, DiskFull, SourceError,
+    AccessDenied, PreconditionFailed, RemoteError, UsageError, Interrupted, TesseraError,
+)
+
+
+def error_for(code: int, message: str) -> TesseraError:
+    """The `TesseraError` whose class exits with ``code`` (a plain one carrying the code otherwise)."""
+    for cls in ERROR_CLASSES:
+        if cls.exit_code == code:
+            return cls(message)
+    exc = TesseraError(message)
+    exc.exit_code = code
+    return exc
+
+
+def raise_os_error(exc: OSError, what: str) -> NoReturn:
+    """An `OSError` met while ``what`` as a one-line `TesseraError` (ENOSPC: `DiskFull`)."""
+    if exc.errno == errno.ENOSPC:
+        raise DiskFull(f"disk full while {what}: nothing was committed, the store is intact") from None
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise TesseraError(f"cannot write while {what}: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if exc.filename else "")) from None
+    raise TesseraError(f"error while {what}: {exc.strerror or exc}") from None

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 from dataclasses import dataclass
+from typing import Union
 
 import xxhash
 
@@ -24,7 +26,10 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def sha256_hex(data: bytes | memoryview) -> str:
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+
+
+def sha256_hex(data: Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

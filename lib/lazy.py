@@ -1,8 +1,8 @@
 """Lazy reads: chunks of packs that are not local, fetched from the remote on first use.
 
-`Store.read_stored` calls `LazyFetcher.fetch(location)` for a chunk whose pack is only on a remote
-(``packs.local = 0``, learnt from the remote's pack index by a pull or by the first use of a dataset).
-The mount, `Version.open/read_bytes` and `tessera export` all read through it.
+`tessera.reader.ChunkReader` calls `LazyFetcher.fetch(location)` for a chunk whose pack is only on a
+remote (``packs.local = 0``, learnt from the remote's pack index by a pull or by the first use of a
+dataset). The mount, `Version.open/read_bytes`, `tessera export` and every other reader go through it.
 
 - **Random access: ranged GETs, coalesced.** A miss fetches the chunk *and the chunks after it in the
   same pack*, up to a window (1 MiB), in one ranged GET: chunks of one file sit next to each other in
@@ -20,11 +20,13 @@ The mount, `Version.open/read_bytes` and `tessera export` all read through it.
   from there), or when more than 8 streams are wanted. A stream broken mid-way is reopened from
   where it got to; one that goes silent for longer than the transport's timeout fails its waiting
   readers, so a read during an outage fails (EIO) instead of hanging.
-- **Verified.** Every fetched chunk is decompressed and checked against its xxh3-128 id before it is
-  cached or returned; a chunk that fails raises `CorruptData` naming chunk and pack, and is not kept.
+- **Verified, once.** Every fetched chunk is decompressed and checked against its xxh3-128 id before it
+  is cached or returned, and `fetch` returns those decoded bytes (nobody decodes it again); a chunk that
+  fails raises `CorruptData` naming chunk and pack, and is not kept. A pack the remote no longer has is
+  `CorruptData` too ("missing from the remote"): the file exists, its bytes cannot be had (EIO).
 - **Warming.** A reader whose misses land all over one pack (a shuffled first epoch) gets the whole
   pack streamed into the cache in the background.
-- **Bounded disk cache** (`tessera.chunkcache`): verified chunks go to files of a few MiB each under
+- **Bounded disk cache** (`tessera.diskcache`): verified chunks go to files of a few MiB each under
   ``$TESSERA_HOME/cache/chunks``, least recently used evicted past the size setting; processes sharing
   a home (a mount, the CLI) share it. Chunks a stream has just fetched are also handed to their
   reader in memory (at most 64 MiB in all), without a disk round trip.
@@ -42,26 +44,16 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from tessera.cache import LRUCache
-from tessera.catalog import Catalog, ChunkLocation
-from tessera.chunkcache import (  # noqa: F401 - re-exported: the CLI and sync use them from here
-    CACHE_ENV,
-    CACHE_SETTING,
-    DEFAULT_CACHE_BYTES,
-    DiskCache,
-    Key,
-    cache_dir,
-    cache_size,
-    parse_size,
-)
-from tessera.errors import CorruptData, RemoteError, TesseraError, TransientRemoteError
+from tessera.catalog import Catalog
+from tessera.diskcache import DiskCache, Key
+from tessera.errors import CorruptData, NotFound, RemoteError, TesseraError, TransientRemoteError
+from tessera.lru import LRUCache
+from tessera.model import ChunkLocation
 from tessera.remote.base import ObjectReader, Transport
+from tessera.remote.wire import pack_key
 from tessera.store import decode_chunk
-
-if TYPE_CHECKING:
-    from tessera.repo import Repo
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +74,7 @@ _POLL = 0.25  # seconds between a waiting reader's looks at its stream
 _DEFAULT_TIMEOUT = 10.0  # for transports that do not say
 
 
-Fetched = dict[Key, "bytes | memoryview | CorruptData"]
+Fetched = dict[Key, "bytes | CorruptData"]  # decoded, verified chunk bytes (or why not)
 
 
 class _ChunkFuture(Future):  # type: ignore[type-arg]
@@ -173,7 +165,7 @@ class LazyFetcher:
         self.stats = FetchStats()
         self._rows: LRUCache[tuple[list[int], list[ChunkLocation]]] = LRUCache(_PACK_ROWS, sizeof=lambda _: 1)
         self._inflight: dict[Key, Future[Fetched]] = {}
-        self._ready: OrderedDict[Key, bytes | memoryview] = OrderedDict()
+        self._ready: OrderedDict[Key, bytes] = OrderedDict()  # decoded chunks handed over in memory
         self._ready_bytes = 0
         self._hot = 0.0  # when a sequential stream last delivered a chunk
         self._random_misses: OrderedDict[str, tuple[int, int]] = OrderedDict()
@@ -183,13 +175,6 @@ class LazyFetcher:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # streams waiting for their readers
         self._closed = False
-
-    @classmethod
-    def for_repo(cls, repo: "Repo") -> "LazyFetcher":
-        from tessera import sync
-
-        cache = DiskCache(cache_dir(repo.home), cache_size(repo.catalog))
-        return cls(repo.catalog, lambda pack: sync.transport_for_pack(repo, pack), cache)
 
     def close(self) -> None:
         """Stop every stream (their threads end after the block they are reading)."""
@@ -206,13 +191,15 @@ class LazyFetcher:
     # -- the read path ------------------------------------------------------------------------------
 
     def fetch(self, loc: ChunkLocation) -> bytes:
-        """The stored bytes of ``loc`` (verified). Raises `CorruptData` or `RemoteError`."""
+        """The raw bytes of chunk ``loc``, decoded and verified. Raises `CorruptData` or `RemoteError`."""
         key = (loc.pack, loc.offset)
         while True:
             data, fut = self._take_ready(key)
             if data is None and fut is None:
-                data = self.cache.get(key, loc.stored_len)
-                if data is None:  # look again: a stream may have handed it over meanwhile
+                stored = self.cache.get(key, loc.stored_len)
+                if stored is not None:
+                    data = decode_chunk(loc, stored)
+                else:  # look again: a stream may have handed it over meanwhile
                     data, fut = self._take_ready(key)
             if data is not None:
                 self.stats.hits += 1
@@ -239,7 +226,7 @@ class LazyFetcher:
                 continue  # fetched by a request that ended before ours began: look again
             if fut is not None:
                 self._advance(loc)
-            return bytes(got)
+            return got
 
     def _wait(self, fut: Future[Fetched]) -> Fetched:
         """The result of a request in flight. A stream that goes silent for longer than the
@@ -262,13 +249,13 @@ class LazyFetcher:
         """The chunk if it was handed over in memory, else the request fetching it, if any (looked up
         together: a stream hands a chunk over before it stops having it in flight)."""
         with self._lock:
-            view = self._ready.pop(key, None)
-            if view is None:
+            data = self._ready.pop(key, None)
+            if data is None:
                 return None, self._inflight.get(key)
-            self._ready_bytes -= len(view)
-        return bytes(view), None
+            self._ready_bytes -= len(data)
+        return data, None
 
-    def _keep_ready(self, items: list[tuple[Key, bytes | memoryview]]) -> None:
+    def _keep_ready(self, items: list[tuple[Key, bytes]]) -> None:
         """Hand chunks over in memory to the readers about to ask for them (call with the lock held)."""
         for key, view in items:
             old = self._ready.pop(key, None)
@@ -339,7 +326,7 @@ class LazyFetcher:
             return None
         try:
             start, end = mine[0].offset, mine[-1].offset + mine[-1].stored_len
-            blob = self.transport_for(pack).get(f"packs/{pack}", start, end)
+            blob = _get_pack_range(self.transport_for(pack), pack, start, end)
             self.stats.requests += 1
             self.stats.bytes += len(blob)
             if len(blob) != end - start:
@@ -347,14 +334,16 @@ class LazyFetcher:
             out: Fetched = {}
             view = memoryview(blob)
             good: list[tuple[int, bytes | memoryview]] = []
+            ready: list[tuple[Key, bytes]] = []
             for x in mine:
                 stored = view[x.offset - start:x.offset - start + x.stored_len]
                 value = _verify(x, stored)
                 out[(pack, x.offset)] = value
                 if not isinstance(value, CorruptData):
                     good.append((x.offset, stored))
+                    if (pack, x.offset) != wanted:
+                        ready.append(((pack, x.offset), value))
             self.cache.put_run(pack, good)
-            ready = [((pack, offset), stored) for offset, stored in good if (pack, offset) != wanted]
             with self._lock:
                 self._keep_ready(ready)
             fut.set_result(out)
@@ -617,7 +606,7 @@ class LazyFetcher:
     def _run_stream(self, s: _PackStream, transport: Transport) -> None:
         """The stream's thread: one GET, reopened past long runs it does not need and once after a
         break mid-way (if it had got somewhere since it was opened)."""
-        key = f"packs/{s.pack}"
+        key = pack_key(s.pack)
         reader: ObjectReader | None = None
         pos = opened_at = 0
         error: BaseException | None = None
@@ -632,7 +621,11 @@ class LazyFetcher:
                     # a whole-object GET where it costs (almost) nothing more: some servers (moto)
                     # answer it sooner than a range, and it reads past the first blob header only
                     pos = opened_at = 0 if x.offset <= MAX_GAP else x.offset
-                    reader = transport.open_read(key, pos, None if s.to_pack_end else s.end)
+                    try:
+                        reader = transport.open_read(key, pos, None if s.to_pack_end else s.end)
+                    except NotFound:
+                        raise CorruptData(f"{transport.url}: pack {s.pack} is missing from the remote "
+                                          "(pruned or never pushed)") from None
                     self.stats.requests += 1
                 try:
                     data = _read_exactly(reader, x.offset - pos, x.stored_len)
@@ -651,7 +644,7 @@ class LazyFetcher:
                                       f"({pos} < {x.offset + x.stored_len})")
                 fut = self._deliver(s, i, x, _verify(x, data))
                 if fut is not None:
-                    unwritten.append((x.offset, data, fut))
+                    unwritten.append((x.offset, data, fut))  # stored bytes go to the disk cache
                     if sum(len(d) for _, d, _ in unwritten) >= self.cache.run_bytes:
                         self._write(s.pack, unwritten)
                         unwritten = []
@@ -665,8 +658,7 @@ class LazyFetcher:
             with self._lock:
                 self._stop(s, error)
 
-    def _deliver(self, s: _PackStream, i: int, x: ChunkLocation,
-                 value: bytes | memoryview | CorruptData) -> _ChunkFuture | None:
+    def _deliver(self, s: _PackStream, i: int, x: ChunkLocation, value: bytes | CorruptData) -> _ChunkFuture | None:
         """Hand a chunk the stream read to whoever waits for it, and to its reader in memory. A good
         chunk stays in flight (its future done) until `_write` has put it on disk: the future is
         returned for that."""
@@ -695,14 +687,22 @@ class LazyFetcher:
                     del self._inflight[(pack, offset)]
 
 
-def _verify(x: ChunkLocation, stored: bytes | memoryview) -> bytes | memoryview | CorruptData:
-    """``stored`` if it decodes to its chunk id, else the error (for whoever reads this chunk)."""
+def _verify(x: ChunkLocation, stored: bytes | memoryview) -> bytes | CorruptData:
+    """The chunk decoded from ``stored`` and checked against its id, else the error (for whoever reads
+    this chunk): the one decode of a fetched chunk."""
     try:
-        decode_chunk(x, stored)
+        return decode_chunk(x, stored)
     except CorruptData as exc:
         logger.debug("remote %s", exc)
         return exc
-    return stored
+
+
+def _get_pack_range(t: Transport, pack: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a remote pack; a pack the remote does not have is `CorruptData`."""
+    try:
+        return t.get(pack_key(pack), start, end)
+    except NotFound:
+        raise CorruptData(f"{t.url}: pack {pack} is missing from the remote (pruned or never pushed)") from None
 
 
 def _read_exactly(reader: ObjectReader, skip: int, n: int) -> bytes:

@@ -119,6 +119,18 @@ class FileRecord:
         return tuple(_CHUNK_REF.iter_unpack(data))
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    """Where a chunk's stored bytes are: pack, offset of the stored bytes, lengths and codec."""
+
+    id: bytes
+    pack: str
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+
+
 @dataclass(frozen=True)
 class Entry:
     """A path in a version, as the Python API and the CLI show it."""

@@ -1,9 +1,12 @@
 """Mounting a version, from the caller's side: checks, the detached server, readiness, unmount, registry.
 
-This module never imports the FUSE binding. ``mount_version`` validates everything a user can get
-wrong, then starts ``python -m tessera.fuse.mount`` as its own process (new session, cwd ``/``) with a
-pipe: the server writes ``ok`` once the kernel has answered a ``stat`` of the mountpoint through it,
-or ``error <exit code> <message>`` if it could not mount. On failure or timeout nothing is left mounted.
+This module never imports the FUSE binding, and knows a version only by ``(home, ref)``. ``mount_ref``
+validates everything a user can get wrong, then starts ``python -m tessera.fuse.mount`` as its own
+process (new session, cwd ``/``) with a pipe. Both halves of that protocol live here: the server's
+command line (`server_command` / `parse_server_args`) and its one ready line (`ready_line` /
+`parse_ready`): ``ok <name@hash>`` once the kernel has answered a ``stat`` of the mountpoint through
+it, or ``error <exit code> <message>`` if it could not mount. On failure or timeout nothing is left
+mounted.
 
 Active mounts are recorded in ``$TESSERA_HOME/mounts/<key>.json`` (ref, hash, mountpoint, pid) by the
 server itself; `list_mounts` prunes entries whose server died or whose mount is gone.
@@ -13,6 +16,7 @@ server itself; `list_mounts` prunes entries whose server died or whose mount is 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -26,12 +30,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-from tessera.errors import FuseUnavailable, MountError, TesseraError, UsageError
-
-if TYPE_CHECKING:
-    from tessera.version import Version
+from tessera.errors import FuseUnavailable, MountError, TesseraError, UsageError, error_for
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,17 @@ def check_fuse_device() -> None:
                               "(`apt-get install fuse3`) and mfusepy (`pip install mfusepy`)")
 
 
+# -- the mount-server protocol: its command line and its one ready line ------------------------------
+
+@dataclass(frozen=True)
+class ServerArgs:
+    home: str
+    ref: str
+    mountpoint: str
+    opts: MountOptions
+    ready_fd: int | None = None
+
+
 def server_command(home: str, ref: str, mountpoint: str, opts: MountOptions, ready_fd: int) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--home", home, "--ref", ref, "--mountpoint", mountpoint,
            "--cache-size", str(opts.cache_size), "--ready-fd", str(ready_fd)]
@@ -253,16 +265,45 @@ def server_command(home: str, ref: str, mountpoint: str, opts: MountOptions, rea
     return cmd
 
 
-def mount_version(version: "Version", mountpoint: str | Path, opts: MountOptions | None = None) -> MountRecord:
-    """Mount ``version`` read-only at ``mountpoint``; return once the mount answers. The server runs
-    detached (its own session) until unmounted or sent SIGTERM/SIGINT."""
-    return mount_ref(version.repo.home, version.ref, mountpoint, opts)
+def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
+    """The server's side of `server_command`."""
+    p = argparse.ArgumentParser(prog=f"python -m {SERVER_MODULE}", description="tessera mount server")
+    p.add_argument("--home", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--cache-size", type=int, default=MountOptions.cache_size)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--open", action="store_true", help="answer open() (default: ENOSYS, the kernel's no-open mode)")
+    p.add_argument("--threads", action="store_true", help="libfuse's multithreaded loop")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    return ServerArgs(a.home, a.ref, a.mountpoint, MountOptions(a.cache_size, not a.open, a.threads, debug=a.debug),
+                      a.ready_fd)
+
+
+def ready_line(error: TesseraError | None = None, *, ref: str = "", code: int | None = None,
+               message: str = "") -> str:
+    """What the server writes once: ``ok <name@hash>``, or ``error <exit code> <message>``."""
+    if error is not None:
+        code, message = error.exit_code, str(error)
+    if code is None:
+        return f"ok {ref}"
+    return f"error {code} {message}".replace("\n", " ")
+
+
+def parse_ready(answer: str, log: Path) -> MountRecord | tuple[int, str]:
+    """The ready line as the caller sees it: the mounted ref, or (exit code, message)."""
+    if answer.startswith("ok "):
+        full = answer[3:].strip()
+        return MountRecord(full, full.rpartition("@")[2], "", 0, time.time(), "")
+    return _parse_failure(answer, log)
 
 
 def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOptions | None = None) -> MountRecord:
-    """Like `mount_version`, for a ref the server resolves itself (its errors come back through the
-    pipe with their exit codes): the caller need not open the repository at all, which keeps
-    ``tessera mount`` fast."""
+    """Mount ``ref`` of the home at ``home`` read-only at ``mountpoint``; return once the mount answers.
+    The server runs detached (its own session) until unmounted or sent SIGTERM/SIGINT. It resolves the
+    ref itself (its errors come back through the pipe with their exit codes): the caller need not open
+    the repository at all, which keeps ``tessera mount`` fast."""
     opts = opts or MountOptions()
     check_fuse_device()
     mp = check_mountpoint(mountpoint)
@@ -285,25 +326,11 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
-    if answer.startswith("ok "):
-        full = answer[3:].strip()
-        return MountRecord(full, full.rpartition("@")[2], mp, proc.pid, time.time(), home, str(log))
+    found = parse_ready(answer, log)
+    if isinstance(found, MountRecord):
+        return MountRecord(found.ref, found.hash, mp, proc.pid, found.started, home, str(log))
     _abort_server(proc, mp)
-    code, msg = _parse_failure(answer, log)
-    raise error_for(code, msg)
-
-
-def error_for(code: int, msg: str) -> TesseraError:
-    """The error a server reported (by exit code) as the matching `TesseraError` class."""
-    from tessera import errors
-
-    for cls in (errors.FuseUnavailable, errors.MountError, errors.NotFound, errors.AmbiguousRef, errors.UsageError,
-                errors.CorruptData, errors.SchemaTooNew, errors.RemoteError):
-        if cls.exit_code == code:
-            return cls(msg)
-    exc = MountError(msg)
-    exc.exit_code = code
-    return exc
+    raise error_for(*found)
 
 
 def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -312,7 +339,8 @@ def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            return f"error {MountError.exit_code} the mount server did not become ready within {timeout:.0f} s"
+            return ready_line(code=MountError.exit_code,
+                              message=f"the mount server did not become ready within {timeout:.0f} s")
         ready, _, _ = select.select([rfd], [], [], min(left, 0.5))
         if ready:
             data = os.read(rfd, 4096)
@@ -430,10 +458,10 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def mounted(version: "Version", mountpoint: str | Path, **options: Any) -> Iterator[str]:
+def mounted(home: str | Path, ref: str, mountpoint: str | Path, **options: Any) -> Iterator[str]:
     """``with version.mount(path, cache_size=..., threads=...):`` mount for the block, then unmount."""
     opts = MountOptions(**options)
-    rec = mount_version(version, mountpoint, opts)
+    rec = mount_ref(home, ref, mountpoint, opts)
     try:
         yield rec.mountpoint
     finally:
@@ -441,5 +469,5 @@ def mounted(version: "Version", mountpoint: str | Path, **options: Any) -> Itera
             unmount(rec.mountpoint, rec.home, lazy_if_busy=True)
 
 
-__all__ = ["MountOptions", "MountRecord", "mount_version", "unmount", "mounted", "list_mounts", "is_mounted",
+__all__ = ["MountOptions", "MountRecord", "mount_ref", "unmount", "mounted", "list_mounts", "is_mounted",
            "check_mountpoint", "kernel_mounts", "write_record", "remove_record"]

@@ -1,34 +1,42 @@
-"""`Repo`: the facade over catalog, store, snapshot and (later) remotes. The CLI calls only this."""
+"""`Repo`: the facade over a home — catalog, store, trees, the chunk reader, remotes. The CLI calls only this.
+
+Nothing below this module imports it: the layers it composes take narrow roles instead (`Version` takes
+a `TreeSource` and a `ChunkSource`; push and pull take a catalog, a store and a transport).
+"""
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from tessera.cache import LRUCache
-from tessera.catalog import Catalog, ChunkLocation, DatasetInfo
+from tessera import pull as pulling
+from tessera.catalog import Catalog, DatasetInfo
 from tessera.checkout import VerifyReport, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
+from tessera.diskcache import DiskCache, cache_dir, cache_size
 from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
-from tessera.format.chunker import ChunkParams
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
-from tessera.model import Entry, FileRecord, HistoryEntry, Tree
+from tessera.lazy import LazyFetcher
+from tessera.model import Entry, FileRecord, HistoryEntry
 from tessera.progress import Progress
+from tessera.push import Pusher, PushResult
+from tessera.reader import ChunkReader
+from tessera.remotes import Remote, Transports, remote_or_none
 from tessera.snapshot import MetaFor, SnapshotOptions, SnapshotStats, snapshot_dir
 from tessera.store import Store
 from tessera.treebuild import build_trees
+from tessera.trees import CatalogTrees
 from tessera.version import Change, Selection, Version, diff_versions, entries_of
 
 logger = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.db"
-TREE_CACHE_BYTES = 64 * 1024 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -43,9 +51,10 @@ class Repo:
     """A tessera home: ``Repo()`` uses ``$TESSERA_HOME`` or ``~/.tessera`` and creates it if needed."""
 
     def __init__(self, home: str | Path | None = None, *, remote: str | None = None,
-                 settings: RepoSettings | None = None) -> None:
+                 settings: RepoSettings | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
         """``remote``: the remote (a configured name or a URL) that push, pull and lazy reads use when
-        none is named; default: the remote marked default, or the only one."""
+        none is named; default: the remote marked default, or the only one. ``chunk_cache_bytes``: memory
+        for decoded chunks read only in part (whole-chunk reads are not kept)."""
         self.home = Path(home).expanduser() if home is not None else default_home()
         if self.home.exists() and not self.home.is_dir():
             raise UsageError(f"tessera home {self.home} is not a directory")
@@ -53,15 +62,11 @@ class Repo:
         self.catalog = Catalog(self.home / CATALOG_FILE)
         self.store = Store(self.home, self.catalog)
         self.settings = self._load_settings(settings)
-        self._trees: LRUCache[Tree] = LRUCache(TREE_CACHE_BYTES, sizeof=lambda t: 200 * len(t.entries) + 100)
-        self._chunks: LRUCache[bytes] = LRUCache(CHUNK_CACHE_BYTES)
-        self.remote = remote
-        self._transports: Any = None
-        self._lazy: Any = None
-        self._remote_packs: set[str] = set()
-        self._sync_lock = threading.RLock()
-        self.store.remote_fetch = self._fetch_remote_chunk
-        self.store.remote_will_need = self._will_need_remote_chunks
+        self.trees = CatalogTrees(self.catalog)
+        self.transports = Transports(self.catalog, preferred=remote)
+        self.chunks = ChunkReader(self.catalog, self.store, remote=self._open_lazy, cache_bytes=chunk_cache_bytes)
+        # One-line messages for the user (the CLI prints them on stderr): "not here; asking origin", ...
+        self.notice: Callable[[str], None] = lambda msg: logger.warning("%s", msg)
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
         if self.catalog.setting("chunk.avg_size") is None:
@@ -75,11 +80,14 @@ class Repo:
             raise UsageError(f"{self.home} already exists with other store settings; they are fixed at init")
         return current
 
+    def _open_lazy(self) -> LazyFetcher:
+        """The lazy fetcher of chunks in remote packs (made on the first such read)."""
+        return LazyFetcher(self.catalog, self.transports.for_pack,
+                           DiskCache(cache_dir(self.home), cache_size(self.catalog)))
+
     def close(self) -> None:
-        if self._lazy is not None:
-            self._lazy.close()
-        if self._transports is not None:
-            self._transports.close()
+        self.chunks.close()
+        self.transports.close()
         self.store.close()
         self.catalog.close()
 
@@ -94,31 +102,52 @@ class Repo:
 
     # -- refs -------------------------------------------------------------------------------------
 
-    def resolve(self, ref: str | Ref) -> HistoryEntry:
-        """The history entry ``ref`` names. A dataset or version this home does not have is looked for
-        on the default remote (its metadata is fetched; chunks are read lazily)."""
+    def resolve(self, ref: str | Ref, *, remote: str | None = None) -> HistoryEntry:
+        """The history entry ``ref`` names, resolved in this home first. Only a dataset this home does not
+        have (or any ref when ``remote`` is given) is looked for on a remote: the one named, or the
+        default; its metadata is fetched, chunks are read lazily. A prefix or tag that matches nothing in a
+        dataset this home has is a fast local `NotFound`."""
         r = parse_ref(ref) if isinstance(ref, str) else ref
+        if remote is None and self.catalog.dataset_head(r.dataset)[0]:
+            entry = self.resolve_local(r)
+            if not (r.prefix or r.tag):
+                problem = pulling.remembered_problem(self.catalog, r.dataset)
+                if problem:
+                    self.notice(f"warning: {problem}; using {r.dataset}@{entry.hash[:12]}, the newest readable version")
+            return entry
+        return self._resolve_fetched(r, self._fetch_dataset(r.dataset, remote))
+
+    def _resolve_fetched(self, r: Ref, rem: Remote) -> HistoryEntry:
+        """Resolve ``r`` right after fetching its dataset from ``rem``."""
         try:
-            return self.resolve_local(r)
-        except NotFound:
-            remote = self._fetch_missing(r)
-            if remote is None:
-                raise
-        try:
-            return self.resolve_local(r)
+            return self.resolve_local(r, hint=False)
         except NotFound as exc:
-            raise NotFound(f"{exc} (remote {remote} has the dataset but not this version)") from None
+            raise NotFound(f"{exc} (remote {rem.name} does not have it either)") from None
 
-    def _fetch_missing(self, r: Ref) -> str | None:
-        """Fetch ``r``'s dataset from the default remote; the remote's name, or None when there is no
-        default remote or it does not have the dataset."""
-        from tessera import sync
+    def _fetch_dataset(self, name: str, remote: str | None = None) -> Remote:
+        """Bring this home up to date with a remote's history of dataset ``name`` (saying so)."""
+        rem = remote_or_none(self.catalog, remote if remote is not None else self.transports.preferred)
+        if rem is None:
+            if remote is not None:
+                self.transports.remote(remote)  # raises the reason (unknown remote, ...)
+            raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
+        if not self.catalog.dataset_head(name)[0]:
+            self.notice(f"{name} is not in this home; asking {rem.name} ({rem.url})")
+        found = pulling.fetch_dataset(self.catalog, self.transports.get(rem.url), rem, name)
+        if not self.catalog.dataset_head(name)[0]:
+            if found.problems:  # nothing of it could be read: the first reason is the answer
+                raise CorruptData(found.problems[0])
+            raise NotFound(f"unknown dataset {name!r}: not in this home, nor on {rem.name}")
+        problem = pulling.remembered_problem(self.catalog, name) if found.problems else None
+        if problem:
+            self.notice(f"warning: {problem}")
+        for tag, ours, theirs in found.diverged_tags:
+            self.notice(f"warning: tag {name}:{tag} is {ours[:12]} here but {theirs[:12]} on {rem.name}; keeping "
+                        f"ours (`tessera tag --from-remote {name}:{tag}` takes theirs)")
+        return rem
 
-        with self._sync_lock:
-            found = sync.fetch_for_ref(self, r)
-        return found.name if found is not None else None
-
-    def resolve_local(self, ref: str | Ref) -> HistoryEntry:
+    def resolve_local(self, ref: str | Ref, *, hint: bool = True) -> HistoryEntry:
+        """The history entry ``ref`` names in this home (never asking a remote)."""
         r = parse_ref(ref) if isinstance(ref, str) else ref
         exists, head = self.catalog.dataset_head(r.dataset)
         if not exists:
@@ -126,7 +155,8 @@ class Repo:
         if r.prefix:
             found = self.catalog.find_versions(r.dataset, r.prefix)
             if not found:
-                raise NotFound(f"dataset {r.dataset!r} has no version {r.prefix}")
+                more = " here (`tessera pull` fetches a remote's newer versions)" if hint and self._has_remote() else ""
+                raise NotFound(f"dataset {r.dataset!r} has no version {r.prefix}{more}")
             if len(found) > 1:
                 cands = ", ".join(h[:12] for h in found[:10])
                 raise AmbiguousRef(f"{r} is ambiguous: it matches {cands}{' ...' if len(found) > 10 else ''}")
@@ -145,21 +175,28 @@ class Repo:
             raise NotFound(f"version {hash_[:12]} of {r.dataset!r} is not in the catalog")
         return entry
 
+    def _has_remote(self) -> bool:
+        return remote_or_none(self.catalog, self.transports.preferred) is not None
+
     def _known_datasets_hint(self) -> str:
         names = [d.name for d in self.catalog.datasets()]
         return f" (known: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})" if names else " (no datasets yet)"
 
-    def get(self, ref: str) -> Version:
+    def get(self, ref: str, *, remote: str | None = None) -> Version:
         """``NAME`` (latest), ``NAME@HASHPREFIX`` (>= 6 hex chars) or ``NAME:TAG``."""
-        return Version(self, self.resolve(ref))
+        return self.version(self.resolve(ref, remote=remote))
+
+    def version(self, info: HistoryEntry) -> Version:
+        """The `Version` a history entry of this home records."""
+        return Version(info, self.trees, self.chunks, self.home)
 
     def datasets(self) -> list[DatasetInfo]:
         return self.catalog.datasets()
 
     def log(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
         check_dataset_name(name)
-        if not self.catalog.dataset_head(name)[0] and self._fetch_missing(Ref(name)) is None:
-            raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
+        if not self.catalog.dataset_head(name)[0]:
+            self._fetch_dataset(name)
         return self.catalog.history(name, limit)
 
     def tags(self, name: str) -> dict[str, list[str]]:
@@ -170,56 +207,17 @@ class Repo:
         self.catalog.set_tag(v.name, check_tag(tag), v.hash)
         return v
 
-    # -- reading ----------------------------------------------------------------------------------
-
-    def load_tree(self, tree_id: str) -> Tree:
-        tree = self._trees.get(tree_id)
-        if tree is None:
-            data = self.catalog.tree(tree_id)
-            if data is None:
-                raise CorruptData(f"tree {tree_id[:12]} is missing from the catalog")
-            tree = Tree.from_bytes(data)
-            self._trees.put(tree_id, tree)
-        return tree
-
-    def _fetch_remote_chunk(self, loc: ChunkLocation) -> bytes:
-        """`Store.read_stored` calls this for a chunk whose pack file is not here: a lazy remote read
-        when the pack lives on a remote (``packs.local = 0``), else the store is damaged."""
-        if loc.pack not in self._remote_packs:
-            from tessera.catalog.remote_state import pack_states
-            from tessera.errors import CorruptData
-
-            _, local = pack_states(self.catalog, [loc.pack]).get(loc.pack, (0, True))
-            if local:
-                raise CorruptData(f"pack {loc.pack} holding chunk {loc.id.hex()} is missing")
-            self._remote_packs.add(loc.pack)
-        if self._lazy is None:
-            from tessera.lazy import LazyFetcher
-
-            with self._sync_lock:
-                if self._lazy is None:
-                    self._lazy = LazyFetcher.for_repo(self)
-        return self._lazy.fetch(loc)
-
-    def _will_need_remote_chunks(self, locs: list[ChunkLocation]) -> None:
-        """`Store.will_need`: let lazy reads (once in use) start on chunks a reader is about to read."""
-        if self._lazy is None:
-            return
-        unknown = {loc.pack for loc in locs} - self._remote_packs
-        if unknown:
-            from tessera.catalog.remote_state import pack_states
-
-            for pack, (_, local) in pack_states(self.catalog, sorted(unknown)).items():
-                if not local:
-                    self._remote_packs.add(pack)
-        self._lazy.will_need([loc for loc in locs if loc.pack in self._remote_packs])
-
-    def read_chunk(self, cid: bytes) -> bytes:
-        data = self._chunks.get(cid)
-        if data is None:
-            data = self.store.read_chunk(cid)
-            self._chunks.put(cid, data)
-        return data
+    def take_remote_tag(self, name: str, tag: str, remote: str | None = None) -> Version:
+        """Set tag ``name:tag`` to what the remote's tag of that name says (its version is fetched)."""
+        check_dataset_name(name)
+        check_tag(tag)
+        rem = self.transports.remote(remote)
+        try:
+            theirs = pulling.remote_tag(self.transports.get(rem.url), name, tag)
+        except NotFound:
+            raise NotFound(f"remote {rem.name} has no tag {name}:{tag}") from None
+        return self.tag(f"{name}@{theirs}", tag) if self.catalog.has_version(theirs) else \
+            self.tag(self.get(f"{name}@{theirs}", remote=rem.name).ref, tag)
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -312,35 +310,68 @@ class Repo:
 
     # -- remotes ----------------------------------------------------------------------------------
 
-    @property
-    def transports(self) -> Any:
-        """Open remote transports, shared by this repo's threads (`tessera.sync.Transports`)."""
-        if self._transports is None:
-            from tessera.sync import Transports
+    def push(self, ref: str, remote: str | None = None, progress: Progress | None = None) -> PushResult:
+        """Upload ``ref`` and what it needs to ``remote`` (a configured name or URL; default: the default
+        remote). A bare dataset ``NAME`` pushes its whole history (every version the remote lacks, oldest
+        first, like ``git push``); ``NAME@HASH`` and ``NAME:TAG`` push that one version. The result adds
+        up what was uploaded; its ``ref`` is the version named (for ``NAME``: the latest). Raises
+        `RemoteError` subclasses when the remote fails."""
+        r = parse_ref(ref)
+        pusher = self._pusher(remote, progress)
+        head = self.resolve_local(r)
+        if r.prefix or r.tag:
+            return pusher.push(head.dataset, head.hash)
+        total = PushResult(f"{head.dataset}@{head.hash}", pusher.remote.name)
+        for h in self.catalog.dataset_hashes(r.dataset):
+            if h != head.hash:
+                total.add(pusher.push(r.dataset, h))
+        total.add(pusher.push(head.dataset, head.hash))
+        return total
 
-            with self._sync_lock:
-                if self._transports is None:
-                    self._transports = Transports()
-        return self._transports
+    def push_all(self, name: str | None = None, remote: str | None = None, *,
+                 progress: Progress | None = None) -> list[PushResult]:
+        """Every version of dataset ``name`` (of every dataset when None), oldest first."""
+        names = [check_dataset_name(name)] if name else [d.name for d in self.catalog.datasets()]
+        pusher = self._pusher(remote, progress)
+        out: list[PushResult] = []
+        for ds in names:
+            if not self.catalog.dataset_head(ds)[0]:
+                raise NotFound(f"unknown dataset {ds!r}")
+            out.extend(pusher.push(ds, h) for h in self.catalog.dataset_hashes(ds))
+        return out
 
-    def push(self, ref: str, remote: str | None = None, progress: Progress | None = None) -> Any:
-        """Upload version ``ref`` (NAME, NAME@PREFIX or NAME:TAG) and what it needs to ``remote`` (a
-        configured name or URL; default: the default remote); returns a `tessera.sync.PushResult`.
-        Raises `RemoteError` subclasses when the remote fails."""
-        from tessera import sync
-
-        return sync.push(self, ref, remote, progress=progress)
+    def _pusher(self, remote: str | None, progress: Progress | None) -> Pusher:
+        rem = self.transports.remote(remote)
+        return Pusher(self.catalog, self.store, rem, self.transports.get(rem.url), progress)
 
     def pull(self, ref: str, remote: str | None = None, *, metadata_only: bool = False,
              progress: Progress | None = None) -> Version:
         """Fetch ``ref`` from ``remote``: metadata only (browse, verify, mount with lazy reads) or,
-        by default, every pack it needs so the version is fully local."""
-        from tessera import sync
+        by default, every pack it needs so the version is fully local. Pulling a dataset's newest
+        version (``NAME``) refuses while the remote's history of it has entries that do not read."""
+        r = parse_ref(ref)
+        rem = self._fetch_dataset(r.dataset, self.transports.remote(remote).name)
+        problem = pulling.remembered_problem(self.catalog, r.dataset)
+        if problem and not (r.prefix or r.tag):
+            raise CorruptData(f"{problem}: refusing to take an older version as the newest (pull NAME@HASH to "
+                              "pull one version)")
+        version = self.version(self._resolve_fetched(r, rem))
+        if not metadata_only:
+            pulling.download_packs(self.catalog, self.store, self.transports.get(rem.url), rem, version.hash,
+                                   cache=DiskCache(cache_dir(self.home), cache_size(self.catalog)), progress=progress)
+        return version
 
-        return sync.pull(self, ref, remote, metadata_only=metadata_only, progress=progress)
+    def remote_datasets(self, remote: str | None = None) -> list[pulling.RemoteDataset]:
+        """The datasets a remote holds (from its history keys): name, newest version, version count."""
+        rem = self.transports.remote(remote)
+        return pulling.remote_datasets(self.transports.get(rem.url))
 
-    def fsck(self, progress: Progress | None = None) -> FsckReport:
-        return fsck(self.catalog, self.store, progress)
+    def fsck(self, progress: Progress | None = None, *, repair: bool = False, require_local: bool = False,
+             read_remote: bool = False) -> FsckReport:
+        """Check the home (see `tessera.fsck`); ``read_remote`` also fetches and checks the chunks of
+        packs that are only on a remote."""
+        return fsck(self.catalog, self.store, progress, repair=repair, require_local=require_local,
+                    read_remote=self.transports.for_pack if read_remote else None)
 
     def gc(self) -> list[str]:
         return remove_garbage(self.store, self.catalog)

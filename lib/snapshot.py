@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tessera.catalog import Catalog, DirRow, StatRow
+from tessera.config import DEFAULT_PACK_TARGET
 from tessera.errors import SourceError, TesseraError, UsageError
 from tessera.faults import crash_point
 from tessera.format.chunker import Chunker, ChunkParams
@@ -30,7 +31,8 @@ from tessera.ids import chunk_id
 from tessera.model import DIR, FILE, SYMLINK, Entry, FileRecord, normalize_mode
 from tessera.treebuild import BuiltTrees, build_trees
 from tessera.progress import NullProgress, Progress
-from tessera.store import PackSet, Store, raise_os_error
+from tessera.errors import raise_os_error
+from tessera.store import PackSet, Store
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class Snapshot:
 class SnapshotOptions:
     params: ChunkParams
     level: int = 3
-    pack_target: int = 48 * 1024 * 1024
+    pack_target: int = DEFAULT_PACK_TARGET
     workers: int = 0
     meta_for: MetaFor | None = None
     exclude: Callable[[str], bool] | None = None

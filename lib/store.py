@@ -1,43 +1,40 @@
-"""The local chunk store: pack files under ``$HOME/packs`` plus verified chunk reads.
+"""The local chunk store: pack files under ``$HOME/packs``, written crash-safely and read verified.
 
 Writing: a `PackSet` hands each commit worker thread its own `PackWriter`, so workers never wait on
 each other while compressing, hashing and appending. A pack is sealed (fsync, renamed to its SHA-256,
 directory fsynced) before its chunks are recorded in the catalog: a crash leaves only unreferenced
-packs, never a chunk row that points at missing bytes.
+packs, never a chunk row that points at missing bytes. A commit deduplicates only against chunks whose
+bytes are in a local pack (`Catalog.local_chunks`), never against a location a remote index claims.
 
-Reading: `read_chunk` finds the chunk in the catalog, `pread`s the stored bytes, decompresses and
-checks the xxh3-128 id. A mismatch raises `CorruptData` naming the chunk and pack.
+Reading: `read_stored` ``pread``s a chunk's stored bytes from its local pack; `decode_chunk` (the one
+place chunks are decompressed and checked) bounds the decompression by the chunk's recorded length and
+checks its xxh3-128 id. Reading chunks for users (cache, lazy remote fetches) is `tessera.reader`.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
-from collections import deque
-import hashlib
 import logging
+import mmap
 import os
 import threading
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, NamedTuple
 
-from tessera.catalog import Catalog, ChunkLocation
-from tessera.errors import CorruptData, DiskFull, NotFound, TesseraError
+from tessera.catalog import Catalog
+from tessera.config import DEFAULT_PACK_TARGET
+from tessera.errors import CorruptData, TesseraError, raise_os_error
 from tessera.faults import crash_point
 from tessera.format.compress import decompress
-from tessera.format.pack import KIND_CHUNK, PACK_MAGIC, BlobInfo, encode_header
-from tessera.ids import chunk_id
+from tessera.format.pack import KIND_CHUNK, BlobInfo, PackBuilder, Piece, iter_blobs
+from tessera.ids import chunk_id, sha256_hex
+from tessera.model import ChunkLocation
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PACK_TARGET = 48 * 1024 * 1024
-
-# Fetches the stored bytes of a chunk whose pack is not local (set by the remote layer for lazy reads).
-RemoteFetch = Callable[[ChunkLocation], bytes]
-# Told of chunks of packs that are not local that a reader is about to read, in order (a hint).
-RemoteHint = Callable[[list[ChunkLocation]], None]
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,12 +43,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def raise_os_error(exc: OSError, what: str) -> None:
-    if exc.errno == errno.ENOSPC:
-        raise DiskFull(f"disk full while {what}: nothing was committed, the store is intact") from None
-    raise TesseraError(f"error while {what}: {exc.strerror or exc}") from None
 
 
 MAX_PACK_FDS = 256
@@ -69,6 +60,25 @@ class PackHandle:
         os.close(self.fd)
 
 
+class FileRange(NamedTuple):
+    """``size`` verified bytes at ``pos`` in an open local pack (raw chunks are stored as is): the
+    mount hands these to libfuse, which ``pread``s them itself, so file data never passes through Python."""
+
+    handle: PackHandle
+    pos: int
+    size: int
+
+    @property
+    def fd(self) -> int:
+        return self.handle.fd
+
+    def read(self) -> bytes:
+        data = os.pread(self.handle.fd, self.size, self.pos)
+        if len(data) != self.size:
+            raise CorruptData(f"pack file shrank under a reader (fd {self.handle.fd})")
+        return data
+
+
 @dataclass
 class SealedPack:
     id: str
@@ -77,29 +87,26 @@ class SealedPack:
 
 
 class PackWriter:
-    """Appends blobs to one temporary pack file; `seal` makes it durable and names it by its hash."""
+    """Appends chunk blobs to one temporary pack file; `seal` makes it durable and names it by its hash."""
 
-    def __init__(self, store: "Store", kind: int = KIND_CHUNK) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.kind = kind
         self.tmp_path = store.tmp_dir / f"pack-{uuid.uuid4().hex}.tmp"
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._hash = hashlib.sha256(PACK_MAGIC)
-        self._write(PACK_MAGIC)
-        self.size = len(PACK_MAGIC)
-        self.blobs: list[BlobInfo] = []
+        self._pack = PackBuilder(self._write)
 
-    def add(self, blob_id: bytes, codec: int, stored: bytes | memoryview, raw_len: int,
-            kind: int | None = None) -> None:
-        kind = self.kind if kind is None else kind
-        header = encode_header(kind, codec, blob_id, raw_len, len(stored))
-        self._write(header, stored)
-        self._hash.update(header)
-        self._hash.update(stored)
-        self.blobs.append(BlobInfo(kind, codec, blob_id, self.size + len(header), raw_len, len(stored)))
-        self.size += len(header) + len(stored)
+    @property
+    def size(self) -> int:
+        return self._pack.size
 
-    def _write(self, *parts: bytes | memoryview) -> None:
+    @property
+    def blobs(self) -> list[BlobInfo]:
+        return self._pack.blobs
+
+    def add(self, blob_id: bytes, codec: int, stored: Piece, raw_len: int) -> None:
+        self._pack.add(KIND_CHUNK, codec, blob_id, stored, raw_len)
+
+    def _write(self, parts: Sequence[Piece]) -> None:
         """Append without an intermediate buffer copy (writev straight to the page cache)."""
         want = sum(len(p) for p in parts)
         done = os.writev(self._fd, parts)
@@ -112,7 +119,7 @@ class PackWriter:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        pack_id = self._hash.hexdigest()
+        pack_id = self._pack.id
         final = self.store.pack_path(pack_id)
         final.parent.mkdir(exist_ok=True)
         crash_point("before-pack-rename")
@@ -149,7 +156,7 @@ class PackSet:
         """For each id: True when the caller must store it (nobody has it or is writing it)."""
         with self._lock:
             fresh = [i for i in ids if i not in self._claimed]
-            known = self.store.catalog.known_chunks(fresh) if fresh else set()
+            known = self.store.catalog.local_chunks(fresh) if fresh else set()
             out = []
             for i in ids:
                 if i in self._claimed or i in known:
@@ -215,8 +222,6 @@ class Store:
         self._fds: dict[str, PackHandle] = {}
         self._retired: deque[PackHandle] = deque(maxlen=MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
-        self.remote_fetch: RemoteFetch | None = None
-        self.remote_will_need: RemoteHint | None = None
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -267,45 +272,42 @@ class Store:
                 self._fds.clear()
             return self._fds.setdefault(pack_id, handle)
 
-    def location(self, cid: bytes) -> ChunkLocation:
-        loc = self.catalog.chunk(cid)
-        if loc is None:
-            raise CorruptData(f"chunk {cid.hex()} is not in the store")
-        return loc
-
-    def read_stored(self, loc: ChunkLocation) -> bytes:
-        handle = self.pack_handle(loc.pack)
+    def read_stored(self, loc: ChunkLocation, handle: PackHandle | None = None) -> bytes:
+        """The stored bytes of a chunk of a local pack (`CorruptData` if the pack is missing or short)."""
+        handle = handle or self.pack_handle(loc.pack)
         if handle is None:
-            if self.remote_fetch is not None:
-                return self.remote_fetch(loc)
             raise CorruptData(f"pack {loc.pack} holding chunk {loc.id.hex()} is missing")
         data = os.pread(handle.fd, loc.stored_len, loc.offset)
         if len(data) != loc.stored_len:
             raise CorruptData(f"pack {loc.pack} is truncated (chunk {loc.id.hex()})")
         return data
 
-    def will_need(self, locs: list[ChunkLocation]) -> None:
-        """A reader is about to read these chunks, in this order, and their packs are not local: the
-        remote layer may start fetching them now (the mount's read-ahead calls this). A hint only."""
-        if self.remote_will_need is not None and locs:
-            self.remote_will_need(locs)
-
-    def read_chunk(self, cid: bytes, loc: ChunkLocation | None = None) -> bytes:
-        loc = loc or self.location(cid)
-        return decode_chunk(loc, self.read_stored(loc))
+    def pack_index(self, pack: str) -> tuple[int, list[ChunkLocation]]:
+        """Check a local pack against its id and list its chunks (what a remote's ``index/<id>`` holds)."""
+        with open(self.pack_path(pack), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise CorruptData(f"local pack {pack} is empty (run `tessera fsck`)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if sha256_hex(m) != pack:
+                    raise CorruptData(f"local pack {pack} fails its hash check (run `tessera fsck`)")
+                chunks = [ChunkLocation(b.id, pack, b.offset, b.stored_len, b.raw_len, b.codec)
+                          for b in iter_blobs(m, f"pack {pack}") if b.kind == KIND_CHUNK]
+        return size, chunks
 
     def close(self) -> None:
         with self._fd_lock:
             self._fds.clear()
 
 
-def decode_chunk(loc: ChunkLocation, stored: bytes) -> bytes:
-    """Decompress and verify one chunk's stored bytes."""
+def decode_chunk(loc: ChunkLocation, stored: bytes | memoryview) -> bytes:
+    """Decompress and verify one chunk's stored bytes: the one place chunks are decoded. Decompression
+    is bounded by the recorded raw length before anything is allocated."""
     try:
         data = decompress(loc.codec, stored, loc.raw_len)
     except CorruptData as exc:
         raise CorruptData(f"chunk {loc.id.hex()} in pack {loc.pack} is corrupt: {exc}") from None
-    if len(data) != loc.raw_len or chunk_id(data) != loc.id:
+    if chunk_id(data) != loc.id:
         raise CorruptData(f"chunk {loc.id.hex()} in pack {loc.pack} fails its hash check")
     return data
 

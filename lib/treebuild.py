@@ -64,15 +64,15 @@ def build_trees(entries: Iterable[Entry], prebuilt: dict[str, tuple[str, int, in
         out: list[TreeEntry] = []
         nfiles = 0
         prefix = f"{dir_path}/" if dir_path else ""
-        for name, e in children[dir_path].items():
-            if e is None:
+        for name, child in children[dir_path].items():
+            if child is None:
                 tid, size, n = built[prefix + name] if prefix + name in built else prebuilt[prefix + name]
                 meta = dir_meta[prefix + name].meta if prefix + name in dir_meta else {}
                 out.append(TreeEntry(name, DIR, 0o755, size, tid, None, meta))
                 nfiles += n
             else:
-                out.append(TreeEntry(name, e.kind, e.mode, e.size, e.sha256, e.target, e.meta))
-                nfiles += e.kind == FILE
+                out.append(TreeEntry(name, child.kind, child.mode, child.size, child.sha256, child.target, child.meta))
+                nfiles += child.kind == FILE
         tree = Tree.of(out)
         data = tree.to_bytes()
         tid = sha256_hex(data)

@@ -7,18 +7,18 @@
 """
 from __future__ import annotations
 
-import bisect
 import io
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
-from tessera.errors import CorruptData, NotFound, UsageError
-from tessera.model import DIR, FILE, Entry, FileRecord, HistoryEntry, Tree
-
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    from tessera.repo import Repo
+from tessera.errors import NotFound, UsageError
+from tessera.model import DIR, FILE, Entry, FileRecord, HistoryEntry, Tree, TreeEntry
+from tessera.reader import FileReader
+from tessera.sources import ChunkSource, TreeSource
+from tessera.trees import iter_trees
 
 
 def split_path(path: str) -> list[str]:
@@ -26,11 +26,16 @@ def split_path(path: str) -> list[str]:
 
 
 class Version:
-    """An immutable snapshot: ``name@hash`` plus its history entry (time, message, meta)."""
+    """An immutable snapshot: ``name@hash`` plus its history entry (time, message, meta).
 
-    def __init__(self, repo: "Repo", info: HistoryEntry) -> None:
-        self.repo = repo
+    It reads through two roles (`tessera.sources`): ``trees`` for its directories and file records,
+    ``chunks`` for file bytes; ``home`` is where a mount of it is registered."""
+
+    def __init__(self, info: HistoryEntry, trees: TreeSource, chunks: ChunkSource, home: str | Path) -> None:
         self.info = info
+        self.trees = trees
+        self.chunks = chunks
+        self.home = Path(home)
 
     name = property(lambda self: self.info.dataset)
     hash = property(lambda self: self.info.hash)
@@ -56,7 +61,7 @@ class Version:
     # -- browsing ---------------------------------------------------------------------------------
 
     def tree(self, tree_id: str | None = None) -> Tree:
-        return self.repo.load_tree(tree_id or self.hash)
+        return self.trees.load_tree(tree_id or self.hash)
 
     def entry(self, path: str) -> Entry:
         parts = split_path(path)
@@ -85,20 +90,13 @@ class Version:
     def walk(self, prefix: str = "", *, dirs: bool = False) -> Iterator[Entry]:
         """Every entry under ``prefix`` (depth first, sorted); directories only with ``dirs=True``."""
         start = self.entry(prefix)
-        if start.kind != DIR:
+        if start.kind != DIR or start.tree_id is None:
             yield start
             return
-        stack = [start]
-        while stack:
-            d = stack.pop()
-            kids = self.listdir(d.path)
-            for e in kids:
-                if e.kind == DIR:
-                    if dirs:
-                        yield e
-                else:
-                    yield e
-            stack.extend(reversed([e for e in kids if e.kind == DIR]))
+        for path, _, tree in iter_trees(self.trees.load_tree, start.tree_id, base=start.path):
+            for te in tree.entries:
+                if te.kind != DIR or dirs:
+                    yield _to_entry(f"{path}/{te.name}" if path else te.name, te)
 
     def __iter__(self) -> Iterator[Entry]:
         return self.walk()
@@ -109,13 +107,15 @@ class Version:
         e = self.entry(entry) if isinstance(entry, str) else entry
         if e.kind != FILE or e.sha256 is None:
             raise UsageError(f"{e.path!r} is not a file")
-        rec = self.repo.catalog.file(e.sha256)
-        if rec is None:
-            raise CorruptData(f"file record {e.sha256} for {e.path!r} is missing from the catalog")
-        return rec
+        return self.trees.file_record(e.sha256)
 
-    def open(self, path: str) -> "VersionFile":
-        return VersionFile(self.repo, self.file_record(path))
+    def reader(self, entry: Entry | str) -> FileReader:
+        """The file's bytes by offset (what `open`, the mount and fsspec read through)."""
+        return FileReader(self.chunks, self.file_record(entry))
+
+    def open(self, path: str | Entry) -> VersionFile:
+        """A seekable binary file object; reads only the chunks it needs, with read-ahead."""
+        return VersionFile(self.reader(path))
 
     def read_bytes(self, path: str) -> bytes:
         with self.open(path) as f:
@@ -131,11 +131,11 @@ class Version:
         ``repo.commit_version(name, selection)`` to make a derived dataset without copying bytes."""
         return Selection([e for e in self.walk(prefix) if fn(e)], source=self)
 
-    def mount(self, mountpoint: str, **options: Any) -> "AbstractContextManager[str]":
+    def mount(self, mountpoint: str, **options: Any) -> AbstractContextManager[str]:
         """``with v.mount('/mnt/data'): ...`` mounts this version read-only for the block."""
         from tessera.mounting import mounted
 
-        return mounted(self, mountpoint, **options)
+        return mounted(self.home, self.ref, mountpoint, **options)
 
 
 @dataclass
@@ -153,27 +153,23 @@ class Selection:
         return Selection([e for e in self.entries if fn(e)], self.source)
 
 
-def _to_entry(path: str, te: Any) -> Entry:
+def _to_entry(path: str, te: TreeEntry) -> Entry:
     return Entry(path, te.kind, te.mode, te.size, te.id if te.kind == FILE else None, te.target, te.meta,
                  te.id if te.kind == DIR else None)
 
 
 class VersionFile(io.RawIOBase):
-    """A seekable, read-only binary file over a file's chunks; reads only the chunks it needs."""
+    """A seekable, read-only binary file over a `FileReader`: reads only the chunks it needs, and a
+    sequential reader gets the reader's read-ahead."""
 
-    def __init__(self, repo: "Repo", record: FileRecord) -> None:
+    def __init__(self, reader: FileReader) -> None:
         super().__init__()
-        self._repo = repo
-        self.record = record
-        self._ids = [cid for cid, _ in record.chunks]
-        self._starts: list[int] = []
-        pos = 0
-        for _, n in record.chunks:
-            self._starts.append(pos)
-            pos += n
-        self._size = pos
+        self._reader = reader
         self._pos = 0
-        self._cur: tuple[int, bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        return self._reader.size
 
     def readable(self) -> bool:
         return True
@@ -182,7 +178,7 @@ class VersionFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._reader.size}[whence]
         if base + offset < 0:
             raise OSError("negative seek position")
         self._pos = base + offset
@@ -191,37 +187,20 @@ class VersionFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def _chunk(self, i: int) -> bytes:
-        if self._cur is not None and self._cur[0] == i:
-            return self._cur[1]
-        data = self._repo.read_chunk(self._ids[i])
-        self._cur = (i, data)
-        return data
-
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        want = min(len(view), self._size - self._pos)
         done = 0
-        while done < want:
-            i = bisect.bisect_right(self._starts, self._pos) - 1
-            data = self._chunk(i)
-            off = self._pos - self._starts[i]
-            n = min(want - done, len(data) - off)
-            view[done:done + n] = data[off:off + n]
-            done += n
-            self._pos += n
+        for seg in self._reader.read_plan(self._pos, len(view)):
+            data = seg if isinstance(seg, bytes) else seg.read()
+            view[done:done + len(data)] = data
+            done += len(data)
+        self._pos += done
         return done
 
     def readall(self) -> bytes:
-        if self._pos == 0 and self._cur is None:
-            out = b"".join(self._repo.read_chunk(cid) for cid in self._ids)
-            self._pos = self._size
-            return out
-        return super().readall()
-
-    @property
-    def size(self) -> int:
-        return self._size
+        data = self._reader.read(self._pos, max(0, self._reader.size - self._pos))
+        self._pos += len(data)
+        return data
 
 
 @dataclass(frozen=True)
@@ -253,6 +232,7 @@ def diff_versions(a: Version, b: Version) -> list[Change]:
                     out.append(Change("added", path, None, _to_entry(path, y)))
                 walk(x.id if xd else None, y.id if yd else None, path)  # type: ignore[union-attr]
             elif x is None:
+                assert y is not None
                 out.append(Change("added", path, None, _to_entry(path, y)))
             elif y is None:
                 out.append(Change("removed", path, _to_entry(path, x), None))

@@ -375,7 +375,7 @@ def test_corrupt_chunk_gives_eio_and_the_mount_stays_up(env: dict, tmp_path: Pat
     with tessera.Repo(home) as repo:
         v = repo.commit("fragile", src)
         cid = v.file_record("victim.bin").chunks[1][0]
-        loc = repo.store.location(cid)
+        loc = repo.chunks.location(cid)
         start = v.file_record("victim.bin").chunks[0][1]
         pack = repo.store.pack_path(loc.pack)
     with open(pack, "r+b") as f:  # flip one byte inside the second chunk of victim.bin

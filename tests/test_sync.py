@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import time
@@ -26,12 +27,14 @@ PACK_TARGET = 1 << 20
 # -- helpers ------------------------------------------------------------------------------------------
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str, retried: bool = False) -> str:
-    """Exactly one ``error:`` line and no traceback; with ``retried``, logged retry warnings may come first."""
+    """Exactly one ``error:`` line, last, and no traceback. Before it only the CLI's one-line notices
+    (``tessera: ... asking origin``) may come; with ``retried``, also logged retry lines (-v only)."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    if retried:
-        assert all("WARNING" in ln and "retry" in ln for ln in lines[:-1]), proc.stderr
-        lines = lines[-1:]
+    notices = [ln for ln in lines[:-1] if ln.startswith("tessera: ") and "WARNING" not in ln]
+    retries = [ln for ln in lines[:-1] if retried and "WARNING" in ln and "retry" in ln]
+    assert len(notices) + len(retries) == len(lines) - 1, proc.stderr
+    lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])
@@ -305,11 +308,19 @@ def test_push_survives_resets_503s_and_slow_responses(tmp_path: Path, s3_bucket:
     fault_proxy.fail_next(2, 503, after=3)
     fault_proxy.drop_responses(1, after=6)
     fault_proxy.delay_responses(2.5, count=1)
-    proc = cli("push", "ds", env=env(home, TESSERA_REMOTE_TIMEOUT="1"), check=True)
+    proc = cli("-v", "push", "ds", env=env(home, TESSERA_REMOTE_TIMEOUT="1"), check=True)
     assert "pushed" in proc.stdout and "retry" in proc.stderr
     assert fault_proxy.stats.resets == 2 and fault_proxy.stats.failures == 2
+    more = tmp_path / "more"  # `source` is shared by the module's tests: change a copy
+    shutil.copytree(source, more, symlinks=True)
+    (more / "extra.txt").write_text("one more version\n")
+    commit(cli, home, "ds", more)
+    fault_proxy.fail_next(2, 503)
+    proc = cli("push", "ds", env=env(home, TESSERA_REMOTE_TIMEOUT="1"), check=True)
+    assert fault_proxy.stats.failures == 4 and proc.stderr == ""  # retries are chatter: shown with -v only
     clone = fresh_home(tmp_path, cli, s3_bucket, "clone")
     cli("pull", ref, env=env(clone), check=True)
+    cli("pull", "ds", env=env(clone), check=True)
     assert cli("fsck", env=env(clone), check=True).stdout.startswith("ok:")
 
 
@@ -381,9 +392,31 @@ def test_remote_has_the_dataset_but_not_the_version(pushed, tmp_path: Path, cli)
     url, ref, _ = pushed
     fresh = fresh_home(tmp_path, cli, url)
     one_line_error(cli("pull", "ds@deadbeef00", env=env(fresh)), 3, "no version deadbeef00", "origin")
-    one_line_error(cli("ls", "ds@deadbeef00", env=env(fresh)), 3, "no version deadbeef00", "origin")
-    one_line_error(cli("pull", "other", env=env(fresh)), 3, "remote origin has no dataset 'other'")
+    # the dataset is known here now: a bad prefix is a local answer, with a hint
+    one_line_error(cli("ls", "ds@deadbeef00", env=env(fresh)), 3, "no version deadbeef00", "tessera pull")
+    one_line_error(cli("pull", "other", env=env(fresh)), 3, "not in this home, nor on origin")
     one_line_error(cli("ls", "other", env=env(fresh)), 3, "unknown dataset 'other'")
+
+
+def test_known_datasets_resolve_locally_without_asking_the_remote(pushed, tmp_path: Path, cli) -> None:
+    """Local typos stay local and fast: with the remote unreachable (a dead endpoint), refs of a dataset
+    this home has resolve (or fail) here; only an unknown dataset is looked for there, saying so."""
+    url, ref, _ = pushed
+    home = fresh_home(tmp_path, cli, url)
+    cli("pull", "ds", "--metadata-only", env=env(home), check=True)
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        port = dead.getsockname()[1]
+    e = env(home, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", TESSERA_REMOTE_RETRIES="0")
+    start = time.monotonic()
+    for args in (("ls", "ds@000000"), ("diff", "ds@000000", "ds"), ("tag", "ds:nope", "v1"), ("show", "ds:nope")):
+        one_line_error(cli(*args, env=e), 3, "ds")
+    assert ref.split("@")[1][:12] in cli("log", "ds", env=e, check=True).stdout  # the local history
+    assert cli("ls", ref, env=e).returncode == 0
+    assert time.monotonic() - start < 15  # no retries, no timeouts: nothing was asked
+    err = one_line_error(cli("ls", "unknown", env=e), 9)  # an unknown dataset is asked for, saying so
+    assert "127.0.0.1" in err or "connect" in err.lower()
+    assert "unknown is not in this home; asking origin" in cli("ls", "unknown", env=e).stderr
 
 
 def test_remote_bytes_that_fail_their_hash(pushed, tmp_path: Path, s3_client, cli) -> None:
@@ -410,7 +443,7 @@ def _forge_version(s3_client, url: str, entries: list[dict]) -> str:
     """Write a version whose root tree has ``entries`` (hashes all consistent) under dataset ``evil``."""
     from tessera.format.pack import KIND_FILE, KIND_TREE
     from tessera.model import HistoryEntry
-    from tessera.sync import MetaPackBuilder, VersionObject, encode_history, history_key
+    from tessera.remote.wire import MetaPackBuilder, VersionObject, encode_history, history_key
 
     tree = json.dumps({"format": 1, "entries": entries}, sort_keys=True, separators=(",", ":")).encode()
     root = hashlib.sha256(tree).hexdigest()

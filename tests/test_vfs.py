@@ -39,7 +39,7 @@ def src(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_repo(tmp_path: Path):
-    r = tessera.Repo(tmp_path / "home", settings=SMALL_CHUNKS)
+    r = tessera.Repo(tmp_path / "home", settings=SMALL_CHUNKS, chunk_cache_bytes=256 * 1024)
     yield r
     r.close()
 
@@ -47,7 +47,7 @@ def small_repo(tmp_path: Path):
 @pytest.fixture
 def fs(small_repo: tessera.Repo, src: Path):
     v = small_repo.commit("ds", src)
-    f = VersionFS(v, cache_bytes=256 * 1024)
+    f = VersionFS(v)
     yield f
     f.close()
 
@@ -110,22 +110,22 @@ def test_random_reads_match_source(fs: VersionFS, src: Path) -> None:
 
 def test_read_plan_uses_file_ranges_for_raw_chunks(fs: VersionFS, small_repo: tessera.Repo) -> None:
     v = fs.version
-    codecs = {small_repo.store.location(cid).codec for cid, _ in v.file_record("data/random.bin").chunks}
+    codecs = {small_repo.chunks.location(cid).codec for cid, _ in v.file_record("data/random.bin").chunks}
     assert codecs == {RAW}
     first = fs.read_plan("/data/random.bin", 1000, 200_000)  # first touch: whole chunks come as checked bytes
     assert sum(len(s) if isinstance(s, bytes) else s.size for s in first) == 200_000
     plan = fs.read_plan("/data/random.bin", 1000, 200_000)  # verified: plain (fd, offset) ranges
     assert plan and all(isinstance(s, FileRange) for s in plan)
     assert sum(s.size for s in plan) == 200_000
-    codecs = {small_repo.store.location(cid).codec for cid, _ in v.file_record("data/text.csv").chunks}
+    codecs = {small_repo.chunks.location(cid).codec for cid, _ in v.file_record("data/text.csv").chunks}
     assert codecs == {ZSTD}
     assert all(isinstance(s, bytes) for s in fs.read_plan("/data/text.csv", 1000, 200_000))
 
 
-def test_chunk_cache_is_byte_bounded(fs: VersionFS) -> None:
+def test_chunk_cache_is_byte_bounded(fs: VersionFS, small_repo: tessera.Repo) -> None:
     for off in range(0, 1 << 20, 1000):  # small reads across many compressed chunks
         fs.read("/data/text.csv", off, 100)
-    assert 0 < fs._chunks.size <= 256 * 1024
+    assert 0 < small_repo.chunks._decoded.size <= 256 * 1024
 
 
 def test_xattrs_and_statfs(fs: VersionFS, src: Path) -> None:
@@ -141,8 +141,8 @@ def test_xattrs_and_statfs(fs: VersionFS, src: Path) -> None:
 def test_lookups_do_not_scan(small_repo: tessera.Repo, src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     v = small_repo.commit("ds", src)
     loaded: list[str] = []
-    real = small_repo.load_tree
-    monkeypatch.setattr(small_repo, "load_tree", lambda tid: loaded.append(tid) or real(tid))
+    real = small_repo.trees.load_tree
+    monkeypatch.setattr(small_repo.trees, "load_tree", lambda tid: loaded.append(tid) or real(tid))
     fs = VersionFS(v)
     assert loaded == []  # nothing read at mount time
     fs.stat("/sub/deeper/x.txt")
@@ -152,7 +152,7 @@ def test_lookups_do_not_scan(small_repo: tessera.Repo, src: Path, monkeypatch: p
 def test_corrupt_chunk_raises_and_other_files_still_read(fs: VersionFS, small_repo: tessera.Repo, src: Path) -> None:
     v = fs.version
     cid = v.file_record("data/random.bin").chunks[3][0]
-    loc = small_repo.store.location(cid)
+    loc = small_repo.chunks.location(cid)
     pack = small_repo.store.pack_path(loc.pack)
     with open(pack, "r+b") as f:
         f.seek(loc.offset + 100)
@@ -164,7 +164,7 @@ def test_corrupt_chunk_raises_and_other_files_still_read(fs: VersionFS, small_re
         fs.read("/data/random.bin", start + 10, 10)
     with pytest.raises(CorruptData):  # never served later either
         fs.read("/data/random.bin", 0, 1 << 20)
-    assert fs.errors >= 2
+    assert small_repo.chunks.errors >= 2
     assert fs.read("/data/tiny.txt", 0, 100) == b"tiny\n"
     assert fs.read("/data/random.bin", 0, start) == (src / "data" / "random.bin").read_bytes()[:start]
 

@@ -20,22 +20,12 @@ from sqlite_utils import Database
 from tessera.catalog.schema import SCHEMA_VERSION, migrations
 from tessera.errors import SchemaTooNew, TesseraError
 from tessera.format.pack import BlobInfo
-from tessera.model import FileRecord, HistoryEntry
+from tessera.model import ChunkLocation, FileRecord, HistoryEntry
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 60.0
 _BATCH = 500
-
-
-@dataclass(frozen=True)
-class ChunkLocation:
-    id: bytes
-    pack: str
-    offset: int
-    stored_len: int
-    raw_len: int
-    codec: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +70,9 @@ class DirRow:
 def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+_CHUNK_COLS = "id, pack, offset, stored_len, raw_len, codec"
 
 
 class Catalog:
@@ -134,13 +127,26 @@ class Catalog:
                 raise
             self.conn.execute("COMMIT")
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read query (the table modules `remote_state`, `daemon_state` use this too)."""
         with self._lock:
             return self.conn.execute(sql, params).fetchall()
 
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         with self._lock:
-            return self.conn.execute(sql, params).fetchone()
+            row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
+            return row
+
+    _all = query
+    _one = query_one
+
+    def select_in(self, sql: str, values: Sequence[Any], params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` whose ``{in}`` placeholder stands for ``IN (?, ...)`` over ``values``, asked
+        in batches of 500 (SQLite's variable limit); ``params`` come before the values."""
+        out: list[tuple[Any, ...]] = []
+        for part in _chunks(list(values)):
+            out.extend(self.query(sql.replace("{in}", f"IN ({','.join('?' * len(part))})"), (*params, *part)))
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -160,17 +166,21 @@ class Catalog:
         with self.write() as c:
             c.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
 
+    def delete_setting(self, key: str) -> None:
+        with self.write() as c:
+            c.execute("DELETE FROM settings WHERE key = ?", (key,))
+
     # -- datasets, history, tags -------------------------------------------------------------------
 
     def datasets(self) -> list[DatasetInfo]:
-        rows = self._all(
+        rows = self.query(
             "SELECT d.name, d.head, d.created, (SELECT count(*) FROM history h WHERE h.dataset = d.name)"
             " FROM datasets d ORDER BY d.name"
         )
         return [DatasetInfo(name, head, n, created) for name, head, created, n in rows]
 
     def dataset_head(self, name: str) -> tuple[bool, str | None]:
-        row = self._one("SELECT head FROM datasets WHERE name = ?", (name,))
+        row = self.query_one("SELECT head FROM datasets WHERE name = ?", (name,))
         return (row is not None, row[0] if row else None)
 
     def history(self, dataset: str, limit: int | None = None) -> list[HistoryEntry]:
@@ -180,10 +190,10 @@ class Catalog:
         )
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [self._history_row(r) for r in self._all(sql, (dataset,))]
+        return [self._history_row(r) for r in self.query(sql, (dataset,))]
 
     def history_entry(self, dataset: str, hash: str) -> HistoryEntry | None:
-        row = self._one(
+        row = self.query_one(
             "SELECT h.seq, h.dataset, h.hash, h.parent, h.time, h.author, h.message, h.meta, v.files, v.size"
             " FROM history h JOIN versions v ON v.hash = h.hash WHERE h.dataset = ? AND h.hash = ?"
             " ORDER BY h.seq DESC LIMIT 1",
@@ -197,19 +207,19 @@ class Catalog:
         return HistoryEntry(dataset, hash_, parent, t, author, message, json.loads(meta), files, size, seq)
 
     def find_versions(self, dataset: str, prefix: str) -> list[str]:
-        rows = self._all(
+        rows = self.query(
             "SELECT DISTINCT hash FROM history WHERE dataset = ? AND hash >= ? AND hash < ? ORDER BY hash",
             (dataset, prefix, prefix + "g"),
         )
         return [r[0] for r in rows]
 
     def tag(self, dataset: str, tag: str) -> str | None:
-        row = self._one("SELECT hash FROM tags WHERE dataset = ? AND tag = ?", (dataset, tag))
+        row = self.query_one("SELECT hash FROM tags WHERE dataset = ? AND tag = ?", (dataset, tag))
         return row[0] if row else None
 
     def tags(self, dataset: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for tag, hash_ in self._all("SELECT tag, hash FROM tags WHERE dataset = ? ORDER BY tag", (dataset,)):
+        for tag, hash_ in self.query("SELECT tag, hash FROM tags WHERE dataset = ? ORDER BY tag", (dataset,)):
             out.setdefault(hash_, []).append(tag)
         return out
 
@@ -218,10 +228,10 @@ class Catalog:
             c.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (dataset, tag, hash))
 
     def has_version(self, hash: str) -> bool:
-        return self._one("SELECT 1 FROM versions WHERE hash = ?", (hash,)) is not None
+        return self.query_one("SELECT 1 FROM versions WHERE hash = ?", (hash,)) is not None
 
     def version_hashes(self) -> list[str]:
-        return [r[0] for r in self._all("SELECT hash FROM versions ORDER BY hash")]
+        return [r[0] for r in self.query("SELECT hash FROM versions ORDER BY hash")]
 
     def record_version(self, entry: HistoryEntry, trees: Iterable[tuple[str, bytes]],
                        *, move_head: bool = True) -> bool:
@@ -249,10 +259,84 @@ class Catalog:
                 c.execute("UPDATE datasets SET head = ? WHERE name = ?", (entry.hash, entry.dataset))
             return True
 
+    def import_version(self, hash: str, files: int, size: int, history: Sequence[HistoryEntry]) -> None:
+        """Add a version learnt from a remote (its trees, files and chunks already recorded) and its
+        history entries, in time order; entries the catalog already has are skipped. Each dataset's head
+        becomes its newest entry by time. Joins the caller's transaction if there is one."""
+        now = time.time()
+        with self.write() as c:
+            c.execute("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)", (hash, files, size, now))
+            for e in sorted(history, key=lambda e: e.time):
+                dup = c.execute("SELECT 1 FROM history WHERE dataset = ? AND hash = ? AND time = ?",
+                                (e.dataset, e.hash, e.time)).fetchone()
+                if dup:
+                    continue
+                if not c.execute("SELECT 1 FROM datasets WHERE name = ?", (e.dataset,)).fetchone():
+                    c.execute("INSERT INTO datasets VALUES (?, NULL, ?)", (e.dataset, now))
+                c.execute("INSERT INTO history (dataset, hash, parent, time, author, message, meta)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (e.dataset, e.hash, e.parent, e.time, e.author, e.message,
+                           json.dumps(e.meta, sort_keys=True)))
+                c.execute("UPDATE datasets SET head = (SELECT h.hash FROM history h JOIN versions v ON v.hash = h.hash"
+                          " WHERE h.dataset = ? ORDER BY h.time DESC, h.seq DESC LIMIT 1) WHERE name = ?",
+                          (e.dataset, e.dataset))
+
+    def append_history(self, entry: HistoryEntry) -> None:
+        """Record ``entry`` for a version the dataset already has, without moving its head (a run that
+        produced the head's content again, with its own lineage)."""
+        with self.write() as c:
+            c.execute("INSERT INTO history (dataset, hash, parent, time, author, message, meta)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (entry.dataset, entry.hash, entry.parent, entry.time, entry.author, entry.message,
+                       json.dumps(entry.meta, sort_keys=True)))
+
+    def history_for(self, dataset: str, hash: str) -> list[HistoryEntry]:
+        """Every history entry recording ``dataset@hash`` (usually one), oldest first."""
+        return [e for e in reversed(self.history(dataset)) if e.hash == hash]
+
+    def datasets_of(self, hash: str) -> list[str]:
+        """The datasets whose history records version ``hash``."""
+        return [r[0] for r in self.query("SELECT DISTINCT dataset FROM history WHERE hash = ? ORDER BY dataset",
+                                         (hash,))]
+
+    def dataset_hashes(self, dataset: str) -> list[str]:
+        """The versions of a dataset, oldest first (each once)."""
+        rows = self.query("SELECT hash, min(seq) FROM history WHERE dataset = ? GROUP BY hash ORDER BY 2", (dataset,))
+        return [r[0] for r in rows]
+
+    def history_after(self, dataset: str, seq: int) -> list[HistoryEntry]:
+        """Entries of ``dataset`` recorded after entry number ``seq``, oldest first."""
+        return [e for e in reversed(self.history(dataset)) if e.seq > seq]
+
+    def last_seq(self, dataset: str, hash: str) -> int:
+        """The number of the newest entry recording ``dataset@hash`` (0: none)."""
+        row = self.query_one("SELECT max(seq) FROM history WHERE dataset = ? AND hash = ?", (dataset, hash))
+        return int(row[0] or 0) if row else 0
+
+    def amend_history(self, seq: int, meta: dict[str, Any], message: str | None = None) -> None:
+        """Replace the metadata (and message) of one history entry. Neither is part of the version hash;
+        `tessera run` turns its last periodic version into the final one this way."""
+        with self.write() as c:
+            c.execute("UPDATE history SET meta = ? WHERE seq = ?", (json.dumps(meta, sort_keys=True), seq))
+            if message is not None:
+                c.execute("UPDATE history SET message = ? WHERE seq = ?", (message, seq))
+
+    def tags_at(self, dataset: str, hash: str) -> list[str]:
+        return [r[0] for r in self.query("SELECT tag FROM tags WHERE dataset = ? AND hash = ? ORDER BY tag",
+                                         (dataset, hash))]
+
+    def set_tag_if_missing(self, dataset: str, tag: str, hash: str) -> str | None:
+        """Set a tag learnt from a remote unless the dataset already has a tag of that name; returns the
+        hash the local tag names when it differs (the tags diverged), else None."""
+        with self.write() as c:
+            c.execute("INSERT OR IGNORE INTO tags VALUES (?, ?, ?)", (dataset, tag, hash))
+            row = c.execute("SELECT hash FROM tags WHERE dataset = ? AND tag = ?", (dataset, tag)).fetchone()
+            return row[0] if row and row[0] != hash else None
+
     # -- trees and files --------------------------------------------------------------------------
 
     def tree(self, tree_id: str) -> bytes | None:
-        row = self._one("SELECT data FROM trees WHERE id = ?", (tree_id,))
+        row = self.query_one("SELECT data FROM trees WHERE id = ?", (tree_id,))
         return row[0] if row else None
 
     def add_trees(self, trees: Iterable[tuple[str, bytes]]) -> None:
@@ -260,26 +344,18 @@ class Catalog:
             c.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
 
     def file(self, file_id: str) -> FileRecord | None:
-        row = self._one("SELECT size, chunks FROM files WHERE id = ?", (file_id,))
+        row = self.query_one("SELECT size, chunks FROM files WHERE id = ?", (file_id,))
         if row is None:
             return None
         return FileRecord(file_id, row[0], FileRecord.chunks_from_bytes(row[1]))
 
     def files_by_id(self, file_ids: Sequence[str]) -> dict[str, FileRecord]:
         """Many file records in a few queries (ids not in the catalog are absent from the result)."""
-        out: dict[str, FileRecord] = {}
-        for part in _chunks(list(file_ids)):
-            q = ",".join("?" * len(part))
-            for fid, size, chunks in self._all(f"SELECT id, size, chunks FROM files WHERE id IN ({q})", part):
-                out[fid] = FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks))
-        return out
+        return {fid: FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks))
+                for fid, size, chunks in self.select_in("SELECT id, size, chunks FROM files WHERE id {in}", file_ids)}
 
     def known_files(self, ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for part in _chunks(list(ids)):
-            q = ",".join("?" * len(part))
-            found.update(r[0] for r in self._all(f"SELECT id FROM files WHERE id IN ({q})", part))
-        return found
+        return {r[0] for r in self.select_in("SELECT id FROM files WHERE id {in}", ids)}
 
     def add_files(self, records: Iterable[FileRecord]) -> None:
         with self.write() as c:
@@ -289,51 +365,67 @@ class Catalog:
     # -- chunks and packs -------------------------------------------------------------------------
 
     def chunk(self, chunk_id: bytes) -> ChunkLocation | None:
-        row = self._one(
-            "SELECT pack, offset, stored_len, raw_len, codec FROM chunks WHERE id = ?", (chunk_id,)
-        )
-        return ChunkLocation(chunk_id, *row) if row else None
+        row = self.query_one(f"SELECT {_CHUNK_COLS} FROM chunks WHERE id = ?", (chunk_id,))
+        return ChunkLocation(*row) if row else None
 
     def chunks_by_id(self, chunk_ids: Sequence[bytes]) -> dict[bytes, ChunkLocation]:
         """Many chunk locations in a few queries (unknown ids are absent from the result)."""
-        out: dict[bytes, ChunkLocation] = {}
-        for part in _chunks(list(chunk_ids)):
-            q = ",".join("?" * len(part))
-            for row in self._all(f"SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks WHERE id IN ({q})",
-                                 part):
-                out[row[0]] = ChunkLocation(*row)
-        return out
+        return {row[0]: ChunkLocation(*row)
+                for row in self.select_in(f"SELECT {_CHUNK_COLS} FROM chunks WHERE id {{in}}", chunk_ids)}
 
-    def known_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
-        found: set[bytes] = set()
-        for part in _chunks(list(ids)):
-            q = ",".join("?" * len(part))
-            found.update(r[0] for r in self._all(f"SELECT id FROM chunks WHERE id IN ({q})", part))
-        return found
+    def local_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The ids whose bytes are in a local pack (written here, or pulled and verified whole): the
+        only chunks a commit may deduplicate against. A location learnt from a remote index is a claim
+        until its pack is here, so it never counts (docs/format.md, "Trust rules")."""
+        return {r[0] for r in self.select_in(
+            "SELECT c.id FROM chunks c JOIN packs p ON p.id = c.pack WHERE p.local = 1 AND c.id {in}", ids)}
 
-    def add_pack(self, pack_id: str, size: int, blobs: Sequence[BlobInfo], *, local: bool = True) -> None:
-        """Record a sealed pack and the chunks it holds (call only after the pack is durable)."""
+    def add_pack(self, pack_id: str, size: int, blobs: Sequence[BlobInfo]) -> None:
+        """Record a sealed local pack and the chunks it holds (call only after the pack is durable). A
+        chunk the catalog knew only in a remote pack now points here: local bytes win over claims."""
         with self.write() as c:
-            c.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, ?)",
-                      (pack_id, size, len(blobs), time.time(), int(local)))
+            c.execute("INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, 1)", (pack_id, size, len(blobs), time.time()))
             c.executemany(
-                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET pack = excluded.pack,"
+                " offset = excluded.offset, stored_len = excluded.stored_len, raw_len = excluded.raw_len,"
+                " codec = excluded.codec WHERE (SELECT local FROM packs WHERE id = chunks.pack) IS NOT 1",
                 ((b.id, pack_id, b.offset, b.stored_len, b.raw_len, b.codec) for b in blobs),
             )
 
+    def add_remote_pack(self, pack: str, size: int, chunks: Sequence[ChunkLocation]) -> None:
+        """Record a pack that lives only on a remote (local = 0) and the chunks its index lists. Known
+        chunks keep their location (a remote index never moves a chunk), and so does a known pack."""
+        with self.write() as c:
+            c.execute("INSERT OR IGNORE INTO packs VALUES (?, ?, ?, ?, 0)", (pack, size, len(chunks), time.time()))
+            c.executemany(f"INSERT OR IGNORE INTO chunks ({_CHUNK_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                          ((x.id, pack, x.offset, x.stored_len, x.raw_len, x.codec) for x in chunks))
+
+    def mark_pack_local(self, pack: str) -> None:
+        """The pack's file is now here, checked whole against its id and index."""
+        with self.write() as c:
+            c.execute("UPDATE packs SET local = 1 WHERE id = ?", (pack,))
+
+    def pack_states(self, ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """Pack id -> (size, is local) for the packs the catalog knows."""
+        return {pid: (size, bool(local))
+                for pid, size, local in self.select_in("SELECT id, size, local FROM packs WHERE id {in}", ids)}
+
+    def drop_chunk_rows(self, rows: Sequence[ChunkLocation]) -> None:
+        """Forget chunk locations found false (`fsck --repair`): each only if it still points there."""
+        with self.write() as c:
+            c.executemany("DELETE FROM chunks WHERE id = ? AND pack = ? AND offset = ?",
+                          ((x.id, x.pack, x.offset) for x in rows))
+
     def packs(self) -> list[PackInfo]:
         return [PackInfo(i, s, b, bool(loc)) for i, s, b, loc in
-                self._all("SELECT id, size, blobs, local FROM packs ORDER BY id")]
+                self.query("SELECT id, size, blobs, local FROM packs ORDER BY id")]
 
     def pack_chunks(self, pack_id: str) -> list[ChunkLocation]:
-        rows = self._all(
-            "SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks WHERE pack = ? ORDER BY offset",
-            (pack_id,),
-        )
+        rows = self.query(f"SELECT {_CHUNK_COLS} FROM chunks WHERE pack = ? ORDER BY offset", (pack_id,))
         return [ChunkLocation(*r) for r in rows]
 
     def stats(self) -> dict[str, int]:
-        row = self._one(
+        row = self.query_one(
             "SELECT (SELECT count(*) FROM datasets), (SELECT count(*) FROM versions),"
             " (SELECT count(*) FROM files), (SELECT count(*) FROM chunks),"
             " (SELECT coalesce(sum(raw_len), 0) FROM chunks), (SELECT coalesce(sum(stored_len), 0) FROM chunks),"

@@ -5,7 +5,6 @@ share one home. Rows come back as dataclasses. The tables are created by migrati
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +42,6 @@ class WatchStatus:
 _PUSH_COLS = "id, remote, dataset, hash, created, attempts, next_try, last_error"
 
 
-# -- remotes ----------------------------------------------------------------------------------------
-
-def remote_names(catalog: Catalog) -> list[str]:
-    """Names of the remotes configured with `tessera remote add`."""
-    return [r[0] for r in catalog._all("SELECT name FROM remotes ORDER BY name")]
-
-
 # -- push queue -------------------------------------------------------------------------------------
 
 def enqueue_push(catalog: Catalog, remote: str, dataset: str, hash: str) -> bool:
@@ -78,17 +70,17 @@ def pending_pushes(catalog: Catalog, remote: str | None = None, dataset: str | N
     if dataset is not None:
         sql += " AND dataset = ?"
         params.append(dataset)
-    return [PushItem(*r) for r in catalog._all(sql + " ORDER BY id", params)]
+    return [PushItem(*r) for r in catalog.query(sql + " ORDER BY id", params)]
 
 
 def due_pushes(catalog: Catalog, now: float, limit: int = 100) -> list[PushItem]:
-    rows = catalog._all(f"SELECT {_PUSH_COLS} FROM push_queue WHERE next_try <= ? ORDER BY id LIMIT ?",
+    rows = catalog.query(f"SELECT {_PUSH_COLS} FROM push_queue WHERE next_try <= ? ORDER BY id LIMIT ?",
                         (now, limit))
     return [PushItem(*r) for r in rows]
 
 
 def next_push_time(catalog: Catalog) -> float | None:
-    row = catalog._one("SELECT min(next_try) FROM push_queue")
+    row = catalog.query_one("SELECT min(next_try) FROM push_queue")
     return row[0] if row else None
 
 
@@ -121,7 +113,7 @@ def retry_pushes_now(catalog: Catalog, remote: str | None = None) -> int:
 # -- watch status -----------------------------------------------------------------------------------
 
 def watch_statuses(catalog: Catalog) -> dict[str, WatchStatus]:
-    rows = catalog._all("SELECT path, dataset, last_event, last_version, last_commit, last_error, updated"
+    rows = catalog.query("SELECT path, dataset, last_event, last_version, last_commit, last_error, updated"
                         " FROM watch_status ORDER BY path")
     return {r[0]: WatchStatus(*r) for r in rows}
 
@@ -164,45 +156,12 @@ def _ensure_status(c: Any, path: str, dataset: str) -> None:
 def unqueued_watch_versions(catalog: Catalog, path: str, dataset: str, remote: str) -> list[str]:
     """Versions this watch committed after its last recorded commit and that are not queued: what a
     crash between recording a version and queueing its push leaves behind."""
-    status = catalog._one("SELECT last_version FROM watch_status WHERE path = ?", (path,))
-    since = 0
-    if status and status[0]:
-        row = catalog._one("SELECT max(seq) FROM history WHERE dataset = ? AND hash = ?", (dataset, status[0]))
-        since = (row[0] or 0) if row else 0
-    rows = catalog._all("SELECT hash, meta FROM history WHERE dataset = ? AND seq > ? ORDER BY seq",
-                        (dataset, since))
+    status = catalog.query_one("SELECT last_version FROM watch_status WHERE path = ?", (path,))
+    since = catalog.last_seq(dataset, status[0]) if status and status[0] else 0
     queued = {i.hash for i in pending_pushes(catalog, remote, dataset)}
     out: list[str] = []
-    for hash_, meta in rows:
-        info = json.loads(meta).get("daemon")
-        if isinstance(info, dict) and info.get("watch") == path and hash_ not in queued and hash_ not in out:
-            out.append(hash_)
+    for e in catalog.history_after(dataset, since):
+        info = e.meta.get("daemon")
+        if isinstance(info, dict) and info.get("watch") == path and e.hash not in queued and e.hash not in out:
+            out.append(e.hash)
     return out
-
-
-# -- lineage of `tessera run` -----------------------------------------------------------------------
-
-def head_history_row(catalog: Catalog, dataset: str) -> tuple[int, str, dict[str, Any]] | None:
-    """(seq, hash, meta) of the newest history row of ``dataset``."""
-    row = catalog._one("SELECT seq, hash, meta FROM history WHERE dataset = ? ORDER BY seq DESC LIMIT 1",
-                       (dataset,))
-    return (row[0], row[1], json.loads(row[2])) if row else None
-
-
-def amend_history_meta(catalog: Catalog, seq: int, meta: dict[str, Any], message: str | None = None) -> None:
-    """Replace the metadata (and message) of one history row. Metadata is not part of the version hash;
-    `tessera run` uses this to turn its last periodic version into the final one when the content did
-    not change at exit."""
-    with catalog.write() as c:
-        c.execute("UPDATE history SET meta = ? WHERE seq = ?", (json.dumps(meta, sort_keys=True), seq))
-        if message is not None:
-            c.execute("UPDATE history SET message = ? WHERE seq = ?", (message, seq))
-
-
-def append_history(catalog: Catalog, dataset: str, hash: str, author: str, message: str,
-                   meta: dict[str, Any]) -> None:
-    """Record that the current head of ``dataset`` was produced (again) by a run, with its lineage."""
-    with catalog.write() as c:
-        c.execute("INSERT INTO history (dataset, hash, parent, time, author, message, meta)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (dataset, hash, hash, time.time(), author, message, json.dumps(meta, sort_keys=True)))

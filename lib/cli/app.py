@@ -71,13 +71,14 @@ def open_repo(ctx: click.Context | None = None) -> "Repo":
     cached = root.obj.get("repo") if root.obj else None
     if cached is None:
         cached = Repo(root.obj.get("home") if root.obj else None)
+        cached.notice = lambda msg: click.echo(f"tessera: {msg}", err=True)
         root.obj["repo"] = cached
         root.call_on_close(cached.close)
     return cached
 
 
 def progress_bar() -> Any:
-    from tessera.progress import terminal_progress
+    from tessera.cli.progress import terminal_progress
 
     return terminal_progress()
 
@@ -101,16 +102,10 @@ def human_time(t: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except (ValueError, KeyError):
-        from tessera.errors import UsageError
+    """'512M', '2G', '1048576' -> bytes (`tessera.config.parse_size`)."""
+    from tessera.config import parse_size as parse
 
-        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
+    return parse(text)
 
 
 def isatty() -> bool:

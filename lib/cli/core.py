@@ -88,17 +88,13 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
 def datasets(as_json: bool, remote_name: str | None) -> None:
     """List the datasets in this home (or on a remote)."""
     repo = open_repo()
-    if remote_name is not None:
-        from tessera.sync import remote_datasets
-
-        rows = remote_datasets(repo, remote_name)  # type: ignore[assignment]
-    else:
-        rows = repo.datasets()
+    found = repo.remote_datasets(remote_name) if remote_name is not None else repo.datasets()
+    rows = [(d.name, d.head, d.versions) for d in found]
     if as_json:
-        emit_json([{"name": d.name, "head": d.head, "versions": d.versions} for d in rows])
+        emit_json([{"name": name, "head": head, "versions": n} for name, head, n in rows])
         return
-    for d in rows:
-        click.echo(f"{d.name}\t{(d.head or '-')[:12]}\t{d.versions} versions")
+    for name, head, n in rows:
+        click.echo(f"{name}\t{(head or '-')[:12]}\t{n} versions")
 
 
 @cli.command()
@@ -256,17 +252,35 @@ def verify(ref: str, directory: str, extra_ok: bool, as_json: bool) -> None:
 
 
 @cli.command()
-def fsck() -> None:
-    """Check the store: every chunk readable with the right hash, every version complete."""
+@click.option("--repair", is_flag=True,
+              help="Re-index every local pack from its own blob headers (local bytes win over remote claims) and, "
+                   "with --remote, forget remote chunk locations that fail their check.")
+@click.option("--remote", "read_remote", is_flag=True,
+              help="Also fetch the chunks of packs that are only on a remote and check them.")
+@click.option("--local", "require_local", is_flag=True,
+              help="A version whose bytes are not all in this home is an error (not only one committed here).")
+def fsck(repair: bool, read_remote: bool, require_local: bool) -> None:
+    """Check the store: every chunk readable with the right hash, every version complete.
+
+    Also says where each version's bytes are: a version committed here must have them all here (else an
+    error); one browsed from a remote may read lazily (a note naming the remote). Exit 5 on any error.
+
+    \b
+    tessera fsck                      # local packs, remote indexes, every version
+    tessera fsck --remote --repair    # also read remote packs; drop false remote locations
+    """
     from tessera.errors import CorruptData
 
-    report = open_repo().fsck(progress=progress_bar())
+    report = open_repo().fsck(progress=progress_bar(), repair=repair, require_local=require_local,
+                              read_remote=read_remote)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     for err in report.errors:
         click.echo(f"error: {err}")
     for g in report.garbage:
         click.echo(f"garbage: {g} (remove with `tessera gc`)")
-    summary = (f"{report.packs} packs, {report.chunks} chunks, {report.versions} versions, "
-               f"{report.files} files checked")
+    summary = (f"{report.packs} packs, {report.chunks} chunks, {report.remote_packs} remote pack indexes, "
+               f"{report.versions} versions, {report.files} files checked")
     if not report.ok:
         raise CorruptData(f"fsck found {len(report.errors)} problems ({summary})")
     click.echo(f"ok: {summary}")

@@ -96,7 +96,7 @@ def watch(directory: str, name: str, remote: str | None, quiet: float, max_wait:
 
     Edits the daemon config; a running daemon picks the change up within a second.
     """
-    from tessera.catalog.daemon_state import remote_names
+    from tessera.catalog.remote_state import remote_names
     from tessera.daemon.config import WatchConfig, add_watch, check_config_against_home, check_not_home, check_watch_dir
     from tessera.daemon.service import read_daemon_info
     from tessera.errors import NotFound, UsageError

@@ -1,4 +1,4 @@
-"""Remote commands: remote add/list/remove/default/cache, push, pull (a thin shell over `tessera.sync`)."""
+"""Remote commands: remote add/list/remove/default/cache, push, pull (a thin shell over `tessera.Repo`)."""
 from __future__ import annotations
 
 import click
@@ -82,12 +82,13 @@ def remote_cache(size: str | None, clear: bool) -> None:
 
     $TESSERA_CACHE_SIZE, when set, overrides the size stored here.
     """
-    from tessera import lazy
+    from tessera.config import parse_size
+    from tessera.diskcache import CACHE_SETTING, DiskCache, cache_dir, cache_size
 
     repo = open_repo()
     if size is not None:
-        repo.catalog.set_setting(lazy.CACHE_SETTING, str(lazy.parse_size(size)))
-    cache = lazy.DiskCache(lazy.cache_dir(repo.home), lazy.cache_size(repo.catalog))
+        repo.catalog.set_setting(CACHE_SETTING, str(parse_size(size)))
+    cache = DiskCache(cache_dir(repo.home), cache_size(repo.catalog))
     if clear:
         cache.clear()
     used, files = cache.usage()
@@ -104,14 +105,13 @@ def push(ref: str | None, remote_name: str | None, all_versions: bool) -> None:
     Only what the remote lacks is sent (known from this home's records, without listing the bucket).
     An interrupted push, run again, uploads only what is still missing.
     """
-    from tessera import sync
     from tessera.errors import UsageError
 
     repo = open_repo()
     if all_versions:
         if ref is not None:
             raise UsageError("give either REF or --all")
-        results = sync.push_all(repo, ref, remote_name, progress=progress_bar())
+        results = repo.push_all(None, remote_name, progress=progress_bar())
         for res in results:
             click.echo(res.summary())
         if not results:

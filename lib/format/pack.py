@@ -9,11 +9,13 @@ lengths, a pack's index can always be rebuilt from the pack alone (`iter_blobs`)
 """
 from __future__ import annotations
 
+import hashlib
 import struct
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator
 
 from tessera.errors import CorruptData
+from tessera.ids import Buffer
 
 PACK_MAGIC = b"TSPACK01"
 BLOB_MAGIC = b"TSB1"
@@ -40,7 +42,39 @@ def encode_header(kind: int, codec: int, blob_id: bytes, raw_len: int, stored_le
     return HEADER.pack(BLOB_MAGIC, kind, codec, len(blob_id), 0, raw_len, stored_len) + blob_id
 
 
-def iter_blobs(data: bytes | memoryview, name: str = "pack") -> Iterator[BlobInfo]:
+Piece = bytes | memoryview
+
+
+class PackBuilder:
+    """Lays out one pack: the magic, then each blob's header, id and stored bytes, keeping the running
+    SHA-256 (the pack id) and the index of its blobs. Where the bytes go is the caller's business:
+    ``write`` receives the pieces of each blob in order (a file for data packs, memory for metadata packs).
+    """
+
+    def __init__(self, write: Callable[[Sequence[Piece]], None]) -> None:
+        self._write = write
+        self._hash = hashlib.sha256(PACK_MAGIC)
+        write((PACK_MAGIC,))
+        self.size = len(PACK_MAGIC)
+        self.blobs: list[BlobInfo] = []
+
+    def add(self, kind: int, codec: int, blob_id: bytes, stored: Piece, raw_len: int) -> BlobInfo:
+        header = encode_header(kind, codec, blob_id, raw_len, len(stored))
+        self._write((header, stored))
+        self._hash.update(header)
+        self._hash.update(stored)
+        info = BlobInfo(kind, codec, blob_id, self.size + len(header), raw_len, len(stored))
+        self.blobs.append(info)
+        self.size += len(header) + len(stored)
+        return info
+
+    @property
+    def id(self) -> str:
+        """The pack id: SHA-256 of every byte written so far."""
+        return self._hash.hexdigest()
+
+
+def iter_blobs(data: Buffer, name: str = "pack") -> Iterator[BlobInfo]:
     """Parse a whole pack held in memory (or mmap); raises CorruptData on any inconsistency."""
     view = memoryview(data)
     if bytes(view[: len(PACK_MAGIC)]) != PACK_MAGIC:

@@ -248,27 +248,3 @@ def _valid_prefix(prefix: str) -> bool:
 
 def _bad_url(url: object) -> UsageError:
     return UsageError(f"unsupported remote URL {url!r}: expected {URL_FORMS}")
-
-
-def open_transport(url: str, *, timeout: float = 10.0, retries: int = 5) -> Transport:
-    """Open the transport for ``url``, wrapped in `Retrying` (``retries`` retries on transient faults).
-
-    ``timeout`` is the connect and read timeout of each network request (S3 only).
-    """
-    parsed = parse_url(url)
-    inner: Transport
-    if parsed.scheme == "memory":
-        from tessera.remote.memory import MemoryTransport
-
-        inner = MemoryTransport(parsed.location, parsed.prefix)
-    elif parsed.scheme == "file":
-        from tessera.remote.local import LocalTransport
-
-        inner = LocalTransport(parsed.location)
-    else:
-        from tessera.remote.s3 import S3Transport
-
-        inner = S3Transport(parsed.location, parsed.prefix, timeout=timeout)
-    from tessera.remote.retry import Retrying
-
-    return Retrying(inner, retries=retries)

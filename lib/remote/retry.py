@@ -49,7 +49,7 @@ class Retrying(Transport):
 
     def backoff(self, attempt: int) -> float:
         """Delay before retry number ``attempt`` (0-based): equal jitter on base * 2**attempt."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** attempt))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _call(self, what: str, fn: Callable[[], T], *, on_retry: Callable[[], None] | None = None) -> T:
@@ -70,7 +70,7 @@ class Retrying(Transport):
                 f"{self.url}: {what} failed after {attempt + 1} attempts: {_one_line(err)}"
             ) from err
         delay = self.backoff(attempt)
-        logger.warning("%s: %s failed (%s), retry %d/%d in %.1f s",
+        logger.info("%s: %s failed (%s), retry %d/%d in %.1f s",  # shown with -v: the final error says it all
                        self.url, what, _one_line(err), attempt + 1, self.retries, delay)
         self._sleep(delay)
 

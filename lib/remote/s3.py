@@ -129,7 +129,7 @@ class S3Transport(Transport):
         if body is None:
             return b""
         with self._boundary("get", key):
-            return body.read()
+            return bytes(body.read())
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> ObjectReader:
         """No transport checksum here, even over a whole object (it costs a CRC32 pass over every
@@ -240,8 +240,8 @@ class _BodyReader(ObjectReader):
             return b""
         with self._transport._boundary("read", self._key):
             if n < 0:
-                return body.read()
-            data = body.read(n)
+                return bytes(body.read())
+            data: bytes = body.read(n)
             if 0 < len(data) < n:  # urllib3 fills the request except at the end: this is rare
                 parts = [data]
                 while n > (got := sum(map(len, parts))) and (more := body.read(n - got)):

@@ -33,7 +33,7 @@ from pathlib import Path
 import xxhash
 
 from tessera.catalog import Catalog
-from tessera.errors import UsageError
+from tessera.config import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -49,21 +49,6 @@ _MAGIC = b"TSR1"
 _HEAD = struct.Struct("<4sI")
 _ENTRY = struct.Struct("<QIQ")
 _LEGACY = struct.Struct("<Q")
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
-    try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
-    if value < 0:
-        raise UsageError(f"bad size {text!r}: must not be negative")
-    return value
 
 
 def cache_size(catalog: Catalog) -> int:
@@ -244,6 +229,15 @@ class DiskCache:
         with self._lock:
             self._remove(name)
         self._path(name).unlink(missing_ok=True)
+
+    def drop_pack(self, pack: str) -> None:
+        """Forget every cached chunk of ``pack`` (its pack file is local now: the copies are dead weight)."""
+        with self._lock:
+            if self._runs is not None:  # an index in memory: keep it true (else nothing to update)
+                for name in [n for n, run in self._runs.items() if run.pack == pack]:
+                    self._remove(name)
+        for path in (self.root / pack[:2]).glob(f"{pack}-*"):
+            path.unlink(missing_ok=True)
 
     def usage(self) -> tuple[int, int]:
         """(bytes, chunks) this process knows to be in the cache."""

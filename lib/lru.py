@@ -1,4 +1,4 @@
-"""A thread-safe LRU bounded by total bytes (decoded chunks, parsed trees)."""
+"""An in-memory, thread-safe LRU bounded by total size (decoded chunks, parsed trees, file layouts)."""
 from __future__ import annotations
 
 import threading

@@ -1,0 +1,291 @@
+"""Pull: bring a remote's versions into this home — their metadata (enough to browse, verify and mount
+with lazy reads), and on request every data pack, so a version is fully local.
+
+Everything fetched is a claim until checked (docs/format.md, "Trust rules"): history entries, version
+objects, indexes and metadata packs are bounded in size and checked field by field (`tessera.remote.wire`),
+trees and metadata packs against their SHA-256, every version's sizes against its trees; a downloaded pack
+against its SHA-256 and every chunk its index lists. Chunk locations learnt from an index are recorded as
+remote (``packs.local = 0``): reads verify each chunk, and no commit deduplicates against them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from tessera.catalog import Catalog
+from tessera.catalog import remote_state as rs
+from tessera.diskcache import DiskCache
+from tessera.errors import CorruptData, NotFound, UsageError, raise_os_error
+from tessera.format.pack import KIND_CHUNK, KIND_FILE, KIND_TREE, iter_blobs
+from tessera.ids import check_dataset_name, check_tag, sha256_hex
+from tessera.model import ChunkLocation, HistoryEntry
+from tessera.parallel import run_parallel
+from tessera.progress import NullProgress, Progress
+from tessera.remote.base import Transport
+from tessera.remote.wire import (
+    INDEX_OBJECT_MAX,
+    META_PACK_MAX,
+    SMALL_OBJECT_MAX,
+    VERSION_OBJECT_MAX,
+    VersionObject,
+    decode_history,
+    decode_index,
+    decode_meta_pack,
+    decode_tag,
+    get_object,
+    history_prefix,
+    index_key,
+    meta_key,
+    pack_key,
+    parse_history_key,
+    tags_prefix,
+    version_key,
+)
+from tessera.remotes import Remote
+from tessera.store import Store, decode_chunk, fsync_dir
+from tessera.trees import version_closure
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_WORKERS = 4
+FETCH_WORKERS = 8
+_PROBLEM = "remote.problem"  # settings key prefix: a remote's history of a dataset that did not all read
+
+
+@dataclass
+class FetchResult:
+    """What fetching a dataset's history found: entries on the remote, and the ones that could not be
+    read or checked (the rest was imported)."""
+
+    entries: int = 0
+    problems: list[str] = field(default_factory=list)
+    diverged_tags: list[tuple[str, str, str]] = field(default_factory=list)  # (tag, ours, theirs)
+
+
+def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str) -> FetchResult:
+    """Bring this home up to date with the remote's history of ``dataset``: history entries, tags, and
+    the metadata of every version not yet local. An entry or version that fails its checks is skipped
+    (the others are imported) and reported in ``problems``; the problem is remembered, so using the
+    dataset warns (`remembered_problem`) until a later fetch reads every entry."""
+    check_dataset_name(dataset)
+    keys = [info.key for info in t.list(history_prefix(dataset))]
+    out = FetchResult(len(keys))
+    if not keys:
+        return out
+    known = rs.known_keys(catalog, remote.name, keys)
+    new = [k for k in keys if k not in known]
+    entries: dict[str, HistoryEntry] = {}
+    failed: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def get_entry(key: str) -> None:
+        try:
+            e = decode_history(key, get_object(t, key, SMALL_OBJECT_MAX), f"{t.url}/{key}")
+        except (CorruptData, NotFound) as exc:
+            with lock:
+                failed[key] = str(exc)
+            return
+        with lock:
+            entries[key] = e
+
+    run_parallel(FETCH_WORKERS, [partial(get_entry, k) for k in new])
+    by_hash: dict[str, list[tuple[str, HistoryEntry]]] = {}
+    for key, e in entries.items():
+        by_hash.setdefault(e.hash, []).append((key, e))
+    for h in sorted(by_hash, key=lambda h: min(e.time for _, e in by_hash[h])):
+        found = by_hash[h]
+        try:
+            files, size, objs = (0, 0, []) if catalog.has_version(h) else fetch_version_metadata(catalog, t, remote, h)
+        except CorruptData as exc:
+            failed.update((key, str(exc)) for key, _ in found)
+            continue
+        with catalog.write():
+            catalog.import_version(h, files, size, [e for _, e in found])
+            rs.mark_keys(catalog, remote.name, [key for key, _ in found] + objs)
+    out.diverged_tags = fetch_tags(catalog, t, remote, dataset)
+    out.problems = [failed[k] for k in sorted(failed)]
+    _remember_problem(catalog, remote, dataset, out.problems[-1] if out.problems else None)
+    return out
+
+
+def fetch_version_metadata(catalog: Catalog, t: Transport, remote: Remote, hash: str) -> tuple[int, int, list[str]]:
+    """Fetch and check the version object, metadata packs and pack indexes of one version and record
+    them (packs as not local). Returns (files, size, remote keys now known)."""
+    where = f"{t.url}/{version_key(hash)}"
+    data = get_object(t, version_key(hash), VERSION_OBJECT_MAX, required_by=f"history (version {hash[:12]})")
+    vobj = VersionObject.from_bytes(hash, data, where)
+    known = rs.known_keys(catalog, remote.name, [meta_key(m) for m in vobj.meta])
+    required_by = f"version {hash[:12]}"
+
+    def get_meta(pack: str) -> None:
+        key = meta_key(pack)
+        trees, files = decode_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by),
+                                        f"{t.url}/{key}")
+        with catalog.write():
+            catalog.add_trees(trees)
+            catalog.add_files(files)
+            rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
+                              [(KIND_FILE, r.id) for r in files])
+
+    run_parallel(FETCH_WORKERS, [partial(get_meta, m) for m in vobj.meta if meta_key(m) not in known])
+    local = catalog.pack_states(list(vobj.packs))
+
+    def get_index(pack: str) -> None:
+        key = index_key(pack)
+        size, chunks = decode_index(pack, get_object(t, key, INDEX_OBJECT_MAX, required_by=required_by),
+                                    f"{t.url}/{key}")
+        catalog.add_remote_pack(pack, size, chunks)
+
+    run_parallel(FETCH_WORKERS, [partial(get_index, p) for p in vobj.packs if p not in local])
+    try:
+        closure = version_closure(catalog, hash)
+    except CorruptData as exc:
+        raise CorruptData(f"{t.url}: version {hash[:12]} is incomplete: {exc}") from None
+    if closure.files != vobj.files or closure.size != vobj.size:
+        raise CorruptData(f"{where} is malformed: it says {vobj.files} files / {vobj.size} bytes, its trees "
+                          f"{closure.files} / {closure.size}")
+    keys = [version_key(hash)] + [meta_key(m) for m in vobj.meta]
+    keys += [k for p in vobj.packs for k in (pack_key(p), index_key(p))]
+    return closure.files, closure.size, keys
+
+
+def fetch_tags(catalog: Catalog, t: Transport, remote: Remote, dataset: str) -> list[tuple[str, str, str]]:
+    """Set the remote's tags of ``dataset`` that this home lacks; returns ``(tag, ours, theirs)`` for
+    tags that name another version here (ours is kept: `Repo.take_remote_tag` takes theirs)."""
+    diverged = []
+    for info in t.list(tags_prefix(dataset)):
+        tag = info.key.rsplit("/", 1)[-1]
+        try:
+            check_tag(tag)
+        except UsageError:
+            logger.warning("%s: ignoring tag with a bad name: %s", t.url, info.key)
+            continue
+        theirs = remote_tag(t, dataset, tag)
+        if catalog.has_version(theirs):
+            ours = catalog.set_tag_if_missing(dataset, tag, theirs)
+            if ours is not None:
+                diverged.append((tag, ours, theirs))
+    return diverged
+
+
+def remote_tag(t: Transport, dataset: str, tag: str) -> str:
+    """The version hash the remote's tag ``dataset:tag`` names (`NotFound` if it has none)."""
+    key = tags_prefix(dataset) + tag
+    return decode_tag(tag, get_object(t, key, SMALL_OBJECT_MAX), f"{t.url}/{key}")
+
+
+def _remember_problem(catalog: Catalog, remote: Remote, dataset: str, problem: str | None) -> None:
+    key = f"{_PROBLEM}.{dataset}"
+    if problem is None:
+        if catalog.setting(key) is not None:
+            catalog.delete_setting(key)
+        return
+    catalog.set_setting(key, json.dumps({"remote": remote.name, "problem": problem}))
+
+
+def remembered_problem(catalog: Catalog, dataset: str) -> str | None:
+    """A one-line warning when the last fetch of ``dataset`` found history it could not read."""
+    raw = catalog.setting(f"{_PROBLEM}.{dataset}")
+    if raw is None:
+        return None
+    try:
+        found = json.loads(raw)
+        return f"{found['remote']}'s history of {dataset} has entries this home could not read ({found['problem']})"
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# -- data packs -------------------------------------------------------------------------------------
+
+def download_packs(catalog: Catalog, store: Store, t: Transport, remote: Remote, hash: str, *,
+                   cache: DiskCache | None = None, progress: Progress | None = None) -> int:
+    """Download the data packs of version ``hash`` that are not local; returns how many."""
+    closure = version_closure(catalog, hash)
+    states = catalog.pack_states(sorted(closure.packs))
+    todo = [p for p, (_, local) in states.items() if not local or not store.has_pack_file(p)]
+    if not todo:
+        return 0
+    progress = progress or NullProgress()
+    progress.start(f"pull {hash[:12]}", sum(states[p][0] for p in todo))
+    try:
+        with store.writing():  # `tessera gc` waits: it must not take our files in tmp/ for garbage
+            run_parallel(DOWNLOAD_WORKERS, [partial(_download_pack, catalog, store, t, remote, p, cache, progress)
+                                            for p in todo])
+    finally:
+        progress.finish()
+    return len(todo)
+
+
+def _download_pack(catalog: Catalog, store: Store, t: Transport, remote: Remote, pack: str,
+                   cache: DiskCache | None, progress: Progress) -> None:
+    tmp = store.tmp_dir / f"pull-{pack[:16]}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        try:
+            t.get_file(pack_key(pack), str(tmp), progress=progress.advance)
+        except NotFound:
+            raise CorruptData(f"{t.url}: {pack_key(pack)} is missing") from None
+        check_downloaded_pack(tmp, pack, catalog.pack_chunks(pack), f"{t.url}/{pack_key(pack)}")
+        final = store.pack_path(pack)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise_os_error(exc, f"downloading pack {pack[:12]}")
+    finally:
+        tmp.unlink(missing_ok=True)
+    catalog.mark_pack_local(pack)
+    rs.mark_keys(catalog, remote.name, [pack_key(pack)])
+    if cache is not None:
+        cache.drop_pack(pack)
+
+
+def check_downloaded_pack(path: Path, pack: str, rows: Sequence[ChunkLocation], where: str) -> None:
+    """The pack's SHA-256 is its id, and every chunk the catalog expects in it is there and decodes."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CorruptData(f"{where} is empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if sha256_hex(m) != pack:
+                raise CorruptData(f"{where} fails its hash check")
+            blobs = {b.offset: b for b in iter_blobs(m, where) if b.kind == KIND_CHUNK}
+            for row in rows:
+                b = blobs.get(row.offset)
+                if b is None or (b.id, b.stored_len, b.raw_len, b.codec) != (row.id, row.stored_len, row.raw_len,
+                                                                              row.codec):
+                    raise CorruptData(f"{where}: its index lists chunk {row.id.hex()}, which the pack does not hold")
+                decode_chunk(row, m[row.offset:row.offset + row.stored_len])
+
+
+# -- listing a remote -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteDataset:
+    name: str
+    head: str
+    versions: int
+    time: float
+
+
+def remote_datasets(t: Transport) -> list[RemoteDataset]:
+    """The datasets a remote holds (from its history keys): name, newest version, version count."""
+    found: dict[str, tuple[str, set[str]]] = {}
+    for info in t.list("history/"):
+        parsed = parse_history_key(info.key)
+        if parsed is None:
+            logger.warning("%s: ignoring unexpected key %s", t.url, info.key)
+            continue
+        dataset, name, hash_ = parsed
+        last, hashes = found.get(dataset, ("", set()))
+        hashes.add(hash_)
+        found[dataset] = (max(last, name), hashes)
+    return [RemoteDataset(ds, last.split("-", 1)[1], len(hashes), int(last[:16]) / 1e6)
+            for ds, (last, hashes) in sorted(found.items())]

@@ -1,0 +1,303 @@
+"""What tessera writes on a remote: every key name and every object codec (docs/format.md, "Remote layout").
+
+This is the executable half of the remote layout spec, and the only module that spells ``packs/…``,
+``meta/…`` and the other keys. Encoders and decoders come in symmetric pairs. Decoders trust nothing:
+each object is bounded in size before it is read, checked field by field, and a metadata pack's blobs
+are bounded before they are decompressed (a hostile bucket can make a read fail, never exhaust memory
+or slip a malformed object past). Transports move the bytes (`tessera.remote.base`); push and pull
+decide what to move (`tessera.push`, `tessera.pull`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.errors import CorruptData, NotFound
+from tessera.format.compress import CODEC_NAMES, MAX_CHUNK, RAW, Compressor, decompress, meta_blob_limit
+from tessera.format.pack import KIND_FILE, KIND_TREE, PACK_MAGIC, PackBuilder, Piece, iter_blobs
+from tessera.ids import sha256_hex
+from tessera.model import DIR, FILE, SYMLINK, ChunkLocation, FileRecord, HistoryEntry, Tree
+from tessera.remote.base import Transport
+
+FORMAT = 1
+META_PACK_TARGET = 16 * 1024 * 1024
+
+# The most bytes a reader fetches for one object of each kind (a bigger object is refused unread).
+SMALL_OBJECT_MAX = 1 << 20  # history entries, tags
+VERSION_OBJECT_MAX = 256 << 20
+INDEX_OBJECT_MAX = 128 << 20
+META_PACK_MAX = 512 << 20
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HISTORY_NAME = re.compile(r"^(\d{16})-([0-9a-f]{64})$")
+_FILE_MODES = (0o644, 0o755)
+_BLOB_HEADER = 16 + 16  # blob header + a 16-byte chunk id: the least gap between two chunks of a data pack
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+def pack_key(pack: str) -> str:
+    return f"packs/{pack}"
+
+
+def index_key(pack: str) -> str:
+    return f"index/{pack}"
+
+
+def meta_key(pack: str) -> str:
+    return f"meta/{pack}"
+
+
+def version_key(hash: str) -> str:
+    return f"versions/{hash}"
+
+
+def history_prefix(dataset: str) -> str:
+    return f"history/{dataset}/"
+
+
+def history_key(e: HistoryEntry) -> str:
+    return f"{history_prefix(e.dataset)}{int(round(e.time * 1e6)):016d}-{e.hash}"
+
+
+def parse_history_key(key: str) -> tuple[str, str, str] | None:
+    """``(dataset, name, version hash)`` of a ``history/<dataset>/<µs>-<hash>`` key, else None."""
+    dataset, _, name = key.removeprefix("history/").partition("/")
+    m = _HISTORY_NAME.match(name)
+    return (dataset, name, m.group(2)) if m is not None and key.startswith("history/") else None
+
+
+def tags_prefix(dataset: str) -> str:
+    return f"refs/{dataset}/tags/"
+
+
+def tag_key(dataset: str, tag: str) -> str:
+    return f"{tags_prefix(dataset)}{tag}"
+
+
+# -- reading objects, bounded ---------------------------------------------------------------------------
+
+def get_object(t: Transport, key: str, limit: int, *, required_by: str | None = None) -> bytes:
+    """The bytes of ``key``, at most ``limit`` of them (`CorruptData` beyond: never read whole). A missing
+    object raises `NotFound`, or `CorruptData` naming ``required_by`` when something needs it."""
+    try:
+        data = t.get(key, 0, limit + 1)
+    except NotFound:
+        if required_by is None:
+            raise
+        raise CorruptData(f"{t.url}: {required_by} needs {key}, which is missing") from None
+    if len(data) > limit:
+        raise CorruptData(f"{t.url}/{key} is larger than any object of its kind ({limit} bytes): refused")
+    return data
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise CorruptData(f"{where} is malformed: not JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CorruptData(f"{where} is malformed: not a format-{FORMAT} tessera object")
+    return obj
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise CorruptData(f"{where} is malformed: {what}")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# -- history entries, tags ------------------------------------------------------------------------------
+
+def encode_history(e: HistoryEntry) -> bytes:
+    return _dumps({"format": FORMAT, "dataset": e.dataset, "hash": e.hash, "parent": e.parent, "time": e.time,
+                   "author": e.author, "message": e.message, "meta": e.meta, "files": e.files, "size": e.size})
+
+
+def decode_history(key: str, data: bytes, where: str) -> HistoryEntry:
+    obj = _loads(data, where)
+    parsed = parse_history_key(key)
+    if parsed is None:
+        raise CorruptData(f"{where} is malformed: bad history key")
+    dataset, _, hash_ = parsed
+    _need(obj.get("dataset") == dataset and obj.get("hash") == hash_, where, "dataset or hash disagrees with its key")
+    parent = obj.get("parent")
+    _need(parent is None or (isinstance(parent, str) and bool(HEX64.match(parent))), where, "bad parent")
+    t = obj.get("time")
+    _need(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0, where, "bad time")
+    _need(isinstance(obj.get("author"), str) and isinstance(obj.get("message"), str), where, "bad author or message")
+    _need(isinstance(obj.get("meta"), dict), where, "meta is not an object")
+    _need(_is_count(obj.get("files")) and _is_count(obj.get("size")), where, "bad files or size")
+    return HistoryEntry(dataset, hash_, parent, float(obj["time"]), obj["author"], obj["message"], obj["meta"],
+                        obj["files"], obj["size"])
+
+
+def encode_tag(dataset: str, tag: str, hash: str) -> bytes:
+    return _dumps({"format": FORMAT, "dataset": dataset, "tag": tag, "hash": hash})
+
+
+def decode_tag(tag: str, data: bytes, where: str) -> str:
+    """The version hash a tag object names."""
+    obj = _loads(data, where)
+    h = obj.get("hash")
+    _need(isinstance(h, str) and bool(HEX64.match(h)) and obj.get("tag") == tag, where, "bad tag object")
+    return str(h)
+
+
+# -- version objects ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VersionObject:
+    """``versions/<hash>``: what a version needs (its metadata packs and data packs)."""
+
+    hash: str
+    files: int
+    size: int
+    meta: tuple[str, ...]
+    packs: tuple[str, ...]
+
+    def to_bytes(self) -> bytes:
+        return _dumps({"format": FORMAT, "hash": self.hash, "files": self.files, "size": self.size,
+                       "meta": list(self.meta), "packs": list(self.packs)})
+
+    @classmethod
+    def from_bytes(cls, hash: str, data: bytes, where: str) -> VersionObject:
+        obj = _loads(data, where)
+        _need(obj.get("hash") == hash, where, "its hash disagrees with its key")
+        _need(_is_count(obj.get("files")) and _is_count(obj.get("size")), where, "bad files or size")
+        for name in ("meta", "packs"):
+            ids = obj.get(name)
+            _need(isinstance(ids, list) and all(isinstance(i, str) and HEX64.match(i) for i in ids), where,
+                  f"bad {name} list")
+        return cls(hash, obj["files"], obj["size"], tuple(obj["meta"]), tuple(obj["packs"]))
+
+
+# -- pack indexes -------------------------------------------------------------------------------------
+
+def encode_index(pack: str, size: int, chunks: Sequence[ChunkLocation]) -> bytes:
+    return _dumps({"format": FORMAT, "pack": pack, "size": size,
+                   "chunks": [[c.id.hex(), c.offset, c.stored_len, c.raw_len, c.codec] for c in chunks]})
+
+
+def decode_index(pack: str, data: bytes, where: str) -> tuple[int, list[ChunkLocation]]:
+    """The chunk list of data pack ``pack``. Beyond the types, the rows must describe a pack that could
+    exist: in offset order, each after the previous one's end plus a blob header, inside the pack, with
+    lengths a chunker makes (raw <= 16 MiB; stored = raw for raw chunks, less for compressed ones)."""
+    obj = _loads(data, where)
+    _need(obj.get("pack") == pack, where, "its pack id disagrees with its key")
+    size = obj.get("size")
+    _need(_is_count(size), where, "bad size")
+    _need(isinstance(obj.get("chunks"), list), where, "no chunk list")
+    out = []
+    end = len(PACK_MAGIC)
+    for row in obj["chunks"]:
+        ok = (isinstance(row, list) and len(row) == 5 and isinstance(row[0], str) and bool(_HEX32.match(row[0]))
+              and all(_is_count(x) for x in row[1:]))
+        _need(ok, where, f"bad chunk row {str(row)[:80]}")
+        cid, offset, stored, raw, codec = row
+        _need(codec in CODEC_NAMES and offset >= end + _BLOB_HEADER and offset + stored <= size, where,
+              f"chunk {cid} overlaps another, lies outside the pack or has an unknown codec")
+        _need(raw <= MAX_CHUNK and (stored == raw if codec == RAW else stored < raw), where,
+              f"chunk {cid} has impossible lengths (stored {stored}, raw {raw})")
+        end = offset + stored
+        out.append(ChunkLocation(bytes.fromhex(cid), pack, offset, stored, raw, codec))
+    return int(obj["size"]), out
+
+
+def check_index_rows(rows: Sequence[ChunkLocation], size: int) -> str | None:
+    """What is wrong with the chunk rows of one data pack (in offset order), or None: the same layout
+    rules `decode_index` applies, for rows already in a catalog (`tessera fsck`)."""
+    end = len(PACK_MAGIC)
+    for x in rows:
+        if x.offset < end + _BLOB_HEADER or x.offset + x.stored_len > size:
+            return f"chunk {x.id.hex()} at offset {x.offset} overlaps another or lies outside the pack"
+        if x.raw_len > MAX_CHUNK or (x.stored_len != x.raw_len if x.codec == RAW else x.stored_len >= x.raw_len):
+            return f"chunk {x.id.hex()} has impossible lengths (stored {x.stored_len}, raw {x.raw_len})"
+        end = x.offset + x.stored_len
+    return None
+
+
+# -- metadata packs ---------------------------------------------------------------------------------
+
+def check_tree(tree: Tree, where: str) -> None:
+    """What `TreeEntry.from_obj` does not already refuse: modes a commit never makes (setuid ...),
+    ids that are not hashes, NUL in symlink targets."""
+    for e in tree.entries:
+        bad = None
+        if e.kind == FILE:
+            if e.mode not in _FILE_MODES or not isinstance(e.id, str) or not HEX64.match(e.id) or e.size < 0:
+                bad = "a bad file entry"
+        elif e.kind == DIR:
+            if e.mode != 0o755 or not isinstance(e.id, str) or not HEX64.match(e.id) or e.size < 0:
+                bad = "a bad directory entry"
+        elif e.kind == SYMLINK:
+            if not isinstance(e.target, str) or "\0" in e.target or e.mode != 0o777:
+                bad = "a bad symlink entry"
+        if bad:
+            raise CorruptData(f"{where}: {bad} {e.name!r}")
+
+
+def decode_meta_pack(pack: str, data: bytes, where: str) -> tuple[list[tuple[str, bytes]], list[FileRecord]]:
+    """Trees and file records of a metadata pack, each checked; every blob is bounded (a hard ceiling
+    and a ratio to its stored size) before it is decompressed."""
+    if sha256_hex(data) != pack:
+        raise CorruptData(f"{where} fails its hash check")
+    trees: list[tuple[str, bytes]] = []
+    files: list[FileRecord] = []
+    for b in iter_blobs(data, where):
+        _need(len(b.id) == 32, where, "bad blob id")
+        try:
+            raw = decompress(b.codec, data[b.offset:b.offset + b.stored_len], b.raw_len,
+                             limit=meta_blob_limit(b.stored_len))
+        except CorruptData as exc:
+            raise CorruptData(f"{where}: blob {b.id.hex()[:12]}: {exc}") from None
+        bid = b.id.hex()
+        if b.kind == KIND_TREE:
+            if sha256_hex(raw) != bid:
+                raise CorruptData(f"{where}: tree {bid[:12]} fails its hash check")
+            try:
+                tree = Tree.from_bytes(raw)
+            except CorruptData as exc:
+                raise CorruptData(f"{where}: tree {bid[:12]}: {exc}") from None
+            check_tree(tree, f"{where}: tree {bid[:12]}")
+            trees.append((bid, raw))
+        elif b.kind == KIND_FILE:
+            chunks = FileRecord.chunks_from_bytes(raw)
+            files.append(FileRecord(bid, sum(n for _, n in chunks), chunks))
+        else:
+            raise CorruptData(f"{where}: unexpected blob kind {b.kind}")
+    return trees, files
+
+
+class MetaPackBuilder:
+    """Trees and file records packed like chunks (zstd when it pays), held in memory up to a target."""
+
+    def __init__(self) -> None:
+        self._parts: list[Piece] = []
+        self._pack = PackBuilder(self._parts.extend)
+        self.blobs: list[tuple[int, str]] = []
+        self._comp = Compressor(3)
+
+    @property
+    def size(self) -> int:
+        return self._pack.size
+
+    def add(self, kind: int, blob_id: str, raw: bytes) -> None:
+        codec, stored = self._comp.compress(raw)
+        self._pack.add(kind, codec, bytes.fromhex(blob_id), bytes(stored), len(raw))
+        self.blobs.append((kind, blob_id))
+
+    def finish(self) -> tuple[str, bytes]:
+        """(pack id, pack bytes)."""
+        return self._pack.id, b"".join(self._parts)
