@@ -66,7 +66,7 @@ class Repo:
         self.transports = Transports(self.catalog, preferred=remote)
         self.chunks = ChunkReader(self.catalog, self.store, remote=self._open_lazy, cache_bytes=chunk_cache_bytes)
         # One-line messages for the user (the CLI prints them on stderr): "not here; asking origin", ...
-        self.notice: Callable[[str], None] = lambda msg: logger.warning("%s", msg)
+        self.notice: Callable[[str], None] = _log_notice
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
         if self.catalog.setting("chunk.avg_size") is None:
@@ -383,6 +383,10 @@ class Repo:
         out["chunk_params"] = self.settings.chunk.to_dict()
         out["compression_level"] = self.settings.compression_level
         return out
+
+
+def _log_notice(msg: str) -> None:
+    logger.log(logging.WARNING if msg.startswith("warning:") else logging.INFO, "%s", msg)
 
 
 def load_entry_meta(path: str | Path) -> MetaFor:

@@ -415,6 +415,7 @@ def test_watched_dir_may_come_and_go(home: Path, tmp_path: Path, daemons, cli) -
 
 # -- the push queue ---------------------------------------------------------------------------------------
 
+@pytest.mark.allow_logs("push of .* failed")
 def test_queue_survives_outage_and_restart(home: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
