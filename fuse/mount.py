@@ -92,7 +92,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     tune_process()
     try:
         binding = load_binding()
-        repo = Repo(home)
+        repo = Repo(home, create=False)
         version = repo.get(ref)
     except TesseraError as exc:
         answer(f"error {exc.exit_code} {exc}")

@@ -17,6 +17,7 @@ from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
 from tessera.format.chunker import ChunkParams
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
+from tessera.home import catalog_path, home_exists, init_lock, is_read_only, read_only_error, require_home
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
 from tessera.model import Entry, FileRecord, HistoryEntry, Tree
 from tessera.progress import Progress
@@ -27,7 +28,6 @@ from tessera.version import Change, Selection, Version, diff_versions, entries_o
 
 logger = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.db"
 TREE_CACHE_BYTES = 64 * 1024 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -43,16 +43,32 @@ class Repo:
     """A tessera home: ``Repo()`` uses ``$TESSERA_HOME`` or ``~/.tessera`` and creates it if needed."""
 
     def __init__(self, home: str | Path | None = None, *, remote: str | None = None,
-                 settings: RepoSettings | None = None) -> None:
+                 settings: RepoSettings | None = None, create: bool = True) -> None:
         """``remote``: the remote (a configured name or a URL) that push, pull and lazy reads use when
-        none is named; default: the remote marked default, or the only one."""
+        none is named; default: the remote marked default, or the only one. ``create=False``: a home
+        that does not exist is `NoHome` (nothing is created). A home this process cannot write opens
+        read-only: reads work, writes raise `ReadOnlyHome`."""
         self.home = Path(home).expanduser() if home is not None else default_home()
         if self.home.exists() and not self.home.is_dir():
             raise UsageError(f"tessera home {self.home} is not a directory")
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.home / CATALOG_FILE)
-        self.store = Store(self.home, self.catalog)
-        self.settings = self._load_settings(settings)
+        if not create:
+            require_home(self.home)
+        self.read_only = is_read_only(self.home)
+        if self.read_only:
+            if not home_exists(self.home):
+                raise read_only_error(self.home)
+            self.catalog = Catalog(catalog_path(self.home), read_only=True)
+            self.store = Store(self.home, self.catalog, read_only=True)
+            self.settings = self._load_settings(settings)
+        else:
+            try:
+                self.home.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create tessera home {self.home}: {exc.strerror}") from None
+            with init_lock(self.home):  # concurrent first commands: one creates, the others wait
+                self.catalog = Catalog(catalog_path(self.home))
+                self.store = Store(self.home, self.catalog)
+                self.settings = self._load_settings(settings)
         self._trees: LRUCache[Tree] = LRUCache(TREE_CACHE_BYTES, sizeof=lambda t: 200 * len(t.entries) + 100)
         self._chunks: LRUCache[bytes] = LRUCache(CHUNK_CACHE_BYTES)
         self.remote = remote
@@ -64,7 +80,10 @@ class Repo:
         self.store.remote_will_need = self._will_need_remote_chunks
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
+        """The store settings; written once, by the process that creates the home (under the init lock)."""
         if self.catalog.setting("chunk.avg_size") is None:
+            if self.read_only:
+                raise read_only_error(self.home)
             chosen = wanted or RepoSettings()
             with self.catalog.write():
                 for k, v in chosen.to_items().items():
@@ -343,6 +362,8 @@ class Repo:
         return fsck(self.catalog, self.store, progress)
 
     def gc(self) -> list[str]:
+        if self.read_only:
+            raise read_only_error(self.home)
         return remove_garbage(self.store, self.catalog)
 
     def stats(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tessera.catalog import Catalog, ChunkLocation
-from tessera.errors import CorruptData, DiskFull, NotFound, TesseraError
+from tessera.errors import CorruptData, DiskFull, NotFound, ReadOnlyHome, TesseraError
 from tessera.faults import crash_point
 from tessera.format.compress import decompress
 from tessera.format.pack import KIND_CHUNK, PACK_MAGIC, BlobInfo, encode_header
@@ -205,13 +205,15 @@ class PackSet:
 
 
 class Store:
-    def __init__(self, home: Path, catalog: Catalog) -> None:
+    def __init__(self, home: Path, catalog: Catalog, *, read_only: bool = False) -> None:
         self.home = home
         self.catalog = catalog
         self.pack_dir = home / "packs"
         self.tmp_dir = home / "tmp"
-        self.pack_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only  # a read-only home: nothing is created, `writing` refuses
+        if not read_only:
+            self.pack_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, PackHandle] = {}
         self._retired: deque[PackHandle] = deque(maxlen=MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
@@ -222,6 +224,9 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Held (shared) by every writer of packs; `gc` takes it exclusively, so it never deletes a
         temporary or not-yet-indexed pack of a running commit or pull."""
+        if self.read_only:
+            raise ReadOnlyHome(f"tessera home {self.home} is read-only (a read-only file system or no write "
+                               "permission): only reading commands work here")
         with self._lock_file(fcntl.LOCK_SH):
             yield
 

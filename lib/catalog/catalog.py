@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -14,11 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import quote
 
 from sqlite_utils import Database
 
 from tessera.catalog.schema import SCHEMA_VERSION, migrations
-from tessera.errors import SchemaTooNew, TesseraError
+from tessera.errors import ReadOnlyHome, SchemaTooNew, TesseraError
 from tessera.format.pack import BlobInfo
 from tessera.model import FileRecord, HistoryEntry
 
@@ -82,18 +84,37 @@ def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
         yield seq[i:i + n]
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open an existing catalog without writing anything. ``immutable=1`` when the directory cannot
+    hold the WAL index (-shm) and none exists: SQLite then reads the database file as is (a home made
+    read-only after its last writer closed it has no WAL content left)."""
+    query = "mode=ro"
+    shm = path.with_name(path.name + "-shm")
+    if not os.access(path.parent, os.W_OK) and not shm.exists():
+        query += "&immutable=1"
+    uri = f"file:{quote(os.fsencode(path))}?{query}"
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+
+
 class Catalog:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """``read_only``: open an existing catalog for reading only (`write` raises `ReadOnlyHome`)."""
         self.path = Path(path)
+        self.read_only = read_only
         self._lock = threading.RLock()
-        conn = sqlite3.connect(
-            str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if read_only:
+                conn = _connect_read_only(self.path)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:
+                conn = sqlite3.connect(
+                    str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
             raise TesseraError(f"catalog {self.path} is not a usable SQLite database: {exc}") from None
-        conn.execute("PRAGMA synchronous=NORMAL")
+        if not read_only:
+            conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA foreign_keys=OFF")
         self.conn = conn
@@ -104,6 +125,7 @@ class Catalog:
 
     def _migrate(self) -> None:
         with self._lock:
+            found = None
             if "settings" in self.db.table_names():
                 found = self._setting_unlocked("schema_version")
                 if found is not None and int(found) > SCHEMA_VERSION:
@@ -111,6 +133,11 @@ class Catalog:
                         f"catalog {self.path} has schema version {found}, this tessera knows up to "
                         f"{SCHEMA_VERSION}: upgrade tessera"
                     )
+            if self.read_only:
+                if found is None or int(found) < SCHEMA_VERSION:
+                    raise ReadOnlyHome(f"catalog {self.path} needs an upgrade to schema version {SCHEMA_VERSION}, "
+                                       "but its home is read-only: open it once where it can be written")
+                return
             if not migrations.pending(self.db):
                 return
             migrations.apply(self.db)
@@ -126,6 +153,9 @@ class Catalog:
             if self.conn.in_transaction:
                 yield self.conn
                 return
+            if self.read_only:
+                raise ReadOnlyHome(f"tessera home {self.path.parent} is read-only (a read-only file system or no "
+                                   "write permission): only reading commands work here")
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn

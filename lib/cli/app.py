@@ -63,14 +63,16 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     ctx.obj = {"home": home}
 
 
-def open_repo(ctx: click.Context | None = None) -> "Repo":
+def open_repo(ctx: click.Context | None = None, *, create: bool = False) -> "Repo":
+    """The home's `Repo`. Only commands that write pass ``create=True``: a read command pointed at a
+    home that does not exist fails with `NoHome` and creates nothing."""
     from tessera.repo import Repo
 
     ctx = ctx or click.get_current_context()
     root = ctx.find_root()
     cached = root.obj.get("repo") if root.obj else None
     if cached is None:
-        cached = Repo(root.obj.get("home") if root.obj else None)
+        cached = Repo(root.obj.get("home") if root.obj else None, create=create)
         root.obj["repo"] = cached
         root.call_on_close(cached.close)
     return cached

@@ -65,7 +65,7 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
     """
     from tessera.repo import load_entry_meta
 
-    repo = open_repo()
+    repo = open_repo(create=True)
     meta = _json_arg(meta_json, "--meta")
     meta_for = load_entry_meta(entry_meta) if entry_meta else None
     res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
@@ -213,7 +213,7 @@ def cat(ref: str, path: str) -> None:
 @click.argument("tag")
 def tag(ref: str, tag: str) -> None:
     """Name version REF as NAME:TAG (moves the tag if it exists)."""
-    v = open_repo().tag(ref, tag)
+    v = open_repo(create=True).tag(ref, tag)
     click.echo(f"{v.name}:{tag} -> {v.ref}")
 
 

@@ -1,0 +1,308 @@
+"""Issue 8 (trust), the local side, tested the way each hole was found:
+
+- the home is never a source or target: export --force of a dataset holding ``catalog.db`` over the
+  home, commit of the home or its packs/, commit of a directory that contains the home;
+- the daemon never versions a torn file: a writer that pauses between two write() calls while
+  max_wait forces commits, and an appender that holds its file open;
+- 10 concurrent first commands on a home that does not exist yet;
+- names that are not valid UTF-8 (and 255-byte names) through commit -> export -> verify -> mount;
+- a read-only home (a real read-only bind mount; a non-root uid without write permission);
+- read commands never create a home (issue 11).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import tessera
+from fuse_probe import fuse_unavailable_reason
+from tessera.errors import ConfigError, NoHome, ReadOnlyHome, UsageError
+from tessera.mounting import is_mounted
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def run(home: Path | str, *args: str | bytes, timeout: float = 120,
+        unprivileged: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """The real `tessera` command; bytes in and out (names that are not UTF-8 stay bytes).
+    ``unprivileged``: without the capabilities that let root ignore file permissions."""
+    env = {**os.environ, "TESSERA_HOME": os.fsdecode(home)}
+    return subprocess.run(["tessera", *args], capture_output=True, env=env, timeout=timeout, cwd="/",
+                          stdin=subprocess.DEVNULL, preexec_fn=drop_dac_capabilities if unprivileged else None)
+
+
+def drop_dac_capabilities() -> None:
+    """In the child before exec: remove CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER from the
+    bounding set, so the command (still uid 0, so it can run this venv's interpreter, which lives under
+    /root) obeys file modes like any user: a home with mode 0555/0444 is not writable to it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> bytes:
+    assert proc.returncode == 0, (proc.args, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def one_line_error(proc: subprocess.CompletedProcess[bytes], code: int, *needles: str) -> str:
+    err = proc.stderr.decode("utf-8", "backslashreplace")
+    assert proc.returncode == code, (proc.args, proc.returncode, proc.stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval)
+
+
+def tree_bytes(root: Path) -> dict[bytes, bytes | None]:
+    """Every path below ``root`` (as bytes) -> file content (None for directories)."""
+    out: dict[bytes, bytes | None] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), base)] = None
+        for f in filenames:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(dirpath, f), base)] = fh.read()
+    return out
+
+
+def home_state(home: Path) -> tuple[Any, ...]:
+    """What a refused command must not change: the catalog's rows and the pack files."""
+    con = sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        rows = tuple(con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                     for t in ("datasets", "versions", "history", "files", "chunks", "packs", "tags", "stat_cache"))
+    finally:
+        con.close()
+    packs = sorted((str(p.relative_to(home)), p.stat().st_size) for p in (home / "packs").rglob("*") if p.is_file())
+    return rows, packs
+
+
+@pytest.fixture
+def fuse_ok() -> None:
+    why = fuse_unavailable_reason()
+    if why is not None:
+        if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
+            pytest.fail(f"FUSE required but unavailable: {why}")
+        pytest.skip(f"FUSE unavailable here: {why}")
+
+
+def mount(home: Path, ref: str, mp: Path) -> None:
+    mp.mkdir(parents=True, exist_ok=True)
+    ok(run(home, "mount", ref, str(mp)))
+    assert is_mounted(str(mp))
+
+
+def umount(home: Path, mp: Path) -> None:
+    if is_mounted(str(mp)):
+        ok(run(home, "umount", str(mp)))
+    assert not is_mounted(str(mp))
+
+
+# -- 3. concurrent first commands on a new home ----------------------------------------------------
+
+@pytest.mark.parametrize("round_", range(5))
+def test_ten_concurrent_first_commands_on_a_new_home(tmp_path: Path, round_: int) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text(f"round {round_}\n")
+    home = tmp_path / "new" / "home"  # neither it nor its parent exists yet
+    env = {**os.environ, "TESSERA_HOME": str(home)}
+    cmds = [["commit", f"d{i}", str(src)] for i in range(6)] + [["init"], ["init"], ["datasets"], ["datasets"]]
+    procs = [subprocess.Popen(["tessera", *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                              stdin=subprocess.DEVNULL) for c in cmds]
+    results = [(c, p.wait(120), p.stdout.read().decode(), p.stderr.read().decode())  # type: ignore[union-attr]
+               for c, p in zip(cmds, procs)]
+    for p in procs:
+        p.stdout.close()  # type: ignore[union-attr]
+        p.stderr.close()  # type: ignore[union-attr]
+    for cmd, code, out, err in results:
+        assert "Traceback" not in err and "locked" not in err and "already exists" not in err, (cmd, err)
+        if cmd[0] == "datasets" and code != 0:  # ran before any command had created the home
+            assert code == 3 and err.strip() == f"error: no tessera home at {home} (commit something or run " \
+                                                 "`tessera init` to create one)", (cmd, code, err)
+        else:
+            assert code == 0, (cmd, code, out, err)
+    listed = ok(run(home, "datasets")).decode().split("\n")
+    assert sorted(line.split("\t")[0] for line in listed if line) == [f"d{i}" for i in range(6)]
+    ok(run(home, "fsck"))
+
+
+def test_init_lock_serialises_catalog_creation(tmp_path: Path) -> None:
+    """The same race inside one process: threads opening one new home."""
+    import threading
+
+    home = tmp_path / "h"
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            tessera.Repo(home).close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with tessera.Repo(home) as repo:
+        assert repo.catalog.setting("schema_version") is not None and repo.catalog.setting("chunk.avg_size")
+
+
+# -- 5. a read-only home -------------------------------------------------------------------------------
+
+def reads_work(home: Path, tmp_path: Path, ref: str, src: Path, unprivileged: bool = False) -> None:
+    """datasets, log, ls, show, cat, diff, export, verify, fsck, stats on ``home``; writes refused."""
+    assert ok(run(home, "datasets", unprivileged=unprivileged)).startswith(b"ro\t")
+    assert ref[3:15].encode() in ok(run(home, "log", "ro", unprivileged=unprivileged))
+    assert sorted(ok(run(home, "ls", "-r", "ro", unprivileged=unprivileged)).split()) == [b"a.txt", b"sub/", b"sub/b.bin"]
+    assert ref.encode() in ok(run(home, "show", "ro", unprivileged=unprivileged))
+    assert ok(run(home, "cat", "ro", "a.txt", unprivileged=unprivileged)) == b"alpha\n"
+    assert ok(run(home, "diff", "ro", ref, unprivileged=unprivileged)) == b""
+    out = Path(tempfile.mkdtemp(dir=tmp_path))
+    os.chmod(out, 0o777)
+    ok(run(home, "export", "ro", str(out / "x"), unprivileged=unprivileged))
+    assert tree_bytes(out / "x") == tree_bytes(src)
+    ok(run(home, "verify", "ro", str(out / "x"), unprivileged=unprivileged))
+    ok(run(home, "fsck", unprivileged=unprivileged))
+    ok(run(home, "stats", unprivileged=unprivileged))
+    ro = "is read-only"
+    one_line_error(run(home, "commit", "ro2", str(src), unprivileged=unprivileged), 14, f"tessera home {home} {ro}")
+    one_line_error(run(home, "commit", "ro", str(src), unprivileged=unprivileged), 14, ro)
+    one_line_error(run(home, "tag", "ro", "v1", unprivileged=unprivileged), 14, ro)
+    one_line_error(run(home, "gc", unprivileged=unprivileged), 14, ro)
+    one_line_error(run(home, "remote", "add", "o", "file:///tmp/x", unprivileged=unprivileged), 14, ro)
+
+
+def make_home(home: Path, tmp_path: Path) -> tuple[str, Path]:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    ref = ok(run(home, "commit", "ro", str(src))).decode().strip().splitlines()[-1]
+    return ref, src
+
+
+def listing(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_read_only_bind_mount_home_allows_reads(home: Path, tmp_path: Path, fuse_ok: None) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a bind mount")
+    ref, src = make_home(home, tmp_path)
+    ro = tmp_path / "ro-home"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(home), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        with pytest.raises(OSError):
+            (ro / "probe").write_text("x")
+        before = listing(home)
+        reads_work(ro, tmp_path, ref, src)
+        mp = tmp_path / "mnt"
+        mount(ro, "ro", mp)
+        try:
+            assert tree_bytes(mp) == tree_bytes(src)
+            assert str(mp).encode() in ok(run(ro, "mounts"))
+        finally:
+            umount(ro, mp)
+        with tessera.Repo(ro) as repo:
+            assert repo.read_only and repo.get("ro").read_bytes("a.txt") == b"alpha\n"
+            with pytest.raises(ReadOnlyHome):
+                repo.tag("ro", "v1")
+        assert listing(home) == before
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_home_without_write_permission_allows_reads(home: Path, tmp_path: Path) -> None:
+    """chmod a-w on the home, and a command that cannot override file modes (root without its DAC
+    capabilities: see `drop_dac_capabilities`)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop capabilities")
+    ref, src = make_home(home, tmp_path)
+    probe = run(home, "datasets", unprivileged=True)
+    assert probe.returncode == 0, probe.stderr
+    for p in [home, *home.rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    try:
+        check = subprocess.run([sys.executable, "-c", f"open({str(home / 'probe')!r}, 'w')"], capture_output=True,
+                               preexec_fn=drop_dac_capabilities)
+        assert check.returncode != 0 and b"PermissionError" in check.stderr  # the setup really denies writes
+        before = listing(home)
+        reads_work(home, tmp_path, ref, src, unprivileged=True)
+        assert listing(home) == before  # nothing created, nothing changed (no -wal, -shm or lock files)
+    finally:
+        for p in [home, *home.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+# -- 6. read commands never create a home (issue 11) -------------------------------------------------
+
+READ_COMMANDS = [["datasets"], ["log", "x"], ["ls", "x"], ["show", "x"], ["diff", "x", "y"], ["cat", "x", "p"],
+                 ["export", "x", "OUT"], ["verify", "x", "OUT"], ["mount", "x", "MNT"], ["mounts"], ["fsck"],
+                 ["stats"], ["remote", "list"], ["push", "x"]]
+
+
+def test_read_commands_never_create_a_home(tmp_path: Path) -> None:
+    home = tmp_path / "nonexistent" / "x"
+    out = tmp_path / "out"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for cmd in READ_COMMANDS:
+        args = [a.replace("OUT", str(out)).replace("MNT", str(mnt)) for a in cmd]
+        proc = subprocess.run(["tessera", "--home", str(home), *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+        assert proc.returncode == 3, (cmd, proc.stderr)
+        assert proc.stderr == f"error: no tessera home at {home} (commit something or run `tessera init` " \
+                              "to create one)\n", (cmd, proc.stderr)
+        assert not (tmp_path / "nonexistent").exists() and not out.exists(), cmd
+    with pytest.raises(NoHome):
+        tessera.Repo(home, create=False)
+    assert not home.exists()
+    ok(run(home, "init"))
+    assert (home / "catalog.db").is_file()
+    ok(run(home, "datasets"))
+
+
+def test_write_commands_create_the_home(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f\n")
+    h1, h2, h3 = tmp_path / "a" / "h", tmp_path / "b" / "h", tmp_path / "c" / "h"
+    ok(run(h1, "commit", "ds", str(src)))
+    ok(run(h2, "remote", "add", "origin", f"file://{tmp_path / 'remote'}"))
+    ok(run(h3, "watch", str(src), "w"))
+    for h in (h1, h2, h3):
+        assert (h / "catalog.db").is_file()
+    with tessera.Repo(tmp_path / "d" / "h") as repo:  # the library keeps creating by default
+        assert repo.datasets() == []
