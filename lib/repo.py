@@ -18,6 +18,7 @@ from tessera.format.chunker import ChunkParams
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck, remove_garbage
 from tessera.home import catalog_path, home_exists, init_lock, is_read_only, read_only_error, require_home
+from tessera.homeguard import check_not_home, home_below
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
 from tessera.model import Entry, FileRecord, HistoryEntry, Tree
 from tessera.progress import Progress
@@ -250,16 +251,25 @@ class Repo:
 
         A file that keeps changing while it is read fails the commit (`SourceError`), unless
         ``keep_busy``: then it keeps its content from the dataset's head version (or is left out if
-        it is new) and is listed in ``stats.busy``. The daemon commits this way."""
+        it is new) and is listed in ``stats.busy``. The daemon commits this way.
+
+        The tessera home is never committed: ``path`` being the home or inside it is a `UsageError`;
+        a ``path`` containing the home leaves it out (``stats.home_skipped``)."""
         check_dataset_name(name)
         if tag is not None:
             check_tag(tag)
         if meta is not None and not isinstance(meta, dict):
             raise UsageError("version metadata must be a JSON object")
+        check_not_home(path, self.home, "a commit source", allow_containing=True)
+        inner = home_below(path, self.home)
+        if inner is not None:
+            exclude = _excluding(inner, exclude)
         opts = SnapshotOptions(self.settings.chunk, self.settings.compression_level, self.settings.pack_target,
                                workers=workers, meta_for=meta_for, exclude=exclude,
                                previous=self._previous_records(name) if keep_busy else None)
         snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
+        if inner is not None:
+            snap.stats.home_skipped = str(self.home)
         version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
                                         message, meta or {}, author)
         if tag is not None:
@@ -373,6 +383,11 @@ class Repo:
         out["chunk_params"] = self.settings.chunk.to_dict()
         out["compression_level"] = self.settings.compression_level
         return out
+
+
+def _excluding(rel: str, exclude: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """``exclude`` that also leaves out ``rel`` (the home, below a committed directory)."""
+    return lambda path: path == rel or (exclude is not None and exclude(path))
 
 
 def load_entry_meta(path: str | Path) -> MetaFor:

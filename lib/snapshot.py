@@ -84,6 +84,7 @@ class SnapshotStats:
     new_chunks: int = 0
     new_bytes_stored: int = 0
     busy: list[str] = field(default_factory=list)  # kept at their previous content (still being written)
+    home_skipped: str | None = None  # the tessera home, found inside the committed directory and left out
 
 
 @dataclass(slots=True)

@@ -125,6 +125,95 @@ def umount(home: Path, mp: Path) -> None:
     assert not is_mounted(str(mp))
 
 
+# -- 1. the home is never a source or a target -----------------------------------------------------
+
+def test_export_force_over_the_home_is_refused_and_the_home_still_works(home: Path, tmp_path: Path) -> None:
+    """The attack: a dataset holding a file named catalog.db (and packs/) exported with --force over
+    $TESSERA_HOME would replace the real catalog. Refused (into, inside, above the home), nothing changes."""
+    evil = tmp_path / "evil"
+    (evil / "packs").mkdir(parents=True)
+    (evil / "catalog.db").write_bytes(b"not a catalog" * 100)
+    (evil / "packs" / "x.pack").write_bytes(b"junk")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "data.txt").write_text("precious\n")
+    ok(run(home, "commit", "good", str(good)))
+    ok(run(home, "commit", "evil", str(evil)))
+    catalog_sha = hashlib.sha256((home / "catalog.db").read_bytes()).hexdigest()
+    before = home_state(home)
+
+    one_line_error(run(home, "export", "--force", "evil", str(home)), 2, "is the tessera home itself",
+                   "export target")
+    one_line_error(run(home, "export", "--force", "evil", str(home / "packs")), 2, "inside the tessera home")
+    one_line_error(run(home, "export", "evil", str(home / "new-dir")), 2, "inside the tessera home")
+    one_line_error(run(home, "export", "--force", "evil", str(tmp_path)), 2, "contains the tessera home")
+    link = tmp_path / "link-to-home"
+    link.symlink_to(home)
+    one_line_error(run(home, "export", "--force", "evil", str(link)), 2, "tessera home")
+
+    assert hashlib.sha256((home / "catalog.db").read_bytes()).hexdigest() == catalog_sha
+    assert home_state(home) == before
+    assert not (home / "new-dir").exists() and not (home / "packs" / "x.pack").exists()
+    assert b"good" in ok(run(home, "datasets")) and b"evil" in ok(run(home, "datasets"))
+    assert ok(run(home, "cat", "good", "data.txt")) == b"precious\n"
+    ok(run(home, "fsck"))
+    with tessera.Repo(home) as repo, pytest.raises(UsageError, match="tessera home"):
+        repo.export("evil", home, force=True)
+
+
+def test_commit_of_the_home_or_its_packs_is_refused_and_nothing_changes(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    ok(run(home, "commit", "ds", str(src)))
+    before = home_state(home)
+    pack_dir = next(p for p in (home / "packs").iterdir() if p.is_dir())
+    for target, why in ((home, "is the tessera home itself"), (home / "packs", "inside the tessera home"),
+                        (pack_dir, "inside the tessera home"), (home / "tmp", "inside the tessera home")):
+        one_line_error(run(home, "commit", "ds2", str(target)), 2, why, "commit source")
+        one_line_error(run(home, "commit", "ds", str(target)), 2, why)
+    assert home_state(home) == before
+    assert ok(run(home, "datasets")).count(b"\n") == 1
+    with tessera.Repo(home) as repo, pytest.raises(UsageError, match="tessera home"):
+        repo.commit_dir("ds3", home / "packs")
+
+
+def test_commit_of_a_directory_containing_the_home_skips_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "x.bin").write_bytes(os.urandom(10_000))
+    (work / "notes.txt").write_text("notes\n")
+    home = work / "state" / "tessera"  # the home two levels down, next to the data
+    monkeypatch.setenv("TESSERA_HOME", str(home))
+    ok(run(home, "commit", "seed", str(work / "data")))  # creates the home inside work/
+    proc = run(home, "commit", "work", str(work))
+    ok(proc)
+    assert b"skipped the tessera home " + os.fsencode(home) in proc.stderr
+    listing = ok(run(home, "ls", "-r", "work")).decode().split()
+    assert sorted(listing) == ["data/", "data/x.bin", "notes.txt", "state/"]  # state/ is kept, empty
+    again = run(home, "commit", "work", str(work))
+    ok(again)
+    assert b"unchanged" in again.stderr, again.stderr  # the home's own writes never make a new version
+    with tessera.Repo(home) as repo:
+        res = repo.commit_dir("work", work)
+        assert res.stats.home_skipped == str(home) and not res.created
+        assert repo.commit_dir("data", work / "data").stats.home_skipped is None
+
+
+def test_watch_keeps_refusing_the_home_through_the_shared_check(tmp_path: Path) -> None:
+    from tessera.daemon.config import check_not_home
+
+    home = tmp_path / "parent" / "home"
+    home.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="is the tessera home itself: watch a data directory"):
+        check_not_home(str(home), home)
+    with pytest.raises(ConfigError, match="is inside the tessera home"):
+        check_not_home(str(home / "packs"), home)
+    with pytest.raises(ConfigError, match="contains the tessera home .*would watch its own writes"):
+        check_not_home(str(tmp_path / "parent"), home, "cfg:3")
+    check_not_home(str(tmp_path / "elsewhere"), home)
+
+
 # -- 3. concurrent first commands on a new home ----------------------------------------------------
 
 @pytest.mark.parametrize("round_", range(5))
