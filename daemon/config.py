@@ -277,7 +277,13 @@ def check_watch_dir(directory: str) -> str:
         raise ConfigError(f"{directory}: no such directory")
     if not p.is_dir():
         raise ConfigError(f"{directory}: not a directory (watch the directory that holds it)")
-    return normalize_dir(p)
+    path = normalize_dir(p)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{path!r} is not valid UTF-8, so the config file (TOML) cannot name it: rename it "
+                          "or watch a directory above it (names inside a watch may be anything)") from None
+    return path
 
 
 # -- ignore globs -----------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def write_record(rec: MountRecord) -> None:
     _make_registry(rec.home)
     path = registry_path(rec.home, rec.mountpoint)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rec.to_json(), indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps(rec.to_json(), indent=1, ensure_ascii=True))  # \udcXX for non-UTF-8 paths
     os.replace(tmp, path)
 
 

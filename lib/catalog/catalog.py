@@ -84,6 +84,24 @@ def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
         yield seq[i:i + n]
 
 
+def db_name(name: str) -> str | bytes:
+    """How a file or directory name is stored in the stat and directory caches: as TEXT when it is
+    valid UTF-8 (always so far), else as a BLOB of its bytes (`os.fsencode` of a surrogate-escaped
+    name). TEXT and BLOB never compare equal in SQLite, so lookups use the same conversion."""
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+
+
+def name_of(value: str | bytes) -> str:
+    """The inverse of `db_name`."""
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     """Open an existing catalog without writing anything. ``immutable=1`` when the directory cannot
     hold the WAL index (-shm) and none exists: SQLite then reads the database file as is (a home made
@@ -381,30 +399,31 @@ class Catalog:
         rows = self._all(
             "SELECT s.name, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.file_id FROM stat_cache s"
             " JOIN files f ON f.id = s.file_id WHERE s.dir = ?",
-            (directory,),
+            (db_name(directory),),
         )
-        return {r[0]: (r[1:6], r[6]) for r in rows}
+        return {name_of(r[0]): (r[1:6], r[6]) for r in rows}
 
     def dir_rows(self, paths: Sequence[str]) -> dict[str, DirRow]:
         out: dict[str, DirRow] = {}
-        for part in _chunks(list(paths)):
+        for part in _chunks([db_name(p) for p in paths]):
             q = ",".join("?" * len(part))
             for r in self._all(
                 "SELECT d.path, d.dev, d.ino, d.mtime_ns, d.ctime_ns, d.tree_id, d.size, d.files FROM dir_cache d"
                 f" JOIN trees t ON t.id = d.tree_id WHERE d.path IN ({q})", part
             ):
-                out[r[0]] = DirRow(*r)
+                out[name_of(r[0])] = DirRow(name_of(r[0]), *r[1:])
         return out
 
     def put_dir_rows(self, rows: Iterable[DirRow]) -> None:
         with self.write() as c:
             c.executemany("INSERT OR REPLACE INTO dir_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                          ((r.path, r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
+                          ((db_name(r.path), r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
                            for r in rows))
 
     def put_stat_rows(self, directory: str, rows: Iterable[StatRow]) -> None:
+        d = db_name(directory)
         with self.write() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((directory, r.name, r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.file_id) for r in rows),
+                ((d, db_name(r.name), r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.file_id) for r in rows),
             )

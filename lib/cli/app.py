@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +85,14 @@ def progress_bar() -> Any:
     return terminal_progress()
 
 
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False))
+    """JSON on stdout, UTF-8. A name that is not valid UTF-8 (held as surrogate escapes) is written as
+    ``\\udcXX`` escapes, as in tree objects: the output stays valid UTF-8 and `json.loads` gives the name back."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+    click.echo(_LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def human_size(n: float) -> str:
