@@ -246,12 +246,16 @@ class Repo:
     def commit_dir(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
                    meta_for: MetaFor | None = None, tag: str | None = None, author: str | None = None,
                    exclude: Callable[[str], bool] | None = None, progress: Progress | None = None,
-                   workers: int = 0, keep_busy: bool = False) -> CommitResult:
+                   workers: int = 0, keep_busy: bool = False,
+                   open_at_start: set[str] | None = None) -> CommitResult:
         """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head.
 
         A file that keeps changing while it is read fails the commit (`SourceError`), unless
         ``keep_busy``: then it keeps its content from the dataset's head version (or is left out if
-        it is new) and is listed in ``stats.busy``. The daemon commits this way.
+        it is new) and is listed in ``stats.busy``, and so does any file read this time that some
+        process held open for writing when the snapshot started or ended, or whose stat changed after
+        it was read (``/proc`` is scanned twice; ``open_at_start`` is a scan the caller just made,
+        `tessera.openfiles.open_for_writing`, used as the first). The daemon commits this way.
 
         The tessera home is never committed: ``path`` being the home or inside it is a `UsageError`;
         a ``path`` containing the home leaves it out (``stats.home_skipped``)."""
@@ -267,6 +271,9 @@ class Repo:
         opts = SnapshotOptions(self.settings.chunk, self.settings.compression_level, self.settings.pack_target,
                                workers=workers, meta_for=meta_for, exclude=exclude,
                                previous=self._previous_records(name) if keep_busy else None)
+        if keep_busy:
+            opts.open_files = _open_for_writing
+            opts.open_at_start = open_at_start
         snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
         if inner is not None:
             snap.stats.home_skipped = str(self.home)
@@ -388,6 +395,12 @@ class Repo:
 def _excluding(rel: str, exclude: Callable[[str], bool] | None) -> Callable[[str], bool]:
     """``exclude`` that also leaves out ``rel`` (the home, below a committed directory)."""
     return lambda path: path == rel or (exclude is not None and exclude(path))
+
+
+def _open_for_writing(root: str) -> set[str]:
+    from tessera.openfiles import open_for_writing
+
+    return open_for_writing([root], skip_self=False)
 
 
 def load_entry_meta(path: str | Path) -> MetaFor:

@@ -214,6 +214,195 @@ def test_watch_keeps_refusing_the_home_through_the_shared_check(tmp_path: Path) 
     check_not_home(str(tmp_path / "elsewhere"), home)
 
 
+# -- 2. the daemon never versions a torn file ------------------------------------------------------
+
+PAUSING_WRITER = textwrap.dedent("""
+    import sys, time
+    path, rounds, half, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    for k in range(1, rounds + 1):
+        fill = bytes([k % 250 + 1])
+        with open(path, "wb") as f:          # truncate, first half, pause with the fd open, second half
+            f.write(fill * half)
+            f.flush()
+            time.sleep(pause)
+            f.write(fill * half)
+        time.sleep(pause)                    # closed: a complete state the daemon may take
+    print("done", flush=True)
+""")
+
+
+class DaemonProc:
+    def __init__(self, home: Path) -> None:
+        self.log = home.parent / f"daemon-{time.monotonic_ns()}.log"
+        env = dict(os.environ, TESSERA_HOME=str(home))
+        self.proc = subprocess.Popen(["tessera", "daemon"], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+                                     env=env, stdin=subprocess.DEVNULL)
+        assert wait_for(lambda: "daemon started" in self.text() or self.proc.poll() is not None, 20)
+        assert self.proc.poll() is None, self.text()
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def daemon_proc() -> Iterator[Callable[[Path], DaemonProc]]:
+    started: list[DaemonProc] = []
+
+    def start(home: Path) -> DaemonProc:
+        d = DaemonProc(home)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def watch_config(home: Path, data: Path, dataset: str, quiet: float, max_wait: float) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "daemon.toml").write_text(f'[[watch]]\npath = "{data}"\ndataset = "{dataset}"\n'
+                                      f"quiet_seconds = {quiet}\nmax_wait_seconds = {max_wait}\n")
+
+
+def all_versions(home: Path, dataset: str) -> list[tuple[str, bytes | None]]:
+    """(hash, content of ckpt.bin or None) for every version in the dataset's history."""
+    out = []
+    with tessera.Repo(home) as repo:
+        for e in reversed(repo.log(dataset)):
+            v = repo.get(f"{dataset}@{e.hash}")
+            names = {x.path for x in v.walk()}
+            out.append((e.hash, v.read_bytes("ckpt.bin") if "ckpt.bin" in names else None))
+    return out
+
+
+def test_daemon_never_versions_a_file_caught_between_two_writes(home: Path, tmp_path: Path, daemon_proc) -> None:
+    """How it was found: a checkpoint writer truncates, writes half, pauses with the fd open, writes the
+    other half, closes — over and over — while max_wait forces commits. No version may hold a half file:
+    each version's ckpt.bin is absent (new and busy) or one complete round."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "static.txt").write_text("static\n")
+    watch_config(home, data, "ck", quiet=0.5, max_wait=0.6)  # writes every 0.3 s: never quiet, always forced
+    d = daemon_proc(home)
+    half, rounds = 64 * 1024, 20
+    writer = subprocess.run([sys.executable, "-c", PAUSING_WRITER, str(data / "ckpt.bin"), str(rounds), str(half),
+                             "0.3"], capture_output=True, text=True, timeout=120)
+    assert writer.stdout.strip() == "done", writer.stderr
+    final = bytes([rounds % 250 + 1]) * (2 * half)
+    assert wait_for(lambda: any(c == final for _, c in all_versions(home, "ck")), 20), d.text()
+    assert d.stop() == 0
+    versions = all_versions(home, "ck")
+    torn = [(h[:12], len(c)) for h, c in versions if c is not None and not (len(c) == 2 * half and len(set(c)) == 1)]
+    assert not torn, f"versions holding a torn ckpt.bin: {torn}"
+    log = d.text()
+    forced = log.count("new version") + log.count("unchanged (")
+    assert forced >= rounds // 2, log  # max_wait really forced commits while the writer worked
+    assert "ckpt.bin is still being written (" in log, log  # some commit caught it mid-file
+    during = [c for _, c in versions if c is not None and c != final]
+    assert during, "no complete round was ever versioned while the writer worked"
+
+
+APPENDER = textwrap.dedent("""
+    import os, sys, time
+    path, seconds = sys.argv[1], float(sys.argv[2])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        os.write(fd, f"{n:07d} ".encode())   # one line in two write() calls
+        time.sleep(0.001)
+        os.write(fd, b"x" * (n % 50) + b"\\n")
+        n += 1
+    os.close(fd)
+    print(n, flush=True)
+""")
+
+
+def test_a_file_held_open_for_writing_keeps_its_previous_content(home: Path, tmp_path: Path, daemon_proc) -> None:
+    """An appender that holds its file open (and writes each line in two calls) is never captured
+    mid-way: while it is open, versions keep the previous content; after close it is captured whole."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "static.txt").write_text("static\n")
+    watch_config(home, data, "ap", quiet=0.5, max_wait=1.0)
+    d = daemon_proc(home)
+    out = subprocess.run([sys.executable, "-c", APPENDER, str(data / "ckpt.bin"), "5"], capture_output=True,
+                         text=True, timeout=60)
+    n = int(out.stdout)
+    final = b"".join(f"{i:07d} ".encode() + b"x" * (i % 50) + b"\n" for i in range(n))
+    assert wait_for(lambda: any(c == final for _, c in all_versions(home, "ap")), 20), d.text()
+    assert d.stop() == 0
+    assert {c for _, c in all_versions(home, "ap")} == {None, final}
+    assert d.text().count("ckpt.bin is still being written (open for writing)") >= 2, d.text()
+
+
+def test_keep_busy_rules_in_one_process(repo: tessera.Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three rules of a keep_busy commit, deterministically: open for writing when the snapshot
+    starts, open when it ends, changed after our read. /proc is scanned at most twice per commit."""
+    import tessera.openfiles as openfiles
+
+    scans: list[str] = []
+    real_scan = openfiles.open_for_writing
+
+    def counting(roots: list[str], pids: list[int] | None = None, *, skip_self: bool = True) -> set[str]:
+        scans.append(roots[0])
+        return real_scan(roots, pids, skip_self=skip_self)
+
+    monkeypatch.setattr(openfiles, "open_for_writing", counting)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"A" * 1000)
+    (src / "b.bin").write_bytes(b"B" * 1000)
+    v1 = repo.commit_dir("k", src, keep_busy=True)
+    assert v1.created and v1.stats.busy == [] and len(scans) == 2
+
+    # open for writing (by this very process) while the commit runs: previous content / left out
+    with open(src / "a.bin", "r+b") as fa, open(src / "new.bin", "wb") as fn:
+        fa.write(b"half")
+        fa.flush()
+        fn.write(b"half")
+        fn.flush()
+        scans.clear()
+        res = repo.commit_dir("k", src, keep_busy=True)
+        assert len(scans) == 2
+    assert sorted(res.stats.busy) == ["a.bin", "new.bin"]
+    v = res.version
+    assert v.read_bytes("a.bin") == b"A" * 1000 and "new.bin" not in {e.path for e in v.walk()}
+    # once closed, the next commit takes them, and a scan the caller made counts as the first one
+    scans.clear()
+    res = repo.commit_dir("k", src, keep_busy=True, open_at_start=set())
+    assert res.stats.busy == [] and len(scans) == 1
+    assert res.version.read_bytes("a.bin") == b"half" + b"A" * 996 and res.version.read_bytes("new.bin") == b"half"
+
+    # changed after our read, before the end of the commit (the second scan is the last step before
+    # the check): that file keeps its previous content; the stat cache does not remember the torn read
+    (src / "b.bin").write_bytes(b"b" * 500)
+
+    def scan_then_write(roots: list[str], pids: list[int] | None = None, *, skip_self: bool = True) -> set[str]:
+        scans.append(roots[0])
+        if len(scans) == 2:
+            with open(src / "b.bin", "ab") as f:
+                f.write(b"b" * 500)
+        return real_scan(roots, pids, skip_self=skip_self)
+
+    monkeypatch.setattr(openfiles, "open_for_writing", scan_then_write)
+    scans.clear()
+    res = repo.commit_dir("k", src, keep_busy=True)
+    assert res.stats.busy == ["b.bin"] and res.version.read_bytes("b.bin") == b"B" * 1000
+    res = repo.commit_dir("k", src, keep_busy=True)
+    assert res.stats.busy == [] and res.version.read_bytes("b.bin") == b"b" * 1000
+    # without keep_busy (the CLI), nothing is scanned and files are taken as read
+    scans.clear()
+    repo.commit_dir("plain", src)
+    assert scans == []
+
+
 # -- 3. concurrent first commands on a new home ----------------------------------------------------
 
 @pytest.mark.parametrize("round_", range(5))
