@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -557,7 +556,8 @@ def reads_work(home: Path, tmp_path: Path, ref: str, src: Path, unprivileged: bo
     """datasets, log, ls, show, cat, diff, export, verify, fsck, stats on ``home``; writes refused."""
     assert ok(run(home, "datasets", unprivileged=unprivileged)).startswith(b"ro\t")
     assert ref[3:15].encode() in ok(run(home, "log", "ro", unprivileged=unprivileged))
-    assert sorted(ok(run(home, "ls", "-r", "ro", unprivileged=unprivileged)).split()) == [b"a.txt", b"sub/", b"sub/b.bin"]
+    listed = ok(run(home, "ls", "-r", "ro", unprivileged=unprivileged))
+    assert sorted(listed.split()) == [b"a.txt", b"sub/", b"sub/b.bin"]
     assert ref.encode() in ok(run(home, "show", "ro", unprivileged=unprivileged))
     assert ok(run(home, "cat", "ro", "a.txt", unprivileged=unprivileged)) == b"alpha\n"
     assert ok(run(home, "diff", "ro", ref, unprivileged=unprivileged)) == b""

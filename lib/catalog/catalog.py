@@ -401,7 +401,7 @@ class Catalog:
             " JOIN files f ON f.id = s.file_id WHERE s.dir = ?",
             (db_name(directory),),
         )
-        return {name_of(r[0]): (r[1:6], r[6]) for r in rows}
+        return {(r[0] if type(r[0]) is str else name_of(r[0])): (r[1:6], r[6]) for r in rows}  # hot: no call per row
 
     def dir_rows(self, paths: Sequence[str]) -> dict[str, DirRow]:
         out: dict[str, DirRow] = {}

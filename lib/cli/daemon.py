@@ -243,7 +243,8 @@ def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple
     from tessera.daemon.capture import Run, parse_capture, parse_input
 
     specs = [parse_capture(c) for c in captures] + [parse_capture(c, once=True) for c in captures_once]
-    job = Run(open_repo(create=bool(captures or captures_once)), list(command), specs, [parse_input(i) for i in inputs], every,
+    repo = open_repo(create=bool(captures or captures_once))  # only --capture writes to the home
+    job = Run(repo, list(command), specs, [parse_input(i) for i in inputs], every,
               report=lambda msg: click.echo(f"tessera: {msg}", err=True))
     code = job.run()
     if code:
