@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tessera.errors import BadRef, ConfigError
+from tessera.homeguard import relation_to_home
 from tessera.ids import check_dataset_name
 
 logger = logging.getLogger(__name__)
@@ -250,14 +251,16 @@ def _parse_watch(item: Any, path: Path, block: _Block) -> WatchConfig:
 # -- checks shared by `tessera watch` and the daemon ------------------------------------------------
 
 def check_not_home(directory: str, home: str | Path, where: str | None = None) -> None:
-    """Refuse the tessera home, a directory inside it, or one containing it."""
-    d, h = os.path.realpath(directory), os.path.realpath(home)
+    """Refuse the tessera home, a directory inside it, or one containing it (`tessera.homeguard`, with
+    the daemon's wording: a watch containing the home would see its own writes)."""
+    rel = relation_to_home(directory, home)
+    h = os.path.realpath(home)
     prefix = f"{where}: " if where else ""
-    if d == h:
+    if rel == "is":
         raise ConfigError(f"{prefix}{directory} is the tessera home itself: watch a data directory instead")
-    if d.startswith(h.rstrip("/") + "/"):
+    if rel == "inside":
         raise ConfigError(f"{prefix}{directory} is inside the tessera home {h}")
-    if h.startswith(d.rstrip("/") + "/"):
+    if rel == "contains":
         raise ConfigError(f"{prefix}{directory} contains the tessera home {h}: the daemon would watch its own"
                           " writes (move the home with TESSERA_HOME or watch a subdirectory)")
 
@@ -274,7 +277,13 @@ def check_watch_dir(directory: str) -> str:
         raise ConfigError(f"{directory}: no such directory")
     if not p.is_dir():
         raise ConfigError(f"{directory}: not a directory (watch the directory that holds it)")
-    return normalize_dir(p)
+    path = normalize_dir(p)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{path!r} is not valid UTF-8, so the config file (TOML) cannot name it: rename it "
+                          "or watch a directory above it (names inside a watch may be anything)") from None
+    return path
 
 
 # -- ignore globs -----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     tune_process()
     try:
         binding = load_binding()
-        repo = Repo(home, chunk_cache_bytes=cache_size)
+        repo = Repo(home, create=False, chunk_cache_bytes=cache_size)
         version = repo.get(ref)
     except TesseraError as exc:
         answer(ready_line(exc))

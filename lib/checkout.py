@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.errors import UsageError
+from tessera.homeguard import check_not_home
 from tessera.model import DIR, FILE, SYMLINK, Entry
 from tessera.progress import NullProgress, Progress
 from tessera.errors import raise_os_error
@@ -36,6 +37,7 @@ def _make_dir(root: Path, rel: str) -> None:
 def export_version(version: Version, target: str | Path, *, force: bool = False,
                    progress: Progress | None = None) -> int:
     """Write every entry of ``version`` under ``target``; returns the number of files written."""
+    check_not_home(target, version.home, "an export target")
     root = Path(target)
     progress = progress or NullProgress()
     if root.exists() and not root.is_dir():

@@ -26,13 +26,16 @@ import select
 import shutil
 import signal
 import subprocess
+import stat as stat_mod
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from tessera.errors import FuseUnavailable, MountError, TesseraError, UsageError, error_for
+from tessera.home import is_read_only
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,32 @@ def is_mounted(mountpoint: str) -> bool:
 # -- registry ---------------------------------------------------------------------------------------
 
 def registry_dir(home: str | Path) -> Path:
-    return Path(home) / "mounts"
+    """``$TESSERA_HOME/mounts``; for a home this process cannot write (read-only file system, no
+    permission), a private directory outside it: ``$XDG_RUNTIME_DIR`` (or the temporary directory)
+    ``/tessera-<uid>/mounts-<hash of the home's path>``."""
+    if not is_read_only(home):
+        return Path(home) / "mounts"
+    return _fallback_registry(home)
+
+
+def _fallback_registry(home: str | Path) -> Path:
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"tessera-{os.getuid()}"
+    key = hashlib.sha256(os.fsencode(os.path.realpath(home))).hexdigest()[:16]
+    return base / f"mounts-{key}"
+
+
+def _make_registry(home: str | Path) -> None:
+    """Create the registry directory; one outside the home must be this user's alone (not planted)."""
+    if not is_read_only(home):
+        registry_dir(home).mkdir(parents=True, exist_ok=True)
+        return
+    path = _fallback_registry(home)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path.parent)
+    if st.st_uid != os.getuid() or not stat_mod.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
+        raise MountError(f"{path.parent} is not a private directory of this user: refusing to keep mount "
+                         "records there")
+    path.mkdir(mode=0o700, exist_ok=True)
 
 
 def _key(mountpoint: str) -> str:
@@ -137,10 +165,10 @@ def log_path(home: str | Path, mountpoint: str) -> Path:
 
 
 def write_record(rec: MountRecord) -> None:
+    _make_registry(rec.home)
     path = registry_path(rec.home, rec.mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rec.to_json(), indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps(rec.to_json(), indent=1, ensure_ascii=True))  # \udcXX for non-UTF-8 paths
     os.replace(tmp, path)
 
 
@@ -183,8 +211,8 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
     out: list[MountRecord] = []
     kernel = {m.mountpoint: m for m in kernel_mounts()}
     seen = set()
-    rdir = registry_dir(home)
-    for path in sorted(rdir.glob("*.json")) if rdir.is_dir() else []:
+    records = [p for d in {Path(home) / "mounts", _fallback_registry(home)} if d.is_dir() for p in d.glob("*.json")]
+    for path in sorted(records):
         rec = read_record(path)
         if rec is None:
             continue
@@ -223,8 +251,6 @@ def check_mountpoint(mountpoint: str | Path) -> str:
         raise UsageError(f"mountpoint {mp} does not exist (create it with mkdir first)") from None
     except OSError as exc:
         raise MountError(f"mountpoint {mp} is not usable: {exc.strerror}") from None
-    import stat as stat_mod
-
     if not stat_mod.S_ISDIR(st.st_mode):
         raise UsageError(f"mountpoint {mp} is not a directory")
     try:
@@ -308,8 +334,8 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
     check_fuse_device()
     mp = check_mountpoint(mountpoint)
     home = str(Path(home).expanduser().resolve())
+    _make_registry(home)
     log = log_path(home, mp)
-    log.parent.mkdir(parents=True, exist_ok=True)
     rfd, wfd = os.pipe()
     try:
         with open(log, "ab") as logf:

@@ -82,6 +82,7 @@ def test_export_verify_cycle(committed, cli, tmp_path: Path) -> None:
 
 
 def test_error_unknown_dataset(home: Path, cli) -> None:
+    cli("init", check=True)  # read commands never create a home (tests/test_trust_local.py)
     one_line_error(cli("log", "nope"), 3, "unknown dataset 'nope'")
     one_line_error(cli("ls", "nope@abcdef"), 3, "unknown dataset")
 
@@ -111,6 +112,7 @@ def test_error_unknown_and_ambiguous_prefix(committed, cli, tmp_path: Path) -> N
 
 
 def test_error_bad_ref_syntax(home: Path, cli) -> None:
+    cli("init", check=True)
     one_line_error(cli("ls", "ds@xyz123"), 2, "bad ref")
     one_line_error(cli("ls", "ds@abc"), 2, "6 to 64 hex")
     one_line_error(cli("ls", "bad/name"), 2, "bad ref")

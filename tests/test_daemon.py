@@ -305,23 +305,25 @@ def test_ten_files_make_one_version_quickly(home: Path, tmp_path: Path, cli, dae
 
 
 def test_appender_versions_are_never_torn(home: Path, tmp_path: Path, daemons) -> None:
-    """A writer appends numbered lines for 8 s (max_wait 2 s): every captured state is a prefix of
-    whole lines, i.e. a state the writer actually produced."""
+    """A writer appends bursts of numbered lines for 8 s (max_wait 2 s), opening the file for each
+    burst: every captured state is a prefix of whole lines, i.e. a state the writer actually produced,
+    and states are captured while it works. (A file held open for writing the whole time keeps its
+    previous content until closed: tests/test_trust_local.py.)"""
     data = tmp_path / "data"
     data.mkdir()
     (data / "static.txt").write_text("static\n")
     write_config(home, [{"path": str(data), "dataset": "log", "quiet_seconds": QUIET, "max_wait_seconds": 2}])
     d = daemons(home)
     lines = [f"{i:07d} {'x' * (i % 50)}\n".encode() for i in range(1_000_000)]
-    fd = os.open(data / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     n = 0
     end = time.monotonic() + 8
     while time.monotonic() < end:
-        for _ in range(20):
+        fd = os.open(data / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for _ in range(200):
             os.write(fd, lines[n])
             n += 1
-        time.sleep(0.002)
-    os.close(fd)
+        os.close(fd)
+        time.sleep(0.25)
     final = b"".join(lines[:n])
     assert wait_for(lambda: any(v.size == len(final) + 7 for v in history(home, "log")), QUIET + 5), d.text()
     versions = history(home, "log")

@@ -16,7 +16,7 @@ PACKAGE_DIRS = {"tessera": ROOT / "lib", "tessera.fuse": ROOT / "fuse", "tessera
 RANKS = [
     # foundations: no tessera imports but these
     "tessera.errors", "tessera.faults", "tessera.ids", "tessera.lru", "tessera.progress", "tessera.parallel",
-    "tessera.homeguard", "tessera.mounting",
+    "tessera.homeguard", "tessera.home", "tessera.openfiles", "tessera.mounting",
     # the domain and bytes in, bytes out
     "tessera.model", "tessera.format", "tessera.format.chunker", "tessera.format.compress", "tessera.format.pack",
     "tessera.config",
@@ -35,7 +35,7 @@ RANKS = [
     "tessera.repo",
     # adapters on top: FUSE, the daemon, the command line
     "tessera.fuse", "tessera.fuse._binding", "tessera.fuse.operations", "tessera.fuse.mount",
-    "tessera.daemon", "tessera.daemon.openfiles", "tessera.daemon.config", "tessera.daemon.watcher",
+    "tessera.daemon", "tessera.daemon.config", "tessera.daemon.watcher",
     "tessera.daemon.capture", "tessera.daemon.service",
     "tessera.cli.progress", "tessera.cli.app", "tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote",
     "tessera.cli.daemon", "tessera.cli.docs", "tessera.cli",

@@ -346,6 +346,7 @@ def test_push_during_outage_fails_in_one_line_then_rerun_completes(tmp_path: Pat
 def test_malformed_url(home: Path, cli) -> None:
     for url in ("http://example.com/x", "s3://", "file://relative/path"):
         one_line_error(cli("remote", "add", "x", url), 2, "unsupported remote URL")
+    cli("init", check=True)  # read commands (push) never create a home
     one_line_error(cli("push", "ds", "--remote", "nope"), 3, "unknown remote 'nope'")
 
 

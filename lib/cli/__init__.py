@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     from tessera.errors import TesseraError
 
     logging.basicConfig(level=logging.WARNING, format="tessera: %(levelname)s: %(message)s")
+    _raw_names_on_stdout()
     try:
         cli.main(args=argv, prog_name="tessera", standalone_mode=False)
     except TesseraError as exc:
@@ -39,3 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(141)
+
+
+def _raw_names_on_stdout() -> None:
+    """Names that are not valid UTF-8 reach us as surrogate escapes (like ``os.listdir``): print their
+    original bytes, as ``ls`` does, instead of failing on the first such name. (stderr already uses
+    ``backslashreplace``.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")

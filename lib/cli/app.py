@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -63,14 +64,16 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     ctx.obj = {"home": home}
 
 
-def open_repo(ctx: click.Context | None = None) -> "Repo":
+def open_repo(ctx: click.Context | None = None, *, create: bool = False) -> "Repo":
+    """The home's `Repo`. Only commands that write pass ``create=True``: a read command pointed at a
+    home that does not exist fails with `NoHome` and creates nothing."""
     from tessera.repo import Repo
 
     ctx = ctx or click.get_current_context()
     root = ctx.find_root()
     cached = root.obj.get("repo") if root.obj else None
     if cached is None:
-        cached = Repo(root.obj.get("home") if root.obj else None)
+        cached = Repo(root.obj.get("home") if root.obj else None, create=create)
         cached.notice = lambda msg: click.echo(f"tessera: {msg}", err=True)
         root.obj["repo"] = cached
         root.call_on_close(cached.close)
@@ -83,8 +86,14 @@ def progress_bar() -> Any:
     return terminal_progress()
 
 
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False))
+    """JSON on stdout, UTF-8. A name that is not valid UTF-8 (held as surrogate escapes) is written as
+    ``\\udcXX`` escapes, as in tree objects: the output stays valid UTF-8 and `json.loads` gives the name back."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+    click.echo(_LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def human_size(n: float) -> str:

@@ -62,10 +62,12 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
 
     Prints NAME@<64-hex hash> as the last line. Committing unchanged content creates nothing and
     prints the existing version. Unchanged files are recognised by the stat cache and not re-read.
+    Creates the home if it does not exist. The home itself (or anything inside it) is refused as
+    DIRECTORY; a DIRECTORY that contains the home is committed without it (a line on stderr says so).
     """
     from tessera.repo import load_entry_meta
 
-    repo = open_repo()
+    repo = open_repo(create=True)
     meta = _json_arg(meta_json, "--meta")
     meta_for = load_entry_meta(entry_meta) if entry_meta else None
     res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
@@ -77,6 +79,9 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
                    err=True)
     if s.skipped:
         click.echo(f"skipped {s.skipped} special files (sockets, fifos, devices)", err=True)
+    if s.home_skipped:
+        click.echo(f"skipped the tessera home {s.home_skipped} (inside {directory}): a home is never committed",
+                   err=True)
     if not res.created:
         click.echo("unchanged: no new version", err=True)
     click.echo(res.version.ref)
@@ -209,7 +214,7 @@ def cat(ref: str, path: str) -> None:
 @click.argument("tag")
 def tag(ref: str, tag: str) -> None:
     """Name version REF as NAME:TAG (moves the tag if it exists)."""
-    v = open_repo().tag(ref, tag)
+    v = open_repo(create=True).tag(ref, tag)
     click.echo(f"{v.name}:{tag} -> {v.ref}")
 
 
@@ -218,7 +223,10 @@ def tag(ref: str, tag: str) -> None:
 @click.argument("directory", type=click.Path())
 @click.option("--force", is_flag=True, help="Write into a non-empty directory (overwriting same paths).")
 def export(ref: str, directory: str, force: bool) -> None:
-    """Materialize version REF into DIRECTORY (files, modes, symlinks, empty dirs)."""
+    """Materialize version REF into DIRECTORY (files, modes, symlinks, empty dirs).
+
+    DIRECTORY may not be the tessera home, lie inside it or contain it (even with --force).
+    """
     repo = open_repo()
     v = repo.get(ref)
     n = repo.export(v.ref, directory, force=force, progress=progress_bar())

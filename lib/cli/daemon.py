@@ -106,12 +106,13 @@ def watch(directory: str, name: str, remote: str | None, quiet: float, max_wait:
     check_dataset_name(name)
     path = check_watch_dir(directory)
     check_not_home(path, home)
+    repo = open_repo(create=True)
     if not quiet > 0:
         raise UsageError(f"--quiet must be a positive number of seconds, got {quiet:g}")
     if max_wait < quiet:
         raise UsageError(f"--max-wait ({max_wait:g}) must be at least --quiet ({quiet:g})")
     if remote is not None:
-        known = remote_names(open_repo().catalog)
+        known = remote_names(repo.catalog)
         if remote not in known:
             raise NotFound(f"unknown remote {remote!r} (known: {', '.join(known) or 'none; add one with `tessera remote add`'})")
     cfg_path = _edit_target(config)
@@ -242,7 +243,8 @@ def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple
     from tessera.daemon.capture import Run, parse_capture, parse_input
 
     specs = [parse_capture(c) for c in captures] + [parse_capture(c, once=True) for c in captures_once]
-    job = Run(open_repo(), list(command), specs, [parse_input(i) for i in inputs], every,
+    repo = open_repo(create=bool(captures or captures_once))  # only --capture writes to the home
+    job = Run(repo, list(command), specs, [parse_input(i) for i in inputs], every,
               report=lambda msg: click.echo(f"tessera: {msg}", err=True))
     code = job.run()
     if code:

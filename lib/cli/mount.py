@@ -27,7 +27,10 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
     """
     from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_ref
 
+    from tessera.home import require_home
+
     opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
+    require_home(_home())
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
         # the repository, so `tessera mount` costs one interpreter start less.
@@ -71,8 +74,10 @@ def umount(mountpoint: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def mounts(as_json: bool) -> None:
     """List active mounts: ref, hash, mountpoint, server pid."""
+    from tessera.home import require_home
     from tessera.mounting import list_mounts
 
+    require_home(_home())
     found = list_mounts(_home())
     if as_json:
         emit_json([m.to_json() for m in found])

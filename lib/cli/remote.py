@@ -34,7 +34,7 @@ def remote_add(name: str, url: str, make_default: bool) -> None:
     except UsageError:
         raise UsageError(f"bad remote name {name!r}: use letters, digits, '.', '_' or '-'") from None
     parse_url(url)
-    repo = open_repo()
+    repo = open_repo(create=True)
     first = not rs.remotes(repo.catalog)
     rs.add_remote(repo.catalog, name, url, default=make_default or first)
     click.echo(f"added remote {name} -> {url}" + (" (default)" if make_default or first else ""))
@@ -129,7 +129,7 @@ def push(ref: str | None, remote_name: str | None, all_versions: bool) -> None:
               help="Fetch only what browsing, verify and mount need; file bytes are then read lazily.")
 def pull(ref: str, remote_name: str | None, metadata_only: bool) -> None:
     """Fetch version REF from a remote and make it fully local (NAME = the newest version)."""
-    repo = open_repo()
+    repo = open_repo(create=True)
     v = repo.pull(ref, remote_name, metadata_only=metadata_only, progress=progress_bar())
     what = "metadata of" if metadata_only else "pulled"
     click.echo(f"{what} {v.ref} ({v.files} files, {human_size(v.size)})")
