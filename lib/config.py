@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
 from tessera.format.chunker import ChunkParams
 
@@ -52,3 +53,36 @@ class RepoSettings:
                             get("chunk.max_size", d.chunk.max_size),
                             get("chunk.normalization", d.chunk.normalization))
         return cls(chunk, get("compression.level", d.compression_level), get("pack.target_size", d.pack_target))
+
+
+@dataclass(frozen=True)
+class FileCacheSettings:
+    """Local settings of the whole-file cache and of the kernel mount's automatic choice (catalog keys
+    ``filecache.*``; the environment variable named in each field's comment overrides the catalog).
+
+    ``tessera mount`` without ``--kernel``/``--fuse`` takes the kernel path only when what the version
+    still lacks in the cache is at most ``auto_max_bytes`` and is estimated (at the last measured
+    materialization rate) to take at most ``auto_max_seconds``; otherwise it mounts with FUSE at once.
+    """
+
+    max_size: int = 64 << 30  # TESSERA_FILE_CACHE_SIZE: bytes of whole files kept (images come on top)
+    auto_max_bytes: int = 512 << 20  # TESSERA_KERNEL_AUTO_BYTES
+    auto_max_seconds: float = 5.0  # TESSERA_KERNEL_AUTO_SECONDS
+
+    KEYS: ClassVar[dict[str, tuple[str, str]]] = {"max_size": ("filecache.max_size", "TESSERA_FILE_CACHE_SIZE"),
+            "auto_max_bytes": ("filecache.auto_max_bytes", "TESSERA_KERNEL_AUTO_BYTES"),
+            "auto_max_seconds": ("filecache.auto_max_seconds", "TESSERA_KERNEL_AUTO_SECONDS")}
+
+    @classmethod
+    def load(cls, setting: Callable[[str], str | None]) -> "FileCacheSettings":
+        """From catalog settings (``setting(key)``), overridden by the environment."""
+        d = cls()
+        values: dict[str, float] = {}
+        for name, (key, env) in cls.KEYS.items():
+            raw = os.environ.get(env) or setting(key)
+            default = getattr(d, name)
+            try:
+                values[name] = type(default)(float(raw)) if raw not in (None, "") else default
+            except ValueError:
+                values[name] = default
+        return cls(int(values["max_size"]), int(values["auto_max_bytes"]), float(values["auto_max_seconds"]))

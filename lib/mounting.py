@@ -26,11 +26,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tessera.errors import FuseUnavailable, MountError, TesseraError, UsageError
 
 if TYPE_CHECKING:
+    from tessera.progress import Progress
     from tessera.version import Version
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class MountOptions:
     threads: bool = False
     timeout: float = READY_TIMEOUT
     debug: bool = False
+    path: str = "auto"  # "auto" | "kernel" | "fuse": see tessera.kernelmount
+    progress: "Progress | None" = None  # materialization progress (kernel path)
+    notify: "Callable[[str], None] | None" = None  # told in one line why auto chose FUSE
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class MountRecord:
     home: str
     log: str = ""
     alive: bool = True
+    kind: str = "fuse"  # or "kernel" (EROFS + overlayfs, no server: pid 0 once mounted)
+    image: str = ""
+    staging: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,6 +195,15 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
         if rec is None:
             continue
         km = kernel.get(rec.mountpoint)
+        if rec.kind == "kernel":
+            from tessera.kernelmount import record_active
+
+            seen.add(rec.mountpoint)
+            if not record_active(rec) and (km is None or km.fstype != "overlay"):
+                out.append(MountRecord(**{**rec.to_json(), "alive": False}))  # a killed mount: umount cleans
+            elif record_active(rec):
+                out.append(rec)
+            continue
         if km is None or km.fstype != FSTYPE:
             if not pid_alive(rec.pid):
                 path.unlink(missing_ok=True)
@@ -198,6 +214,8 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
         if km.fstype == FSTYPE and km.mountpoint not in seen:
             ref = km.source.removeprefix("tessera:")
             out.append(MountRecord(ref, "", km.mountpoint, 0, 0.0, "", alive=_responds(km.mountpoint)))
+        elif km.fstype == "overlay" and km.source.startswith("tessera:") and km.mountpoint not in seen:
+            out.append(MountRecord(km.source.removeprefix("tessera:"), "", km.mountpoint, 0, 0.0, "", kind="kernel"))
     return sorted(out, key=lambda r: r.mountpoint)
 
 
@@ -264,6 +282,12 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
     pipe with their exit codes): the caller need not open the repository at all, which keeps
     ``tessera mount`` fast."""
     opts = opts or MountOptions()
+    if opts.path != "fuse":
+        from tessera.kernelmount import kernel_or_none
+
+        krec = kernel_or_none(home, ref, mountpoint, opts, opts.notify or logger.info)
+        if krec is not None:
+            return krec
     check_fuse_device()
     mp = check_mountpoint(mountpoint)
     home = str(Path(home).expanduser().resolve())
@@ -392,6 +416,12 @@ def unmount(mountpoint: str | Path, home: str | Path | None = None, *, wait: flo
     mp = os.path.abspath(os.fspath(mountpoint))
     km = find_kernel_mount(mp)
     rec = read_record(registry_path(home, mp)) if home is not None else None
+    if (rec is not None and rec.kind == "kernel" and (km is None or km.fstype == "overlay")) or (
+            km is not None and km.fstype == "overlay" and km.source.startswith("tessera:")):
+        from tessera.kernelmount import unmount_kernel
+
+        unmount_kernel(mp, home, lazy_if_busy=lazy_if_busy)
+        return rec
     if km is None:
         if home is not None:
             remove_record(home, mp)

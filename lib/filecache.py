@@ -1,0 +1,409 @@
+"""The whole-file cache: one verified, read-only copy of each file, named by its SHA-256.
+
+    $TESSERA_HOME/files/ab/<sha256>     the file's bytes (mode 0444, owner root when made by root)
+    $TESSERA_HOME/files/tmp/            files being written (garbage after a crash)
+    $TESSERA_HOME/files/lock            flock: exclusive while materializing, evicting or mounting
+
+The kernel mount (`tessera.kernelmount`) stacks a metadata-only EROFS image over ``files/`` with
+overlayfs, so every file of a mounted version is read by the kernel straight from here. A file is
+shared by every version that has it and written only when missing: materializing the second
+version of a dataset writes only its changed files.
+
+Trust: a file gets here only by `materialize`, which reads it through the library
+(``Version.open``, so every chunk is checked on the way), writes it to ``tmp/``, fsyncs it, checks its
+SHA-256 against the version's, makes it read-only and renames it into place. A name in ``ab/`` is
+therefore a claim that was true when written; `verify_files` (run by ``tessera fsck``) checks every
+file again, and `has` checks sizes on every use.
+
+Bounds: ``max_size`` bytes (`tessera.config.FileCacheSettings`). To make room, `evict` deletes files
+no *active* mount needs (`pinned`), least recently read first (``st_atime``), and before it deletes
+any file it deletes every EROFS image of a version that is not mounted (an image exists only while
+all of its version's files do: see `tessera.kernelmount`).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+from tessera.errors import CorruptData, DiskFull, TesseraError
+from tessera.model import Entry
+from tessera.progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from tessera.version import Version
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = "files"
+CACHE_FORMAT = 1
+READ_BLOCK = 1 << 20
+DEFAULT_RATE = 300e6  # bytes/s assumed for estimates until a materialization has been measured
+
+
+@dataclass(frozen=True)
+class Missing:
+    """What a version still needs in the cache: distinct files (one entry per SHA-256) and bytes."""
+
+    entries: tuple[Entry, ...]
+    bytes: int
+    total_files: int
+    total_bytes: int
+
+    @property
+    def files(self) -> int:
+        return len(self.entries)
+
+
+@dataclass
+class MaterializeStats:
+    files_written: int = 0
+    bytes_written: int = 0
+    files_present: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
+
+
+class CacheFull(DiskFull):
+    """The files a mount needs do not fit in the file cache budget, even after eviction."""
+
+
+def file_entries(version: "Version") -> list[Entry]:
+    """Every regular file of ``version`` with content (empty files need no cache file)."""
+    return [e for e in version.walk() if e.is_file and e.sha256 and e.size > 0]
+
+
+class FileCache:
+    """The cache under ``home/files``. Methods that change it take the cache lock themselves unless
+    the caller holds it (`locked`)."""
+
+    def __init__(self, home: str | Path, max_size: int) -> None:
+        self.home = Path(home)
+        self.root = self.home / CACHE_DIR
+        self.tmp = self.root / "tmp"
+        self.max_size = max_size
+        self._lock_depth = 0
+        self._lock_fd = -1
+        self._mutex = threading.RLock()
+
+    # -- layout -------------------------------------------------------------------------------------
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def redirect(self, sha256: str) -> str:
+        """The path of a file inside the cache, as overlayfs's ``trusted.overlay.redirect`` names it."""
+        return f"/{sha256[:2]}/{sha256}"
+
+    def ensure(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fmt = self.root / "FORMAT"
+        if not fmt.exists():
+            fmt.write_text(f"tessera file cache {CACHE_FORMAT}\n")
+        else:
+            text = fmt.read_text().strip()
+            if text != f"tessera file cache {CACHE_FORMAT}":
+                raise CorruptData(f"{self.root} holds an unknown file cache format ({text!r}); "
+                                  "upgrade tessera or remove that directory")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache lock (re-entrant in this process; exclusive across processes)."""
+        with self._mutex:
+            if self._lock_depth == 0:
+                self.ensure()
+                fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._lock_fd = fd
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def has(self, sha256: str, size: int) -> bool:
+        try:
+            return os.stat(self.path(sha256)).st_size == size
+        except OSError:
+            return False
+
+    def missing(self, entries: Iterable[Entry]) -> Missing:
+        seen: dict[str, Entry] = {}
+        total = 0
+        for e in entries:
+            if e.sha256 and e.sha256 not in seen:
+                seen[e.sha256] = e
+                total += e.size
+        need = tuple(e for sha, e in seen.items() if not self.has(sha, e.size))
+        return Missing(need, sum(e.size for e in need), len(seen), total)
+
+    def iter_files(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(sha256, stat) of every cache file."""
+        if not self.root.is_dir():
+            return
+        for sub in sorted(os.scandir(self.root), key=lambda d: d.name):
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                continue
+            for f in os.scandir(sub.path):
+                if len(f.name) == 64:
+                    with contextlib.suppress(OSError):
+                        yield f.name, f.stat(follow_symlinks=False)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, files) held."""
+        n = size = 0
+        for _, st in self.iter_files():
+            n += 1
+            size += st.st_size
+        return size, n
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def materialize(self, version: "Version", entries: Iterable[Entry] | None = None, *,
+                    pinned: set[str] | None = None, progress: Progress | None = None,
+                    workers: int = 2) -> MaterializeStats:
+        """Write every file of ``version`` (or of ``entries``) the cache lacks. Makes room first by
+        evicting files not in ``pinned`` (files active mounts need; this version's are added).
+        On any error nothing half-written stays, and the files already written stay valid."""
+        progress = progress or NullProgress()
+        ents = file_entries(version) if entries is None else [e for e in entries if e.size > 0]
+        stats = MaterializeStats()
+        with self.locked():
+            need = self.missing(ents)
+            stats.files_present = need.total_files - need.files
+            if not need.entries:
+                return stats
+            keep = set(pinned or ()) | {e.sha256 for e in ents if e.sha256}
+            self.make_room(need.bytes, keep)
+            t0 = time.perf_counter()
+            progress.start(f"materializing {version.name}@{version.hash[:12]}", need.bytes)
+            try:
+                self._write_all(version, list(need.entries), progress, workers, stats)
+            finally:
+                progress.finish()
+                self._clean_tmp(mine_only=True)
+            stats.seconds = time.perf_counter() - t0
+            self._record_rate(stats)
+        return stats
+
+    def _write_all(self, version: "Version", todo: list[Entry], progress: Progress, workers: int,
+                   stats: MaterializeStats) -> None:
+        dirs: set[Path] = set()
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def one(e: Entry) -> None:
+            if stop.is_set():
+                return
+            self._write_one(version, e, progress, stop)
+            with lock:
+                stats.files_written += 1
+                stats.bytes_written += e.size
+                dirs.add(self.path(e.sha256 or "").parent)
+
+        todo.sort(key=lambda e: e.path)  # in tree order: packs are read mostly sequentially
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="materialize") as pool:
+            futures: list[Future[None]] = [pool.submit(one, e) for e in todo]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                wait(futures)
+                exc = failed.exception()
+                assert exc is not None
+                raise exc
+        for d in sorted(dirs):
+            _fsync_dir(d)
+
+    def _write_one(self, version: "Version", e: Entry, progress: Progress, stop: threading.Event) -> None:
+        sha = e.sha256 or ""
+        final = self.path(sha)
+        final.parent.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{sha}.{os.getpid()}.{secrets.token_hex(4)}"
+        h = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                with version.open(e.path) as src:
+                    while not stop.is_set():
+                        block = src.read(READ_BLOCK)
+                        if not block:
+                            break
+                        h.update(block)
+                        view = memoryview(block)
+                        while view:
+                            view = view[os.write(fd, view):]
+                        progress.advance(len(block))
+                if stop.is_set():
+                    raise _Stopped()
+                os.fsync(fd)
+                if os.fstat(fd).st_size != e.size or h.hexdigest() != sha:
+                    raise CorruptData(f"{version.name}@{version.hash[:12]}:{e.path}: the bytes read do not match "
+                                      f"its SHA-256 {sha[:16]}...; not cached")
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as exc:
+            _unlink(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"disk full while caching {e.path} in {self.root} (nothing was mounted; the "
+                               "files cached so far stay valid)") from None
+            raise
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def _clean_tmp(self, *, mine_only: bool) -> None:
+        """Remove leftover temp files: this process's, or (``mine_only=False``) those of dead processes."""
+        if not self.tmp.is_dir():
+            return
+        for f in os.scandir(self.tmp):
+            parts = f.name.split(".")
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+            if (mine_only and pid == os.getpid()) or (not mine_only and (pid == 0 or not _pid_alive(pid))):
+                _unlink(Path(f.path))
+
+    # -- bounds -------------------------------------------------------------------------------------
+
+    def make_room(self, need: int, keep: set[str]) -> int:
+        """Evict until ``need`` more bytes fit in ``max_size``; `CacheFull` when they cannot."""
+        with self.locked():
+            self._clean_tmp(mine_only=False)
+            used, _ = self.usage()
+            if used + need <= self.max_size:
+                return 0
+            freed = self.evict(used + need - self.max_size, keep)
+            if used - freed + need > self.max_size:
+                raise CacheFull(f"the file cache cannot hold {_human(need)} more: {_human(used - freed)} of its "
+                                f"{_human(self.max_size)} budget is used by active mounts (raise it with "
+                                "`tessera cache budget SIZE`, or unmount something)")
+            return freed
+
+    def evict(self, want: int, keep: set[str]) -> int:
+        """Delete files not in ``keep``, least recently read first, until ``want`` bytes are freed
+        (``want < 0``: every such file). Images of unmounted versions go first (`on_evict`)."""
+        with self.locked():
+            victims = sorted((st.st_atime_ns, sha, st.st_size) for sha, st in self.iter_files() if sha not in keep)
+            if not victims:
+                return 0
+            self.on_evict()
+            freed = 0
+            for _, sha, size in victims:
+                if 0 <= want <= freed:
+                    break
+                _unlink(self.path(sha))
+                freed += size
+            logger.info("file cache: evicted %s", _human(freed))
+            return freed
+
+    def on_evict(self) -> None:
+        """Called before files are evicted; `tessera.kernelmount` drops unmounted versions' images here."""
+
+    # -- checking -----------------------------------------------------------------------------------
+
+    def verify_files(self, errors: list[str], progress: Progress | None = None) -> int:
+        """Hash every cache file; a mismatch is appended to ``errors`` and the file is removed (it is a
+        cache: the next kernel mount that needs it writes it again). Returns the number checked."""
+        progress = progress or NullProgress()
+        files = list(self.iter_files())
+        progress.start("fsck file cache", sum(st.st_size for _, st in files))
+        n = 0
+        for sha, st in files:
+            path = self.path(sha)
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(READ_BLOCK):
+                        h.update(block)
+            except OSError as exc:
+                errors.append(f"file cache: {path}: {exc.strerror}")
+                continue
+            n += 1
+            progress.advance(st.st_size)
+            if h.hexdigest() != sha:
+                errors.append(f"file cache: {path} fails its SHA-256 check (removed; the next kernel mount "
+                              "that needs it writes it again)")
+                _unlink(path)
+        progress.finish()
+        return n
+
+    # -- estimates ----------------------------------------------------------------------------------
+
+    def rate(self) -> float:
+        """Materialization bytes/s measured last time here (DEFAULT_RATE before the first one)."""
+        try:
+            return max(1e6, float(json.loads((self.root / "rate.json").read_text())["bytes_per_s"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return DEFAULT_RATE
+
+    def _record_rate(self, stats: MaterializeStats) -> None:
+        if stats.bytes_written < 16 << 20 or stats.seconds <= 0:
+            return  # too small to say anything
+        with contextlib.suppress(OSError):
+            tmp = self.root / f"rate.json.{os.getpid()}"
+            tmp.write_text(json.dumps({"bytes_per_s": stats.rate, "measured": time.time()}))
+            os.replace(tmp, self.root / "rate.json")
+
+
+class _Stopped(TesseraError):
+    """Another worker failed: this one stops early (never reported on its own)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+__all__ = ["FileCache", "Missing", "MaterializeStats", "CacheFull", "file_entries", "CACHE_DIR"]

@@ -1,0 +1,482 @@
+"""The kernel mount: a version served by EROFS + overlayfs, with no server process in the read path.
+
+    $TESSERA_HOME/files/ab/<sha256>             whole files (`tessera.filecache`), the data-only layer
+    $TESSERA_HOME/images/<hash>-<key>.erofs     metadata-only EROFS image of a version (`tessera.erofs`)
+    $TESSERA_HOME/kernel/probe.json             whether this machine can do it (probed once per boot)
+    $TESSERA_HOME/kernel/staging/<key>/         where the image is mounted while the overlay is made
+
+Mounting (`mount_kernel`), under the file cache lock:
+
+1. a registry record (kind ``kernel``, the mounting process's pid) is written first, so a process
+   killed at any later step leaves something `tessera umount` finds and cleans;
+2. the version's files the cache lacks are materialized (`FileCache.materialize`);
+3. its image is built unless cached: every file's inode carries ``trusted.overlay.metacopy`` and
+   ``trusted.overlay.redirect=/ab/<sha256>`` (plus ``user.tessera.sha256``), every inode shows the
+   version's commit time; written to a temp name, fsynced, renamed;
+4. the image is mounted read-only (file-backed EROFS) at the staging directory, then overlayfs at the
+   mountpoint: ``lowerdir=<staging>::<files>,redirect_dir=on,metacopy=on`` (``::`` makes ``files``
+   a data-only layer: never listed, only reached by redirects), source ``tessera:<name>@<hash12>``;
+5. the staging mount is detached (overlayfs holds its own reference), so one mount remains: the
+   overlay. The record's pid becomes 0 (no process serves the mount).
+
+An image exists only while all of its version's files are in the cache: it is written after they
+are, and eviction removes every image of an unmounted version before it removes a file. So an image
+on disk means "this version mounts now, without reading anything".
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from tessera.config import FileCacheSettings
+from tessera.erofs import IMAGE_FORMAT, Node, write_image
+from tessera.errors import MountError, TesseraError, UsageError
+from tessera.filecache import FileCache, Missing, file_entries
+from tessera.model import DIR, FILE, SYMLINK
+from tessera.progress import Progress
+
+if TYPE_CHECKING:
+    from tessera.mounting import MountOptions, MountRecord
+    from tessera.repo import Repo
+    from tessera.version import Version
+
+logger = logging.getLogger(__name__)
+
+KIND = "kernel"
+FSTYPE = "overlay"
+SOURCE_PREFIX = "tessera:"
+IMAGES_DIR = "images"
+KERNEL_DIR = "kernel"
+XATTR_SHA256 = "user.tessera.sha256"
+XATTR_META = "user.tessera.meta"
+XATTR_REF = "user.tessera.ref"
+MS_RDONLY = 1
+MNT_DETACH = 2
+PROBE_VERSION = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+# -- syscalls ---------------------------------------------------------------------------------------
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+    enc = lambda s: s.encode("utf-8", "surrogateescape")  # noqa: E731
+    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+                   enc(data) if data is not None else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(target.encode("utf-8", "surrogateescape"), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _escape_layer(path: str) -> str:
+    """overlayfs splits ``lowerdir`` at ``:`` and options at ``,``; a backslash escapes either."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def overlay_options(meta_dir: str, data_dir: str) -> str:
+    return f"lowerdir={_escape_layer(meta_dir)}::{_escape_layer(data_dir)},redirect_dir=on,metacopy=on"
+
+
+# -- the image --------------------------------------------------------------------------------------
+
+def mtime_ns_of(version: "Version") -> int:
+    return int(round(version.time * 1e9))  # what the FUSE mount shows (tessera.vfs)
+
+
+def image_path(home: Path, version: "Version") -> Path:
+    key = hashlib.sha256(f"{IMAGE_FORMAT}\0{version.ref}\0{mtime_ns_of(version)}".encode()).hexdigest()[:16]
+    return home / IMAGES_DIR / f"{version.hash}-{key}.erofs"
+
+
+def image_tree(version: "Version", cache: FileCache) -> Node:
+    """The version as image nodes: files redirect into ``cache``; directories, symlinks, modes and
+    per-entry metadata as committed."""
+    root = Node(b"", "dir", 0o755, xattrs=[(XATTR_REF, version.ref.encode())])
+    dirs: dict[str, Node] = {"": root}
+    for e in version.walk(dirs=True):
+        parent_path, _, name = e.path.rpartition("/")
+        parent = dirs[parent_path]
+        xattrs: list[tuple[str, bytes]] = []
+        if e.kind == FILE and e.sha256:
+            if e.size:
+                xattrs += [("trusted.overlay.metacopy", b""),
+                           ("trusted.overlay.redirect", cache.redirect(e.sha256).encode())]
+            xattrs.append((XATTR_SHA256, e.sha256.encode()))
+        if e.meta and e.kind != SYMLINK:  # the kernel allows user.* xattrs on files and directories only
+            xattrs.append((XATTR_META, json.dumps(e.meta, sort_keys=True, ensure_ascii=False).encode()))
+        node = Node(name.encode("utf-8", "surrogateescape"), e.kind, e.mode, e.size if e.kind == FILE else 0,
+                    (e.target or "").encode("utf-8", "surrogateescape"), xattrs)
+        parent.children.append(node)
+        if e.kind == DIR:
+            dirs[e.path] = node
+    return root
+
+
+def build_image(version: "Version", cache: FileCache, path: Path) -> Path:
+    """Write the version's image to ``path`` (temp name, fsync, rename); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    try:
+        with open(tmp, "wb") as f:
+            st = write_image(f, image_tree(version, cache), mtime_ns=mtime_ns_of(version),
+                             uuid=bytes.fromhex(version.hash[:32]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o444)
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from tessera.errors import DiskFull
+
+            raise DiskFull(f"disk full while writing the mount image {path} (nothing was mounted)") from None
+        raise
+    logger.info("image of %s: %d inodes, %d bytes in %.2f s", version.ref, st.inodes, st.bytes,
+                time.perf_counter() - t0)
+    return path
+
+
+# -- can this machine do it? ------------------------------------------------------------------------
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def probe(home: str | Path) -> str | None:
+    """None when kernel mounts work here, else why not. Tried once per boot (and user), by mounting a
+    one-file image; the answer is kept in ``kernel/probe.json``. ``TESSERA_KERNEL_MOUNT=0`` disables
+    the kernel path."""
+    if os.environ.get("TESSERA_KERNEL_MOUNT", "").strip() in ("0", "off", "no"):
+        return "disabled by TESSERA_KERNEL_MOUNT=0"
+    if os.geteuid() != 0:
+        return "it needs root (mounting EROFS and overlayfs)"
+    cache_file = Path(home) / KERNEL_DIR / "probe.json"
+    key = f"{PROBE_VERSION}:{_boot_id()}:{os.uname().release}"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(cache_file.read_text())
+        if cached["key"] == key:
+            return str(cached["why"]) if cached["why"] else None
+    why = _probe_now(Path(home) / KERNEL_DIR)
+    with contextlib.suppress(OSError):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"probe.json.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "why": why}))
+        os.replace(tmp, cache_file)
+    return why
+
+
+def _probe_now(kdir: Path) -> str | None:
+    try:
+        fstypes = Path("/proc/filesystems").read_text().split()
+    except OSError:
+        fstypes = []
+    for fs, pkg in (("erofs", "CONFIG_EROFS_FS"), ("overlay", "CONFIG_OVERLAY_FS")):
+        if fs not in fstypes:
+            with contextlib.suppress(OSError):
+                os.system(f"modprobe {fs} >/dev/null 2>&1")  # noqa: S605 - constant command
+            if fs not in Path("/proc/filesystems").read_text().split():
+                return f"this kernel has no {fs} file system ({pkg})"
+    kdir.mkdir(parents=True, exist_ok=True)
+    work = Path(os.path.realpath(kdir)) / f"probe-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    data, meta, top = work / "data", work / "meta", work / "top"
+    for d in (data / "ab", meta, top):
+        d.mkdir(parents=True)
+    payload = b"tessera kernel mount probe\n"
+    sha = hashlib.sha256(payload).hexdigest()
+    (data / "ab" / sha).write_bytes(payload)
+    root = Node(b"", "dir", 0o755, children=[Node(b"f", "file", 0o644, len(payload), xattrs=[
+        ("trusted.overlay.metacopy", b""), ("trusted.overlay.redirect", f"/ab/{sha}".encode())])])
+    with open(work / "probe.erofs", "wb") as f:
+        write_image(f, root, mtime_ns=0)
+    mounted: list[str] = []
+    try:
+        try:
+            _mount(str(work / "probe.erofs"), str(meta), "erofs", MS_RDONLY, None)
+            mounted.append(str(meta))
+        except OSError as exc:
+            if exc.errno == errno.ENOTBLK:
+                return "this kernel cannot mount an EROFS image from a file (needs Linux >= 6.12 with " \
+                       "CONFIG_EROFS_FS_BACKED_BY_FILE)"
+            return f"mounting an EROFS image failed: {exc.strerror}"
+        try:
+            _mount("tessera:probe", str(top), FSTYPE, MS_RDONLY, overlay_options(str(meta), str(data)))
+            mounted.append(str(top))
+        except OSError as exc:
+            return f"overlayfs with a data-only layer failed ({exc.strerror}; needs Linux >= 6.5)"
+        try:
+            got = (top / "f").read_bytes()
+        except OSError as exc:
+            return f"reading through the overlay failed: {exc.strerror}"
+        return None if got == payload else "the overlay served wrong bytes (metacopy/redirect not honoured)"
+    finally:
+        for m in reversed(mounted):
+            with contextlib.suppress(OSError):
+                _umount(m, MNT_DETACH)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- which path -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: bool
+    why: str = ""  # when not: one line for the user
+    missing: Missing | None = None
+
+
+def _human(n: float) -> str:
+    from tessera.filecache import _human as h
+
+    return h(n)
+
+
+def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache: FileCache) -> Choice:
+    """The default (auto) rule: the kernel path when the version's image exists (all its files are
+    cached), or the files it lacks are local, at most ``auto_max_bytes``, estimated at most
+    ``auto_max_seconds`` at the measured rate, and fit in the budget; otherwise FUSE, saying why."""
+    if image_path(repo.home, version).exists():
+        return Choice(True)
+    missing = cache.missing(file_entries(version))
+    if not missing.entries:
+        return Choice(True, missing=missing)
+    if not _all_local(repo, missing):
+        return Choice(False, "its files are not all local (lazy remote version); the kernel path would "
+                             f"download and cache {_human(missing.bytes)} first (`tessera pull`, then --kernel)",
+                      missing)
+    seconds = missing.bytes / cache.rate()
+    cost = f"--kernel would first cache {_human(missing.bytes)} in {missing.files} files (~{seconds:.0f} s)"
+    if missing.bytes > settings.max_size:
+        return Choice(False, f"the version needs {_human(missing.bytes)}, more than the file cache budget "
+                             f"{_human(settings.max_size)}", missing)
+    if missing.bytes > settings.auto_max_bytes or seconds > settings.auto_max_seconds:
+        return Choice(False, f"{_human(missing.bytes)} of it is not in the file cache yet; {cost}", missing)
+    return Choice(True, missing=missing)
+
+
+def _all_local(repo: "Repo", missing: Missing) -> bool:
+    remote_packs = {p.id for p in repo.catalog.packs() if not p.local}
+    if not remote_packs:
+        return True
+    for e in missing.entries:
+        for cid, _ in repo.catalog.file(e.sha256 or "").chunks if repo.catalog.file(e.sha256 or "") else ():
+            if repo.store.location(cid).pack in remote_packs:
+                return False
+    return True
+
+
+# -- registry and pins ------------------------------------------------------------------------------
+
+def _source_of(version: "Version") -> str:
+    return f"{SOURCE_PREFIX}{version.name}@{version.hash[:12]}"
+
+
+def is_kernel_mount(fstype: str, source: str) -> bool:
+    return fstype == FSTYPE and source.startswith(SOURCE_PREFIX)
+
+
+def staging_dir(home: Path, mountpoint: str) -> Path:
+    from tessera.mounting import registry_path
+
+    return home / KERNEL_DIR / "staging" / registry_path(home, mountpoint).stem
+
+
+def kernel_records(home: Path) -> list["MountRecord"]:
+    from tessera.mounting import read_record, registry_dir
+
+    rdir = registry_dir(home)
+    out = []
+    for path in sorted(rdir.glob("*.json")) if rdir.is_dir() else []:
+        rec = read_record(path)
+        if rec is not None and rec.kind == KIND:
+            out.append(rec)
+    return out
+
+
+def record_active(rec: "MountRecord") -> bool:
+    """The record's overlay is mounted, or its mounting process is still at work."""
+    from tessera.mounting import find_kernel_mount, pid_alive
+
+    km = find_kernel_mount(rec.mountpoint)
+    if km is not None and is_kernel_mount(km.fstype, km.source):
+        return True
+    return rec.pid > 0 and pid_alive(rec.pid)
+
+
+def pinned_files(repo: "Repo", *, except_mountpoint: str | None = None) -> set[str]:
+    """SHA-256 of every file an active kernel mount of this home uses (eviction must keep them)."""
+    out: set[str] = set()
+    for rec in kernel_records(repo.home):
+        if rec.mountpoint == except_mountpoint or not record_active(rec):
+            continue
+        try:
+            v = repo.get(rec.ref)
+        except TesseraError:
+            continue
+        out.update(e.sha256 for e in file_entries(v) if e.sha256)
+    return out
+
+
+def active_images(home: Path) -> set[str]:
+    return {Path(rec.image).name for rec in kernel_records(home) if rec.image and record_active(rec)}
+
+
+def drop_images(home: Path) -> int:
+    """Delete every image no active kernel mount uses; returns how many."""
+    keep = active_images(home)
+    n = 0
+    idir = home / IMAGES_DIR
+    for f in sorted(idir.glob("*")) if idir.is_dir() else []:
+        if f.name not in keep:
+            with contextlib.suppress(OSError):
+                f.unlink()
+                n += 1
+    return n
+
+
+def open_cache(repo: "Repo", settings: FileCacheSettings | None = None) -> FileCache:
+    settings = settings or FileCacheSettings.load(repo.catalog.setting)
+    cache = FileCache(repo.home, settings.max_size)
+    cache.on_evict = lambda: drop_images(repo.home)  # type: ignore[method-assign]
+    return cache
+
+
+# -- mount / unmount --------------------------------------------------------------------------------
+
+def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress: Progress | None = None,
+                 settings: FileCacheSettings | None = None) -> "MountRecord":
+    """Materialize, build the image, mount; on any failure nothing stays mounted and the record goes."""
+    from tessera.mounting import MountRecord, check_mountpoint, remove_record, write_record
+
+    why = probe(repo.home)
+    if why is not None:
+        raise MountError(f"the kernel mount is not available here: {why} (use --fuse)")
+    mp = check_mountpoint(mountpoint)
+    home = Path(repo.home).resolve()
+    cache = open_cache(repo, settings)
+    image = image_path(home, version)
+    staging = staging_dir(home, mp)
+    rec = MountRecord(version.ref, version.hash, mp, os.getpid(), time.time(), str(home), "", True,
+                      kind=KIND, image=str(image), staging=str(staging))
+    with cache.locked():
+        write_record(rec)
+        mounted: list[str] = []
+        try:
+            if not image.exists():
+                cache.materialize(version, pinned=pinned_files(repo, except_mountpoint=mp), progress=progress)
+                build_image(version, cache, image)
+            staging.mkdir(parents=True, exist_ok=True)
+            _mount(str(image), str(staging), "erofs", MS_RDONLY, None)
+            mounted.append(str(staging))
+            _mount(_source_of(version), mp, FSTYPE, MS_RDONLY, overlay_options(str(staging), str(cache.root)))
+            mounted.append(mp)
+            _umount(str(staging), MNT_DETACH)
+            mounted.remove(str(staging))
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+            rec = MountRecord(**{**rec.to_json(), "pid": 0})
+            write_record(rec)
+        except BaseException as exc:
+            for m in reversed(mounted):
+                with contextlib.suppress(OSError):
+                    _umount(m, MNT_DETACH)
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+            remove_record(home, mp)
+            if isinstance(exc, OSError):
+                raise MountError(f"kernel mount of {version.ref} at {mp} failed: {exc.strerror}") from None
+            raise
+    logger.info("kernel-mounted %s at %s", version.ref, mp)
+    return rec
+
+
+def unmount_kernel(mountpoint: str, home: str | Path | None, *, lazy_if_busy: bool = False) -> None:
+    """Unmount the overlay at ``mountpoint`` (if there) and whatever a killed mount left: the staging
+    EROFS mount and directory, the registry record."""
+    from tessera.mounting import find_kernel_mount, read_record, registry_path, remove_record
+
+    km = find_kernel_mount(mountpoint)
+    if km is not None and is_kernel_mount(km.fstype, km.source):
+        try:
+            _umount(mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not lazy_if_busy:
+                raise MountError(f"cannot unmount {mountpoint}: {exc.strerror} (close files and leave the "
+                                 "directory, then retry)") from None
+            _umount(mountpoint, MNT_DETACH)
+    if home is None:
+        return
+    rec = read_record(registry_path(home, mountpoint))
+    staging = Path(rec.staging) if rec is not None and rec.staging else staging_dir(Path(home).resolve(), mountpoint)
+    _clean_staging(staging)
+    remove_record(home, mountpoint)
+
+
+def _clean_staging(staging: Path) -> None:
+    from tessera.mounting import find_kernel_mount
+
+    for _ in range(4):  # stacked leftovers, if a mount was retried after kills
+        km = find_kernel_mount(str(staging))
+        if km is None:
+            break
+        with contextlib.suppress(OSError):
+            _umount(str(staging), MNT_DETACH)
+    with contextlib.suppress(OSError):
+        staging.rmdir()
+
+
+def kernel_or_none(home: str | Path, ref: str, mountpoint: str | Path, opts: "MountOptions",
+                   notify: Callable[[str], None] | None = None) -> "MountRecord | None":
+    """What `tessera.mounting.mount_ref` asks first: mount ``ref`` with the kernel path when
+    ``opts.path`` is ``kernel``, or ``auto`` and `choose` says so; None means "use FUSE" (after
+    telling ``notify`` why, in one line, when the machine could have done it)."""
+    if opts.path not in ("auto", "kernel"):
+        raise UsageError(f"unknown mount path {opts.path!r} (auto, kernel or fuse)")
+    why = probe(home)
+    if why is not None:
+        if opts.path == "kernel":
+            raise MountError(f"the kernel mount is not available here: {why} (use --fuse)")
+        logger.info("kernel mount unavailable (%s): mounting with FUSE", why)
+        return None
+    from tessera.repo import Repo
+
+    with Repo(home) as repo:
+        version = repo.get(ref)
+        settings = FileCacheSettings.load(repo.catalog.setting)
+        if opts.path == "auto":
+            from tessera.mounting import check_mountpoint
+
+            check_mountpoint(mountpoint)  # bad input is reported before any work
+            choice = choose(repo, version, settings, open_cache(repo, settings))
+            if not choice.kernel:
+                if notify is not None:
+                    notify(f"mounting with FUSE: {choice.why}")
+                return None
+        return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings)
+
+
+
+__all__ = ["probe", "choose", "Choice", "mount_kernel", "unmount_kernel", "kernel_or_none", "image_path",
+           "image_tree", "build_image", "pinned_files", "drop_images", "open_cache", "is_kernel_mount",
+           "kernel_records", "record_active", "KIND"]
