@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "files"
+IMAGES_DIR = "images"  # EROFS images of versions (`tessera.kernelmount`): each promises its files are here
 CACHE_FORMAT = 1
 READ_BLOCK = 1 << 20
 DEFAULT_RATE = 300e6  # bytes/s assumed for estimates until a materialization has been measured
@@ -375,6 +376,21 @@ class _Stopped(TesseraError):
     """Another worker failed: this one stops early (never reported on its own)."""
 
 
+def images_dir(home: str | Path) -> Path:
+    return Path(home) / IMAGES_DIR
+
+
+def drop_all_images(home: str | Path) -> int:
+    """Delete every version image (mounted ones keep working: the kernel holds them open)."""
+    n = 0
+    d = images_dir(home)
+    for f in sorted(d.iterdir()) if d.is_dir() else []:
+        with contextlib.suppress(OSError):
+            f.unlink()
+            n += 1
+    return n
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -406,4 +422,5 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["FileCache", "Missing", "MaterializeStats", "CacheFull", "file_entries", "CACHE_DIR"]
+__all__ = ["FileCache", "Missing", "MaterializeStats", "CacheFull", "file_entries", "CACHE_DIR", "IMAGES_DIR",
+           "images_dir", "drop_all_images"]

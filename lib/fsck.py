@@ -24,6 +24,7 @@ class FsckReport:
     files: int = 0
     errors: list[str] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
+    cached_files: int = 0  # whole files checked in the kernel mount's file cache
 
     @property
     def ok(self) -> bool:
@@ -132,7 +133,25 @@ def fsck(catalog: Catalog, store: Store, progress: Progress | None = None) -> Fs
     report = FsckReport()
     check_packs(catalog, store, report, progress)
     check_versions(catalog, report, progress)
+    check_file_cache(store.home, report, progress)
     return report
+
+
+def check_file_cache(home: "os.PathLike[str] | str", report: FsckReport, progress: Progress) -> None:
+    """Hash every file of the kernel mount's whole-file cache (`tessera.filecache`). A file that fails
+    is an error, and is removed together with every mount image (an image promises that all of its
+    version's files are cached): the next kernel mount writes them again."""
+    from tessera.filecache import FileCache, drop_all_images
+
+    cache = FileCache(home, 0)
+    if not cache.root.is_dir():
+        return
+    errors: list[str] = []
+    with cache.locked():
+        report.cached_files = cache.verify_files(errors, progress)
+        if errors:
+            drop_all_images(home)
+    report.errors.extend(errors)
 
 
 def remove_garbage(store: Store, catalog: Catalog) -> list[str]:

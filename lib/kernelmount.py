@@ -29,11 +29,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,8 @@ from typing import TYPE_CHECKING, Callable
 from tessera.config import FileCacheSettings
 from tessera.erofs import IMAGE_FORMAT, Node, write_image
 from tessera.errors import MountError, TesseraError, UsageError
-from tessera.filecache import FileCache, Missing, file_entries
+from tessera.faults import crash_point
+from tessera.filecache import IMAGES_DIR, FileCache, Missing, file_entries
 from tessera.model import DIR, FILE, SYMLINK
 from tessera.progress import Progress
 
@@ -56,7 +59,6 @@ logger = logging.getLogger(__name__)
 KIND = "kernel"
 FSTYPE = "overlay"
 SOURCE_PREFIX = "tessera:"
-IMAGES_DIR = "images"
 KERNEL_DIR = "kernel"
 XATTR_SHA256 = "user.tessera.sha256"
 XATTR_META = "user.tessera.meta"
@@ -82,6 +84,47 @@ def _umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(target.encode("utf-8", "surrogateescape"), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
+
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR = 1, 4
+_LOOP_CONFIG = struct.Struct("<II QQQQQ IIII 64s64s32s QQ 64x")  # struct loop_config (loop_info64 inside)
+
+
+def mount_image(image: str, target: str, backing: str) -> None:
+    """Mount an EROFS image read-only: straight from the file (``backing="file"``, Linux >= 6.12 on a
+    file system with a page cache of its own), or through a loop device that frees itself when the
+    mount goes (``"loop"``: LOOP_CONFIGURE with autoclear)."""
+    if backing == "file":
+        _mount(image, target, "erofs", MS_RDONLY, None)
+        return
+    img_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for _ in range(16):  # another process may take the free device between the two calls
+            ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            finally:
+                os.close(ctl)
+            dev = f"/dev/loop{n}"
+            dev_fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                cfg = _LOOP_CONFIG.pack(img_fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                                        os.path.basename(image).encode()[:63], b"", b"", 0, 0)
+                try:
+                    fcntl.ioctl(dev_fd, LOOP_CONFIGURE, cfg)
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY:
+                        continue
+                    raise
+                _mount(dev, target, "erofs", MS_RDONLY, None)  # holds the device; autoclear frees it after
+                return
+            finally:
+                os.close(dev_fd)
+        raise OSError(errno.EBUSY, "no free loop device", image)
+    finally:
+        os.close(img_fd)
 
 
 def _escape_layer(path: str) -> str:
@@ -177,16 +220,24 @@ def probe(home: str | Path) -> str | None:
         cached = json.loads(cache_file.read_text())
         if cached["key"] == key:
             return str(cached["why"]) if cached["why"] else None
-    why = _probe_now(Path(home) / KERNEL_DIR)
+    why, backing = _probe_now(Path(home) / KERNEL_DIR)
     with contextlib.suppress(OSError):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f"probe.json.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "why": why}))
+        tmp.write_text(json.dumps({"key": key, "why": why, "backing": backing}))
         os.replace(tmp, cache_file)
     return why
 
 
-def _probe_now(kdir: Path) -> str | None:
+def image_backing(home: str | Path) -> str:
+    """How images are mounted here (``file`` or ``loop``), as `probe` found out."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((Path(home) / KERNEL_DIR / "probe.json").read_text())["backing"]) or "file"
+    return "file"
+
+
+def _probe_now(kdir: Path) -> tuple[str | None, str]:
+    """(why not, or None; "file" or "loop": how EROFS images can be mounted from this home)."""
     try:
         fstypes = Path("/proc/filesystems").read_text().split()
     except OSError:
@@ -196,7 +247,7 @@ def _probe_now(kdir: Path) -> str | None:
             with contextlib.suppress(OSError):
                 os.system(f"modprobe {fs} >/dev/null 2>&1")  # noqa: S605 - constant command
             if fs not in Path("/proc/filesystems").read_text().split():
-                return f"this kernel has no {fs} file system ({pkg})"
+                return f"this kernel has no {fs} file system ({pkg})", ""
     kdir.mkdir(parents=True, exist_ok=True)
     work = Path(os.path.realpath(kdir)) / f"probe-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -211,25 +262,32 @@ def _probe_now(kdir: Path) -> str | None:
     with open(work / "probe.erofs", "wb") as f:
         write_image(f, root, mtime_ns=0)
     mounted: list[str] = []
+    backing = "file"
     try:
         try:
-            _mount(str(work / "probe.erofs"), str(meta), "erofs", MS_RDONLY, None)
-            mounted.append(str(meta))
+            mount_image(str(work / "probe.erofs"), str(meta), "file")
         except OSError as exc:
-            if exc.errno == errno.ENOTBLK:
-                return "this kernel cannot mount an EROFS image from a file (needs Linux >= 6.12 with " \
-                       "CONFIG_EROFS_FS_BACKED_BY_FILE)"
-            return f"mounting an EROFS image failed: {exc.strerror}"
+            if exc.errno not in (errno.ENOTBLK, errno.EINVAL, errno.EOPNOTSUPP):
+                return f"mounting an EROFS image failed: {exc.strerror}", ""
+            backing = "loop"  # no file-backed EROFS (Linux < 6.12, or a home on tmpfs): a loop device
+            try:
+                mount_image(str(work / "probe.erofs"), str(meta), "loop")
+            except OSError as exc2:
+                return (f"cannot mount an EROFS image from a file ({exc.strerror}) nor through a loop device "
+                        f"({exc2.strerror})"), ""
+        mounted.append(str(meta))
         try:
             _mount("tessera:probe", str(top), FSTYPE, MS_RDONLY, overlay_options(str(meta), str(data)))
             mounted.append(str(top))
         except OSError as exc:
-            return f"overlayfs with a data-only layer failed ({exc.strerror}; needs Linux >= 6.5)"
+            return f"overlayfs with a data-only layer failed ({exc.strerror}; needs Linux >= 6.5)", ""
         try:
             got = (top / "f").read_bytes()
         except OSError as exc:
-            return f"reading through the overlay failed: {exc.strerror}"
-        return None if got == payload else "the overlay served wrong bytes (metacopy/redirect not honoured)"
+            return f"reading through the overlay failed: {exc.strerror}", ""
+        if got != payload:
+            return "the overlay served wrong bytes (metacopy/redirect not honoured)", ""
+        return None, backing
     finally:
         for m in reversed(mounted):
             with contextlib.suppress(OSError):
@@ -385,12 +443,16 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
         try:
             if not image.exists():
                 cache.materialize(version, pinned=pinned_files(repo, except_mountpoint=mp), progress=progress)
+                crash_point("kernel-materialized")
                 build_image(version, cache, image)
+            _clean_staging(staging)  # what a mount killed at this mountpoint may have left
             staging.mkdir(parents=True, exist_ok=True)
-            _mount(str(image), str(staging), "erofs", MS_RDONLY, None)
+            mount_image(str(image), str(staging), image_backing(home))
             mounted.append(str(staging))
+            crash_point("kernel-erofs-mounted")
             _mount(_source_of(version), mp, FSTYPE, MS_RDONLY, overlay_options(str(staging), str(cache.root)))
             mounted.append(mp)
+            crash_point("kernel-overlay-mounted")
             _umount(str(staging), MNT_DETACH)
             mounted.remove(str(staging))
             with contextlib.suppress(OSError):
@@ -476,7 +538,6 @@ def kernel_or_none(home: str | Path, ref: str, mountpoint: str | Path, opts: "Mo
         return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings)
 
 
-
-__all__ = ["probe", "choose", "Choice", "mount_kernel", "unmount_kernel", "kernel_or_none", "image_path",
-           "image_tree", "build_image", "pinned_files", "drop_images", "open_cache", "is_kernel_mount",
+__all__ = ["probe", "choose", "active_images", "Choice", "mount_kernel", "unmount_kernel", "kernel_or_none",
+           "image_path", "image_tree", "build_image", "pinned_files", "drop_images", "open_cache", "is_kernel_mount",
            "kernel_records", "record_active", "KIND"]
