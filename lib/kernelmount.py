@@ -466,6 +466,11 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
             with contextlib.suppress(OSError):
                 staging.rmdir()
             remove_record(home, mp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                from tessera.errors import DiskFull
+
+                raise DiskFull(f"disk full while preparing the kernel mount of {version.ref} (nothing was "
+                               "mounted; the files cached so far stay valid)") from None
             if isinstance(exc, OSError):
                 raise MountError(f"kernel mount of {version.ref} at {mp} failed: {exc.strerror}") from None
             raise
