@@ -30,10 +30,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -99,6 +99,7 @@ class FileCache:
         self.home = Path(home)
         self.root = self.home / CACHE_DIR
         self.tmp = self.root / "tmp"
+        self._root_str = str(self.root)
         self.max_size = max_size
         self._lock_depth = 0
         self._lock_fd = -1
@@ -108,6 +109,9 @@ class FileCache:
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
+
+    def _path_str(self, sha256: str) -> str:
+        return f"{self._root_str}/{sha256[:2]}/{sha256}"
 
     def redirect(self, sha256: str) -> str:
         """The path of a file inside the cache, as overlayfs's ``trusted.overlay.redirect`` names it."""
@@ -150,7 +154,7 @@ class FileCache:
 
     def has(self, sha256: str, size: int) -> bool:
         try:
-            return os.stat(self.path(sha256)).st_size == size
+            return os.stat(self._path_str(sha256)).st_size == size
         except OSError:
             return False
 
@@ -188,15 +192,18 @@ class FileCache:
 
     def materialize(self, version: "Version", entries: Iterable[Entry] | None = None, *,
                     pinned: set[str] | None = None, progress: Progress | None = None,
-                    workers: int = 2) -> MaterializeStats:
+                    workers: int = 3, missing: Missing | None = None) -> MaterializeStats:
         """Write every file of ``version`` (or of ``entries``) the cache lacks. Makes room first by
         evicting files not in ``pinned`` (files active mounts need; this version's are added).
+        ``missing``: what an earlier `missing` call found (only those are looked at again).
         On any error nothing half-written stays, and the files already written stay valid."""
         progress = progress or NullProgress()
         ents = file_entries(version) if entries is None else [e for e in entries if e.size > 0]
         stats = MaterializeStats()
         with self.locked():
-            need = self.missing(ents)
+            need = self.missing(ents) if missing is None else self.missing(missing.entries)
+            if missing is not None:
+                need = Missing(need.entries, need.bytes, missing.total_files, missing.total_bytes)
             stats.files_present = need.total_files - need.files
             if not need.entries:
                 return stats
@@ -215,48 +222,78 @@ class FileCache:
 
     def _write_all(self, version: "Version", todo: list[Entry], progress: Progress, workers: int,
                    stats: MaterializeStats) -> None:
-        """Workers write and check temp files; this thread makes them durable a batch at a time (one
-        ``syncfs`` per batch instead of an fsync per file) and only then renames them into place."""
+        """Worker threads write and check temp files; this thread makes them durable a batch at a time
+        (one ``syncfs`` per batch instead of an fsync per file) and only then renames them into place."""
         stop = threading.Event()
+        todo.sort(key=lambda e: e.path)  # in tree order: packs are read mostly sequentially
+        feed = iter(todo)
+        feed_lock = threading.Lock()
+        results: queue.Queue[tuple[Path, Path, int] | BaseException | None] = queue.Queue(maxsize=4 * BATCH_FILES)
+
+        def work() -> None:
+            try:
+                while not stop.is_set():
+                    with feed_lock:
+                        e = next(feed, None)
+                    if e is None:
+                        break
+                    results.put(self._write_one(version, e, progress, stop))
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                stop.set()
+                results.put(exc)
+            finally:
+                results.put(None)
+
+        threads = [threading.Thread(target=work, name=f"materialize-{i}", daemon=True)
+                   for i in range(max(1, min(workers, len(todo))))]
+        for t in threads:
+            t.start()
         pending: list[tuple[Path, Path, int]] = []
         dirs: set[Path] = set()
         pending_bytes = 0
-        todo.sort(key=lambda e: e.path)  # in tree order: packs are read mostly sequentially
-        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="materialize")
-        futures: list[Future[tuple[Path, Path, int]]] = []
+        running = len(threads)
+        failure: BaseException | None = None
         try:
-            futures = [pool.submit(self._write_one, version, e, progress, stop) for e in todo]
-            for fut in as_completed(futures):
-                tmp, final, size = fut.result()
-                pending.append((tmp, final, size))
-                pending_bytes += size
-                if len(pending) >= BATCH_FILES or pending_bytes >= BATCH_BYTES:
-                    self._publish(pending, dirs, stats)
-                    pending, pending_bytes = [], 0
+            while running:
+                item = results.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    if failure is None or isinstance(failure, _Stopped):
+                        failure = item
+                elif failure is not None:
+                    _unlink(item[0])
+                else:
+                    pending.append(item)
+                    pending_bytes += item[2]
+                    if len(pending) >= BATCH_FILES or pending_bytes >= BATCH_BYTES:
+                        self._publish(pending, dirs, stats)
+                        pending, pending_bytes = [], 0
+            if failure is not None:
+                raise failure
             self._publish(pending, dirs, stats)
             pending = []
-            for d in sorted(dirs):
-                _fsync_dir(d)
+            if dirs:
+                _syncfs(self.root)  # the renames (directory entries) are durable too
         except BaseException:
             stop.set()
-            for f in futures:
-                f.cancel()
-            pool.shutdown(wait=True)
+            while running:  # let the workers finish, dropping what they still hand over
+                item = results.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, tuple):
+                    _unlink(item[0])
             for tmp, _, _ in pending:
                 _unlink(tmp)
-            for f in futures:  # temp files finished after the failure
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    _unlink(f.result()[0])
             raise
-        finally:
-            pool.shutdown(wait=True)
 
     def _publish(self, batch: list[tuple[Path, Path, int]], dirs: set[Path], stats: MaterializeStats) -> None:
         if not batch:
             return
         _syncfs(self.tmp)
         for tmp, final, size in batch:
-            final.parent.mkdir(exist_ok=True)
+            if final.parent not in dirs:
+                final.parent.mkdir(exist_ok=True)
             os.rename(tmp, final)
             dirs.add(final.parent)
             stats.files_written += 1

@@ -51,6 +51,7 @@ from tessera.progress import Progress
 
 if TYPE_CHECKING:
     from tessera.mounting import MountOptions, MountRecord
+    from tessera.model import Entry
     from tessera.repo import Repo
     from tessera.version import Version
 
@@ -147,12 +148,12 @@ def image_path(home: Path, version: "Version") -> Path:
     return home / IMAGES_DIR / f"{version.hash}-{key}.erofs"
 
 
-def image_tree(version: "Version", cache: FileCache) -> Node:
+def image_tree(version: "Version", cache: FileCache, walked: "list[Entry] | None" = None) -> Node:
     """The version as image nodes: files redirect into ``cache``; directories, symlinks, modes and
-    per-entry metadata as committed."""
+    per-entry metadata as committed. ``walked``: ``list(version.walk(dirs=True))`` if already made."""
     root = Node(b"", "dir", 0o755, xattrs=[(XATTR_REF, version.ref.encode())])
     dirs: dict[str, Node] = {"": root}
-    for e in version.walk(dirs=True):
+    for e in version.walk(dirs=True) if walked is None else walked:
         parent_path, _, name = e.path.rpartition("/")
         parent = dirs[parent_path]
         xattrs: list[tuple[str, bytes]] = []
@@ -171,14 +172,14 @@ def image_tree(version: "Version", cache: FileCache) -> Node:
     return root
 
 
-def build_image(version: "Version", cache: FileCache, path: Path) -> Path:
+def build_image(version: "Version", cache: FileCache, path: Path, walked: "list[Entry] | None" = None) -> Path:
     """Write the version's image to ``path`` (temp name, fsync, rename); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     try:
         with open(tmp, "wb") as f:
-            st = write_image(f, image_tree(version, cache), mtime_ns=mtime_ns_of(version),
+            st = write_image(f, image_tree(version, cache, walked), mtime_ns=mtime_ns_of(version),
                              uuid=bytes.fromhex(version.hash[:32]))
             f.flush()
             os.fsync(f.fileno())
@@ -302,6 +303,11 @@ class Choice:
     kernel: bool
     why: str = ""  # when not: one line for the user
     missing: Missing | None = None
+    walked: "list[Entry] | None" = None  # list(version.walk(dirs=True)), when it was made
+
+    @property
+    def entries(self) -> "list[Entry] | None":
+        return None if self.walked is None else only_files(self.walked)
 
 
 def _human(n: float) -> str:
@@ -316,9 +322,10 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
     ``auto_max_seconds`` at the measured rate, and fit in the budget; otherwise FUSE, saying why."""
     if image_path(repo.home, version).exists():
         return Choice(True)
-    missing = cache.missing(file_entries(version))
+    walked = list(version.walk(dirs=True))
+    missing = cache.missing(only_files(walked))
     if not missing.entries:
-        return Choice(True, missing=missing)
+        return Choice(True, missing=missing, walked=walked)
     if not _all_local(repo, missing):
         return Choice(False, "its files are not all local (lazy remote version); the kernel path would "
                              f"download and cache {_human(missing.bytes)} first (`tessera pull`, then --kernel)",
@@ -330,7 +337,11 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
                              f"{_human(settings.max_size)}", missing)
     if missing.bytes > settings.auto_max_bytes or seconds > settings.auto_max_seconds:
         return Choice(False, f"{_human(missing.bytes)} of it is not in the file cache yet; {cost}", missing)
-    return Choice(True, missing=missing)
+    return Choice(True, missing=missing, walked=walked)
+
+
+def only_files(walked: "list[Entry]") -> "list[Entry]":
+    return [e for e in walked if e.is_file and e.sha256 and e.size > 0]
 
 
 def _all_local(repo: "Repo", missing: Missing) -> bool:
@@ -423,7 +434,7 @@ def open_cache(repo: "Repo", settings: FileCacheSettings | None = None) -> FileC
 # -- mount / unmount --------------------------------------------------------------------------------
 
 def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress: Progress | None = None,
-                 settings: FileCacheSettings | None = None) -> "MountRecord":
+                 settings: FileCacheSettings | None = None, choice: Choice | None = None) -> "MountRecord":
     """Materialize, build the image, mount; on any failure nothing stays mounted and the record goes."""
     from tessera.mounting import MountRecord, check_mountpoint, remove_record, write_record
 
@@ -442,9 +453,16 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
         mounted: list[str] = []
         try:
             if not image.exists():
-                cache.materialize(version, pinned=pinned_files(repo, except_mountpoint=mp), progress=progress)
+                walked = choice.walked if choice is not None and choice.walked is not None else None
+                if walked is None:
+                    walked = list(version.walk(dirs=True))
+                    missing = None
+                else:
+                    missing = choice.missing if choice is not None else None
+                cache.materialize(version, only_files(walked), pinned=pinned_files(repo, except_mountpoint=mp),
+                                  progress=progress, missing=missing)
                 crash_point("kernel-materialized")
-                build_image(version, cache, image)
+                build_image(version, cache, image, walked)
             _clean_staging(staging)  # what a mount killed at this mountpoint may have left
             staging.mkdir(parents=True, exist_ok=True)
             mount_image(str(image), str(staging), image_backing(home))
@@ -531,6 +549,7 @@ def kernel_or_none(home: str | Path, ref: str, mountpoint: str | Path, opts: "Mo
     with Repo(home) as repo:
         version = repo.get(ref)
         settings = FileCacheSettings.load(repo.catalog.setting)
+        choice = None
         if opts.path == "auto":
             from tessera.mounting import check_mountpoint
 
@@ -540,7 +559,8 @@ def kernel_or_none(home: str | Path, ref: str, mountpoint: str | Path, opts: "Mo
                 if notify is not None:
                     notify(f"mounting with FUSE: {choice.why}")
                 return None
-        return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings)
+        return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings,
+                            choice=choice)
 
 
 __all__ = ["probe", "choose", "active_images", "Choice", "mount_kernel", "unmount_kernel", "kernel_or_none",
