@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from tessera.errors import CorruptData, DiskFull, TesseraError
 from tessera.model import Entry
@@ -95,7 +95,9 @@ class FileCache:
     """The cache under ``home/files``. Methods that change it take the cache lock themselves unless
     the caller holds it (`locked`)."""
 
-    def __init__(self, home: str | Path, max_size: int) -> None:
+    def __init__(self, home: str | Path, max_size: int, on_evict: Callable[[], object] | None = None) -> None:
+        """``on_evict`` runs (under the lock) before any file is evicted: `tessera.kernelmount` drops the
+        images of unmounted versions there."""
         self.home = Path(home)
         self.root = self.home / CACHE_DIR
         self.tmp = self.root / "tmp"
@@ -104,6 +106,7 @@ class FileCache:
         self._lock_depth = 0
         self._lock_fd = -1
         self._mutex = threading.RLock()
+        self._on_evict = on_evict
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -372,7 +375,8 @@ class FileCache:
             victims = sorted((st.st_atime_ns, sha, st.st_size) for sha, st in self.iter_files() if sha not in keep)
             if not victims:
                 return 0
-            self.on_evict()
+            if self._on_evict is not None:
+                self._on_evict()
             freed = 0
             for _, sha, size in victims:
                 if 0 <= want <= freed:
@@ -381,9 +385,6 @@ class FileCache:
                 freed += size
             logger.info("file cache: evicted %s", _human(freed))
             return freed
-
-    def on_evict(self) -> None:
-        """Called before files are evicted; `tessera.kernelmount` drops unmounted versions' images here."""
 
     # -- checking -----------------------------------------------------------------------------------
 

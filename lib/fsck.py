@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tessera.catalog import Catalog, ChunkLocation
 from tessera.errors import CorruptData
@@ -137,7 +138,7 @@ def fsck(catalog: Catalog, store: Store, progress: Progress | None = None) -> Fs
     return report
 
 
-def check_file_cache(home: "os.PathLike[str] | str", report: FsckReport, progress: Progress) -> None:
+def check_file_cache(home: "str | Path", report: FsckReport, progress: Progress) -> None:
     """Hash every file of the kernel mount's whole-file cache (`tessera.filecache`). A file that fails
     is an error, and is removed together with every mount image (an image promises that all of its
     version's files are cached): the next kernel mount writes them again."""

@@ -73,10 +73,13 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 # -- syscalls ---------------------------------------------------------------------------------------
 
+def _enc(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
-    enc = lambda s: s.encode("utf-8", "surrogateescape")  # noqa: E731
-    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                   enc(data) if data is not None else None) != 0:
+    if _libc.mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags),
+                   _enc(data) if data is not None else None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
 
@@ -349,7 +352,8 @@ def _all_local(repo: "Repo", missing: Missing) -> bool:
     if not remote_packs:
         return True
     for e in missing.entries:
-        for cid, _ in repo.catalog.file(e.sha256 or "").chunks if repo.catalog.file(e.sha256 or "") else ():
+        rec = repo.catalog.file(e.sha256 or "")
+        for cid, _ in rec.chunks if rec is not None else ():
             if repo.store.location(cid).pack in remote_packs:
                 return False
     return True
@@ -426,9 +430,8 @@ def drop_images(home: Path) -> int:
 
 def open_cache(repo: "Repo", settings: FileCacheSettings | None = None) -> FileCache:
     settings = settings or FileCacheSettings.load(repo.catalog.setting)
-    cache = FileCache(repo.home, settings.max_size)
-    cache.on_evict = lambda: drop_images(repo.home)  # type: ignore[method-assign]
-    return cache
+    home = repo.home
+    return FileCache(home, settings.max_size, on_evict=lambda: drop_images(home))
 
 
 # -- mount / unmount --------------------------------------------------------------------------------
