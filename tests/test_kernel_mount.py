@@ -581,3 +581,22 @@ def test_disk_full_while_materializing_leaves_no_mount_and_a_usable_cache(
         assert (mp / "d" / "s.txt").read_text() == "small\n"
     finally:
         umount(home, mp)
+
+
+def test_run_input_takes_the_kernel_path_by_default_and_cleans_up(tmp_path: Path, _kernel_available: None) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.txt").write_text("input bytes")
+    home = tmp_path / "home"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("base", src).ref
+    mnt = tmp_path / "mnt"
+    probe = tmp_path / "probe.py"  # what the command sees: the bytes, and the kind of mount
+    probe.write_text("import sys\nmnt = sys.argv[1]\nprint(open(mnt + '/x.txt').read())\n"
+                     "print([l.split(' - ')[1].split()[0] for l in open('/proc/self/mountinfo') "
+                     "if l.split()[4] == mnt])\n")
+    p = _cli(home, "run", "--input", f"base:{mnt}", "--", sys.executable, str(probe), str(mnt))
+    assert p.returncode == 0, p.stderr
+    assert "input bytes" in p.stdout and "['overlay']" in p.stdout, p.stdout
+    assert not is_mounted(str(mnt)) and not list((home / "mounts").glob("*.json"))
+    assert ref.rpartition("@")[2] in "".join(f.name for f in (home / "images").iterdir())
