@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tessera.config import FileCacheSettings
 from tessera.erofs import IMAGE_FORMAT, Node, write_image
-from tessera.errors import MountError, TesseraError, UsageError
+from tessera.errors import DiskFull, MountError, TesseraError, UsageError
 from tessera.faults import crash_point
 from tessera.filecache import IMAGES_DIR, FileCache, Missing, file_entries
 from tessera.model import DIR, FILE, SYMLINK
@@ -192,8 +192,6 @@ def build_image(version: "Version", cache: FileCache, path: Path, walked: "list[
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            from tessera.errors import DiskFull
-
             raise DiskFull(f"disk full while writing the mount image {path} (nothing was mounted)") from None
         raise
     logger.info("image of %s: %d inodes, %d bytes in %.2f s", version.ref, st.inodes, st.bytes,
@@ -488,8 +486,6 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
                 staging.rmdir()
             remove_record(home, mp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                from tessera.errors import DiskFull
-
                 raise DiskFull(f"disk full while preparing the kernel mount of {version.ref} (nothing was "
                                "mounted; the files cached so far stay valid)") from None
             if isinstance(exc, OSError):
@@ -562,8 +558,15 @@ def kernel_or_none(home: str | Path, ref: str, mountpoint: str | Path, opts: "Mo
                 if notify is not None:
                     notify(f"mounting with FUSE: {choice.why}")
                 return None
-        return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings,
-                            choice=choice)
+        try:
+            return mount_kernel(repo, version, os.fspath(mountpoint), progress=opts.progress, settings=settings,
+                                choice=choice)
+        except (MountError, DiskFull) as exc:
+            if opts.path == "kernel":
+                raise
+            if notify is not None:  # auto: the FUSE path still works
+                notify(f"mounting with FUSE: the kernel mount failed ({exc})")
+            return None
 
 
 __all__ = ["probe", "choose", "active_images", "Choice", "mount_kernel", "unmount_kernel", "kernel_or_none",

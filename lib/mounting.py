@@ -199,10 +199,12 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
             from tessera.kernelmount import record_active
 
             seen.add(rec.mountpoint)
-            if not record_active(rec) and (km is None or km.fstype != "overlay"):
-                out.append(MountRecord(**{**rec.to_json(), "alive": False}))  # a killed mount: umount cleans
-            elif record_active(rec):
+            if record_active(rec):
                 out.append(rec)
+            elif rec.pid == 0:
+                path.unlink(missing_ok=True)  # it was mounted, and someone unmounted it
+            else:
+                out.append(MountRecord(**{**rec.to_json(), "alive": False}))  # a killed mount: umount cleans
             continue
         if km is None or km.fstype != FSTYPE:
             if not pid_alive(rec.pid):

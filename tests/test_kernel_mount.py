@@ -499,6 +499,11 @@ def test_eviction_never_removes_a_file_an_active_mount_uses(tmp_path: Path, _ker
         assert p.returncode == 7 and "budget" in p.stderr and p.stderr.count("\n") == 1, p.stderr
         assert not is_mounted(str(mb)) and len(_cached(home)) == 2
         assert tree_digest(ma) == tree_digest(a_src)
+        p = _cli(home, "mount", b, str(mb), env=budget)  # auto: the kernel path fails, FUSE serves instead
+        assert p.returncode == 0 and "pid" in p.stdout, p.stderr
+        assert p.stderr.startswith("mounting with FUSE: the kernel mount failed (the file cache cannot hold")
+        assert tree_digest(mb) == tree_digest(b_src) and len(_cached(home)) == 2
+        umount(home, mb)
         p = _cli(home, "cache", "evict", "--all")
         assert p.returncode == 0 and len(_cached(home)) == 2 and tree_digest(ma) == tree_digest(a_src)
     finally:
@@ -600,3 +605,17 @@ def test_run_input_takes_the_kernel_path_by_default_and_cleans_up(tmp_path: Path
     assert "input bytes" in p.stdout and "['overlay']" in p.stdout, p.stdout
     assert not is_mounted(str(mnt)) and not list((home / "mounts").glob("*.json"))
     assert ref.rpartition("@")[2] in "".join(f.name for f in (home / "images").iterdir())
+
+
+def test_a_kernel_mount_unmounted_by_plain_umount_is_forgotten(tmp_path: Path, _kernel_available: None) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.txt").write_text("x")
+    home = tmp_path / "home"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("p", src).ref
+    mp = tmp_path / "mp"
+    kmount(home, ref, mp)
+    assert subprocess.run(["umount", str(mp)]).returncode == 0
+    assert str(mp) not in tessera_cli(home, "mounts").stdout
+    assert not list((home / "mounts").glob("*.json"))
