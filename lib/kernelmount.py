@@ -320,7 +320,8 @@ def _human(n: float) -> str:
 def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache: FileCache) -> Choice:
     """The default (auto) rule: the kernel path when the version's image exists (all its files are
     cached), or the files it lacks are local, at most ``auto_max_bytes``, estimated at most
-    ``auto_max_seconds`` at the measured rate, and fit in the budget; otherwise FUSE, saying why."""
+    ``auto_max_seconds`` at the measured rates (per byte and per file), and fit in the budget;
+    otherwise FUSE, saying why."""
     if image_path(repo.home, version).exists():
         return Choice(True)
     walked = list(version.walk(dirs=True))
@@ -331,7 +332,7 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
         return Choice(False, "its files are not all local (lazy remote version); the kernel path would "
                              f"download and cache {_human(missing.bytes)} first (`tessera pull`, then --kernel)",
                       missing)
-    seconds = missing.bytes / cache.rate()
+    seconds = cache.estimate(missing.files, missing.bytes)
     cost = f"--kernel would first cache {_human(missing.bytes)} in {missing.files} files (~{seconds:.0f} s)"
     if missing.bytes > settings.max_size:
         return Choice(False, f"the version needs {_human(missing.bytes)}, more than the file cache budget "

@@ -464,8 +464,9 @@ def test_sigkill_while_materializing_then_umount_recovers(tmp_path: Path, tricky
         ref = repo.commit("big", tricky_tree).ref
     mp = tmp_path / "mp"
     mp.mkdir()
-    proc = subprocess.Popen(["tessera", "mount", "--kernel", ref, str(mp)], env={**os.environ, "TESSERA_HOME": str(home)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(["tessera", "mount", "--kernel", ref, str(mp)], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "TESSERA_HOME": str(home)}, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
     tmpdir = home / "files" / "tmp"
     assert _wait(lambda: tmpdir.is_dir() and any(tmpdir.iterdir())), "materialization never started"
     proc.send_signal(signal.SIGKILL)

@@ -24,15 +24,16 @@ def cache(ctx: click.Context, as_json: bool) -> None:
     info = {"path": str(fc.root), "files": files, "bytes": used, "budget": settings.max_size,
             "pinned_files": len(pinned), "mounted_images": len(active_images(repo.home)),
             "auto_max_bytes": settings.auto_max_bytes, "auto_max_seconds": settings.auto_max_seconds,
-            "rate_bytes_per_s": fc.rate()}
+            "rate_bytes_per_s": fc.rates()[0], "seconds_per_file": fc.rates()[1]}
     if as_json:
         emit_json(info)
         return
     click.echo(f"file cache    {fc.root}")
     click.echo(f"holds         {files} files, {human_size(used)} of a {human_size(settings.max_size)} budget")
     click.echo(f"pinned        {len(pinned)} files used by active kernel mounts")
+    bps, spf = fc.rates()
     click.echo(f"auto rule     kernel path when <= {human_size(settings.auto_max_bytes)} and <= "
-               f"{settings.auto_max_seconds:g} s are missing (at {human_size(fc.rate())}/s)")
+               f"{settings.auto_max_seconds:g} s are missing (at {human_size(bps)}/s + {spf * 1e3:.2f} ms per file)")
 
 
 @cache.command()
