@@ -221,12 +221,24 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
     return sorted(out, key=lambda r: r.mountpoint)
 
 
-def _responds(mountpoint: str) -> bool:
-    try:
-        os.stat(mountpoint)
-        return True
-    except OSError:
-        return False
+def _responds(mountpoint: str, timeout: float = 2.0) -> bool:
+    """A stat of the mountpoint answers within ``timeout`` (a hung FUSE server of somebody else's
+    must not hang `tessera mounts`: the stat runs in a daemon thread that is left behind)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(mountpoint)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    import threading
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 # -- mounting ---------------------------------------------------------------------------------------

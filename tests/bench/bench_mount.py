@@ -172,9 +172,11 @@ class Mount:
             flags = FLAGS + ["--fuse"] if self.kind == "fuse" else ["--kernel"]
             _tessera("mount", *flags, self.ref, str(self.mp), env=self.env)
         self.seconds = time.perf_counter() - t
-        if self.kind == "fuse":
-            mounts = json.loads(_tessera("mounts", "--json").stdout)
-            self.pid = next(m["pid"] for m in mounts if m["mountpoint"] == str(self.mp))
+        if self.kind == "fuse":  # the registry entry (`tessera mounts` also stats other people's mounts)
+            from tessera.mounting import read_record, registry_path
+
+            rec = read_record(registry_path(HOME, str(self.mp)))
+            self.pid = rec.pid if rec is not None else 0
         return self
 
     def rss(self) -> tuple[int, int]:
@@ -248,7 +250,7 @@ def main() -> str:
     mp = {k: DIR / f"mnt-{k}" for k in kinds}
     cols = ["native", *kinds]
     rss: list[tuple[int, int]] = []
-    extra: list[list[object]] = []
+    extra = _Printed()
 
     # (0) kernel path: materialize the data version from an empty cache (MB/s, bytes) — then warm
     if "kernel" in kinds:
@@ -369,6 +371,14 @@ def main() -> str:
     return out
 
 
+class _Printed(list):  # type: ignore[type-arg]
+    """A list of table rows that also goes to stderr as it grows (partial figures survive a crash)."""
+
+    def append(self, row: list[object]) -> None:  # type: ignore[override]
+        print(f"  {row[0]} | {row[1]}", file=sys.stderr, flush=True)
+        super().append(row)
+
+
 _ROWS: dict[str, dict[str, list[float]]] = {}
 _UNITS: dict[str, str] = {}
 
@@ -376,6 +386,7 @@ _UNITS: dict[str, str] = {}
 def _acc(row: str, unit: str, col: str, value: float) -> None:
     _UNITS[row] = unit
     _ROWS.setdefault(row, {}).setdefault(col, []).append(value)
+    print(f"  {row} | {col} | {value:.1f}", file=sys.stderr, flush=True)  # partial figures survive a crash
 
 
 def _run_in(col: str, ref: str, mp: dict[str, Path], src: Path, fn: Callable[[Path], None], *,
