@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
+from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size, progress_bar
 
 
 @cli.command()
@@ -18,24 +18,37 @@ from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
               help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (libfuse debug trace) into the mount log.")
+@click.option("--kernel", "path", flag_value="kernel",
+              help="Kernel path: cache the version's whole files, then EROFS + overlayfs (root; no server).")
+@click.option("--fuse", "path", flag_value="fuse", help="FUSE path: a tessera server process answers every read.")
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
-          timeout: float, debug: bool) -> None:
+          timeout: float, debug: bool, path: str | None) -> None:
     """Mount version REF read-only at MOUNTPOINT (an empty directory).
 
-    Returns once the mount is ready; the FUSE server keeps running in the background until
-    `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+    By default the kernel path is taken when this machine can (root, EROFS, overlayfs data-only
+    layers) and the version's files are in the file cache or the rest is small (see docs/mount.md);
+    otherwise FUSE, with one line saying why and what --kernel would cost. Returns once the mount is
+    ready; a FUSE server keeps running in the background until `tessera umount MOUNTPOINT` (or
+    SIGTERM to its pid, shown by `tessera mounts`).
     """
     from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_ref
 
     from tessera.home import require_home
 
-    opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
+    if foreground and path == "kernel":
+        from tessera.errors import UsageError
+
+        raise UsageError("--foreground serves a FUSE mount; a kernel mount has no server (drop --foreground)")
+    opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug,
+                        path="fuse" if foreground else (path or "auto"), progress=progress_bar(),
+                        notify=lambda msg: click.echo(msg, err=True))
     require_home(_home())
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
         # the repository, so `tessera mount` costs one interpreter start less.
         rec = mount_ref(_home(), ref, mountpoint, opts)
-        click.echo(f"mounted {rec.ref} at {rec.mountpoint} (pid {rec.pid})")
+        how = f"pid {rec.pid}" if rec.kind == "fuse" else "kernel: EROFS + overlayfs"
+        click.echo(f"mounted {rec.ref} at {rec.mountpoint} ({how})")
         return
     from tessera.fuse.mount import serve
 
@@ -73,7 +86,7 @@ def umount(mountpoint: str) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def mounts(as_json: bool) -> None:
-    """List active mounts: ref, hash, mountpoint, server pid."""
+    """List active mounts: ref, hash, mountpoint, server pid (or "kernel" for EROFS + overlayfs mounts)."""
     from tessera.home import require_home
     from tessera.mounting import list_mounts
 
@@ -86,7 +99,8 @@ def mounts(as_json: bool) -> None:
         click.echo("no tessera mounts")
         return
     for m in found:
-        state = "" if m.alive else "  (server gone: run tessera umount)"
+        gone = "server gone" if m.kind == "fuse" else "mount process gone"
+        state = "" if m.alive else f"  ({gone}: run tessera umount)"
         since = f"  since {human_time(m.started)}" if m.started else ""
-        pid = str(m.pid) if m.pid else "-"
-        click.echo(f"{m.ref}  {m.mountpoint}  pid {pid}{since}{state}")
+        pid = ("pid " + (str(m.pid) if m.pid else "-")) if m.kind == "fuse" else "kernel"
+        click.echo(f"{m.ref}  {m.mountpoint}  {pid}{since}{state}")
