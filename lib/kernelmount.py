@@ -45,6 +45,7 @@ from tessera.config import FileCacheSettings
 from tessera.erofs import IMAGE_FORMAT, Node, write_image
 from tessera.errors import DiskFull, MountError, TesseraError, UsageError
 from tessera.faults import crash_point
+from tessera.home import is_read_only
 from tessera.filecache import IMAGES_DIR, FileCache, Missing, file_entries
 from tessera.model import DIR, FILE, SYMLINK, Entry
 from tessera.mounting import (
@@ -224,6 +225,8 @@ def probe(home: str | Path) -> str | None:
         return "disabled by TESSERA_KERNEL_MOUNT=0"
     if os.geteuid() != 0:
         return "it needs root (mounting EROFS and overlayfs)"
+    if is_read_only(home):
+        return "the home is read-only (the kernel path caches files in it)"
     cache_file = Path(home) / KERNEL_DIR / "probe.json"
     key = f"{PROBE_VERSION}:{_boot_id()}:{os.uname().release}"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
