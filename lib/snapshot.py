@@ -77,6 +77,7 @@ class SnapshotStats:
     dirs: int = 0
     symlinks: int = 0
     skipped: int = 0
+    excluded: int = 0  # entries left out by exclude rules (an excluded directory counts once)
     bytes_total: int = 0
     files_read: int = 0
     bytes_read: int = 0
@@ -124,7 +125,7 @@ class SnapshotOptions:
     pack_target: int = 48 * 1024 * 1024
     workers: int = 0
     meta_for: MetaFor | None = None
-    exclude: Callable[[str], bool] | None = None
+    exclude: Callable[[str], bool] | None = None  # relative path ("dir/" for a directory) -> leave out?
     # For a file that keeps changing while read: its previously committed record (None: leave it out).
     # When unset, such a file fails the commit with SourceError.
     previous: Callable[[str], FileRecord | None] | None = None
@@ -158,8 +159,9 @@ class Snapshotter:
                 raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
             for d in items:
                 rel = f"{node.rel}/{d.name}" if node.rel else d.name
-                if self.opts.exclude and self.opts.exclude(rel):
-                    node.excluded = True
+                if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
+                    node.excluded = True  # directories are asked with a trailing "/", as in gitignore
+                    self.stats.excluded += 1
                     continue
                 try:
                     st = d.stat(follow_symlinks=False)
