@@ -234,6 +234,43 @@ def check_mountpoint(mountpoint: str | Path) -> str:
     return mp
 
 
+def created_marker(home: str | Path, mountpoint: str) -> Path:
+    """Registry note that `make_mountpoint` created ``mountpoint`` (so unmount removes it)."""
+    return registry_dir(home) / f"{_key(mountpoint)}.created"
+
+
+def make_mountpoint(mountpoint: str | Path, home: str | Path) -> bool:
+    """Create a missing mountpoint directory (not its parents) and note it in the registry; False
+    when it already existed (then unmount leaves it)."""
+    mp = os.path.abspath(os.fspath(mountpoint))
+    marker = created_marker(home, mp)
+    if os.path.lexists(mp):
+        marker.unlink(missing_ok=True)  # a note left from an earlier mount: this directory is the user's now
+        return False
+    try:
+        os.mkdir(mp, 0o755)
+    except FileNotFoundError:
+        raise UsageError(f"cannot create mountpoint {mp}: {os.path.dirname(mp)} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"cannot create mountpoint {mp}: {exc.strerror}") from None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(mp + "\n")
+    return True
+
+
+def remove_made_mountpoint(home: str | Path, mountpoint: str) -> bool:
+    """Remove ``mountpoint`` if `make_mountpoint` created it and it is empty and unmounted."""
+    marker = created_marker(home, mountpoint)
+    if not marker.exists():
+        return False
+    marker.unlink(missing_ok=True)
+    try:
+        os.rmdir(mountpoint)
+    except OSError:
+        return False
+    return True
+
+
 def check_fuse_device() -> None:
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailable("FUSE is not usable here: /dev/fuse does not exist (load the fuse kernel module, or "
@@ -265,8 +302,9 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
     ``tessera mount`` fast."""
     opts = opts or MountOptions()
     check_fuse_device()
-    mp = check_mountpoint(mountpoint)
     home = str(Path(home).expanduser().resolve())
+    created = make_mountpoint(mountpoint, home)
+    mp = check_mountpoint(mountpoint)
     log = log_path(home, mp)
     log.parent.mkdir(parents=True, exist_ok=True)
     rfd, wfd = os.pipe()
@@ -289,6 +327,8 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
         full = answer[3:].strip()
         return MountRecord(full, full.rpartition("@")[2], mp, proc.pid, time.time(), home, str(log))
     _abort_server(proc, mp)
+    if created:
+        remove_made_mountpoint(home, mp)
     code, msg = _parse_failure(answer, log)
     raise error_for(code, msg)
 
@@ -417,6 +457,8 @@ def unmount(mountpoint: str | Path, home: str | Path | None = None, *, wait: flo
     if rec is not None:
         _wait_exit(rec.pid, wait)
         remove_record(home, mp)  # type: ignore[arg-type]
+    if home is not None:
+        remove_made_mountpoint(home, mp)
     return rec
 
 
@@ -442,4 +484,5 @@ def mounted(version: "Version", mountpoint: str | Path, **options: Any) -> Itera
 
 
 __all__ = ["MountOptions", "MountRecord", "mount_version", "unmount", "mounted", "list_mounts", "is_mounted",
-           "check_mountpoint", "kernel_mounts", "write_record", "remove_record"]
+           "check_mountpoint", "kernel_mounts", "write_record", "remove_record", "make_mountpoint",
+           "remove_made_mountpoint"]
