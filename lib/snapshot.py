@@ -106,7 +106,7 @@ class _Dir:
     links: list[Entry] = field(default_factory=list)
     dirs: list["_Dir"] = field(default_factory=list)
     all_cached: bool = True
-    excluded: bool = False  # something in this directory was excluded: its tree depends on the rules
+    excluded: bool = False  # something in or below this directory was excluded: its tree depends on the rules
 
 
 @dataclass
@@ -304,6 +304,7 @@ class Snapshotter:
         cached = self.catalog.dir_rows([d.path for d in all_dirs]) if use_cache else {}
         reusable: dict[str, tuple[str, int, int]] = {}
         for d in reversed(all_dirs):  # children before parents
+            d.excluded = d.excluded or any(c.excluded for c in d.dirs)  # an exclusion below counts too
             row = cached.get(d.path)
             if (row and d.all_cached and not d.excluded and all(c.rel in reusable for c in d.dirs)
                     and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
