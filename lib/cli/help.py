@@ -46,9 +46,9 @@ def _complete_topic(ctx: click.Context, param: click.Parameter, incomplete: str)
 def help_(topic: str | None, as_json: bool) -> None:
     """Show a documentation topic (no TOPIC: list them).
 
-    The same pages as the project's docs/ (quickstart, concepts, cli, python-api, mount, s3,
-    daemon, format, benchmarks), installed with tessera, as Markdown. `tessera COMMAND --help`
-    documents one command.
+    The project's documentation pages (quickstart, concepts, cli, python-api, mount, s3, daemon,
+    format, benchmarks), installed with tessera, as Markdown. `tessera COMMAND --help` documents
+    one command.
 
     \b
     Examples:

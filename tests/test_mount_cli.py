@@ -1,0 +1,77 @@
+"""`tessera mount` creates a missing mountpoint and `tessera umount` removes it, only if mount made it
+(recorded in the mount registry). Real FUSE mounts; skipped only when this machine cannot mount."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuse_probe import fuse_unavailable_reason
+from tessera.mounting import is_mounted
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(autouse=True)
+def _fuse_available() -> None:
+    why = fuse_unavailable_reason()
+    if why is not None:
+        sys.stderr.write(f"\n!! FUSE tests SKIPPED: {why}\n")
+        if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
+            pytest.fail(f"FUSE required but unavailable: {why}")
+        pytest.skip(f"FUSE unavailable here: {why}")
+
+
+@pytest.fixture
+def ref(home: Path, tmp_path: Path, cli) -> str:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello\n")
+    return cli("commit", "ds", str(src), check=True).stdout.strip().splitlines()[-1]
+
+
+def test_mount_creates_and_umount_removes_a_missing_mountpoint(home: Path, tmp_path: Path, cli, ref: str) -> None:
+    mp = tmp_path / "new-mnt"
+    try:
+        cli("mount", ref, str(mp), check=True)
+        assert is_mounted(str(mp)) and (mp / "hello.txt").read_text() == "hello\n"
+    finally:
+        cli("umount", str(mp))
+    assert not mp.exists() and not is_mounted(str(mp))
+    assert not list((home / "mounts").glob("*.created"))
+
+
+def test_umount_keeps_a_mountpoint_it_did_not_create(home: Path, tmp_path: Path, cli, ref: str) -> None:
+    mp = tmp_path / "mine"
+    mp.mkdir()
+    try:
+        cli("mount", ref, str(mp), check=True)
+    finally:
+        cli("umount", str(mp), check=True)
+    assert mp.is_dir()
+    # created by one mount, then kept: the next mount of the existing directory does not own it
+    new = tmp_path / "once"
+    cli("mount", ref, str(new), check=True)
+    cli("umount", str(new), check=True)
+    new.mkdir()
+    cli("mount", ref, str(new), check=True)
+    cli("umount", str(new), check=True)
+    assert new.is_dir()
+
+
+def test_failed_mount_leaves_no_directory(home: Path, tmp_path: Path, cli, ref: str) -> None:
+    mp = tmp_path / "never"
+    proc = cli("mount", "ds@000000", str(mp))
+    assert proc.returncode == 3 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+    assert not mp.exists()
+    proc = cli("mount", ref, str(tmp_path / "no" / "parent"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_version_mount_context_creates_and_removes(home: Path, tmp_path: Path, repo, ref: str) -> None:
+    mp = tmp_path / "ctx"
+    with repo.get(ref).mount(str(mp)) as where:
+        assert Path(where, "hello.txt").read_text() == "hello\n"
+    assert not mp.exists()
