@@ -54,7 +54,7 @@ def read_ignore_file(root: str | Path) -> list[str]:
     return data.decode("utf-8", "surrogateescape").splitlines()
 
 
-def _compile_gitignore(lines: Sequence[str], where: str) -> pathspec.PathSpec | None:
+def _compile_gitignore(lines: Sequence[str], where: str) -> pathspec.GitIgnoreSpec | None:
     useful = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not useful:
         return None

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 
@@ -25,6 +25,7 @@ from tessera.cli.app import (
 from tessera.cli.complete import complete_dataset, complete_ref, complete_ref_or_dir
 
 if TYPE_CHECKING:
+    from tessera.model import HistoryEntry
     from tessera.repo import CommitResult, Repo
     from tessera.worktree import Comparison, PathChange
 
@@ -179,10 +180,11 @@ def datasets(as_json: bool, remote_name: str | None) -> None:
       tessera datasets --remote origin --json
     """
     repo = open_repo()
+    rows: Sequence[Any]
     if remote_name is not None:
         from tessera.sync import remote_datasets
 
-        rows = remote_datasets(repo, remote_name)  # type: ignore[assignment]
+        rows = remote_datasets(repo, remote_name)
     else:
         rows = repo.datasets()
     if as_json:
@@ -213,7 +215,7 @@ def log(name: str | None, limit: int | None, oneline: bool, as_json: bool) -> No
     """
     repo = open_repo()
     names = [name] if name else [d.name for d in repo.datasets()]
-    rows = []
+    rows: list[tuple[HistoryEntry, list[str]]] = []
     for n in names:
         tags = repo.tags(n)
         rows.extend((e, tags.get(e.hash, [])) for e in repo.log(n, limit))
