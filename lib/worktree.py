@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tessera.catalog import Catalog, StatRow
 from tessera.catalog.worktree_state import WorktreeRecord, real_dir, worktree
@@ -47,21 +47,48 @@ class Found:
 
 
 @dataclass
+class ScannedDir:
+    st: os.stat_result
+    names: list[str] = field(default_factory=list)  # kept children
+    dirs: list[str] = field(default_factory=list)   # kept child directories (relative paths)
+    all_cached: bool = True  # every file hit the stat cache
+    excluded: bool = False   # a rule left something out here
+
+
+@dataclass
 class Scan:
     root: str  # real path
     found: dict[str, Found] = field(default_factory=dict)
+    dirs: dict[str, ScannedDir] = field(default_factory=dict)  # "" is the root
     leftovers: list[str] = field(default_factory=list)  # our temporary files from an interrupted run
     excluded: int = 0
     stat_hits: int = 0
+
+    def clean_trees(self, catalog: Catalog) -> dict[str, str]:
+        """Directories whose tree id is known without reading anything (commit's directory cache:
+        the directory's own stat unchanged, every file a stat-cache hit, nothing excluded, every
+        subdirectory clean too): relative path -> tree id."""
+        rows = catalog.dir_rows([f"{self.root}/{rel}" if rel else self.root for rel in self.dirs])
+        clean: dict[str, str] = {}
+        for rel in sorted(self.dirs, key=lambda r: r.count("/") + (1 if r else 0), reverse=True):
+            d = self.dirs[rel]
+            row = rows.get(f"{self.root}/{rel}" if rel else self.root)
+            if (row is not None and d.all_cached and not d.excluded and all(c in clean for c in d.dirs)
+                    and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
+                    == (d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns)):
+                clean[rel] = row.tree_id
+        return clean
 
 
 def scan_dir(catalog: Catalog, root: str | Path, rules: IgnoreRules | None = None) -> Scan:
     """Every path under ``root`` (symlinks not followed), with file ids from the stat cache."""
     top = real_dir(root)
     scan = Scan(top)
+    scan.dirs[""] = ScannedDir(os.stat(top))
     stack = [""]
     while stack:
         rel_dir = stack.pop()
+        node = scan.dirs[rel_dir]
         abs_dir = f"{top}/{rel_dir}" if rel_dir else top
         cache = catalog.stat_keys(abs_dir)
         try:
@@ -83,9 +110,13 @@ def scan_dir(catalog: Catalog, root: str | Path, rules: IgnoreRules | None = Non
                 continue
             if rules is not None and rules.excludes(rel + "/" if is_dir else rel):
                 scan.excluded += 1
+                node.excluded = True
                 continue
+            node.names.append(d.name)
             if is_dir:
                 scan.found[rel] = Found(rel, DIR, 0o755, 0, st)
+                scan.dirs[rel] = ScannedDir(st)
+                node.dirs.append(rel)
                 stack.append(rel)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(d.path)
@@ -96,9 +127,12 @@ def scan_dir(catalog: Catalog, root: str | Path, rules: IgnoreRules | None = Non
                 if hit and hit[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                     f.sha256 = hit[1]
                     scan.stat_hits += 1
+                else:
+                    node.all_cached = False
                 scan.found[rel] = f
             else:
                 scan.found[rel] = Found(rel, "other", 0, 0, st)
+                node.all_cached = False
     return scan
 
 
@@ -195,45 +229,97 @@ class Comparison:
         return out
 
 
-def _empty_dirs(paths: Iterable[str], kinds: Mapping[str, str]) -> set[str]:
-    parents = {p.rpartition("/")[0] for p in paths}
-    return {p for p, k in kinds.items() if k == DIR and p not in parents}
+class _Walk:
+    """The version's trees against a scan, directory by directory; subtrees whose tree id the scan
+    knows to be equal (`Scan.clean_trees`) are skipped without being read."""
 
+    def __init__(self, version: Version, scan: Scan, clean: Mapping[str, str], dir_is_new: bool) -> None:
+        self.version = version
+        self.scan = scan
+        self.clean = clean
+        self.add, self.rem = ("added", "removed") if dir_is_new else ("removed", "added")
+        self.out: list[PathChange] = []
+        self.pending: list[tuple[Entry, Found]] = []  # same size, id unknown: decided once hashed
 
-def compare(version: Version, scan: Scan, *, dir_is_new: bool = True) -> list[PathChange]:
-    """Changes from the version to the directory (``dir_is_new``), or from the directory to it.
-    File ids must already be known for every file present on both sides with the same size."""
-    want = {e.path: e for e in version.walk(dirs=True)}
-    have = scan.found
-    empty_want = _empty_dirs(want, {p: e.kind for p, e in want.items()})
-    empty_have = _empty_dirs(have, {p: f.kind for p, f in have.items()})
-    out: list[PathChange] = []
-    add, rem = ("added", "removed") if dir_is_new else ("removed", "added")
-    for path in sorted(set(want) | set(have)):
-        e, f = want.get(path), have.get(path)
-        if f is None:
-            if e is not None and (e.kind != DIR or path in empty_want):
-                out.append(PathChange(rem, path + ("/" if e.kind == DIR else "")))
-        elif e is None:
-            if f.kind != DIR or path in empty_have:
-                out.append(PathChange(add, path + ("/" if f.kind == DIR else "")))
-        elif e.kind != f.kind:
-            out.append(PathChange("modified", path))
-        elif e.kind == SYMLINK and e.target != f.target:
-            out.append(PathChange("modified", path))
-        elif e.kind == FILE:
-            if e.size != f.size or f.sha256 != e.sha256:
-                out.append(PathChange("modified", path))
-            elif e.mode != f.mode:
-                out.append(PathChange("mode", path))
-    return out
+    def run(self) -> None:
+        self._dir("", self.version.hash)
+
+    def _dir(self, rel: str, tree_id: str) -> None:
+        if self.clean.get(rel) == tree_id:
+            return
+        tree = self.version.tree(tree_id)
+        want = {te.name: te for te in tree.entries}
+        node = self.scan.dirs[rel]
+        for name in sorted(set(want) | set(node.names)):
+            path = f"{rel}/{name}" if rel else name
+            te, f = want.get(name), self.scan.found.get(path)
+            if f is None and name in want:
+                self._gone(path, te)
+            elif te is None:
+                self._new(path)
+            elif f is not None:
+                self._both(path, te, f)
+
+    def _gone(self, path: str, te: Any) -> None:
+        if te.kind != DIR:
+            self.out.append(PathChange(self.rem, path))
+            return
+        entries = self.version.tree(te.id).entries
+        if not entries:
+            self.out.append(PathChange(self.rem, path + "/"))
+        for child in entries:
+            self._gone(f"{path}/{child.name}", child)
+
+    def _new(self, path: str) -> None:
+        f = self.scan.found[path]
+        if f.kind != DIR:
+            self.out.append(PathChange(self.add, path))
+            return
+        names = self.scan.dirs[path].names
+        if not names:
+            self.out.append(PathChange(self.add, path + "/"))
+        for name in names:
+            self._new(f"{path}/{name}")
+
+    def _both(self, path: str, te: Any, f: Found) -> None:
+        if te.kind != f.kind:
+            self.out.append(PathChange("modified", path))
+            if te.kind == DIR:
+                self._gone(path, te)  # what the version had below it is gone
+            elif f.kind == DIR:
+                for name in self.scan.dirs[path].names:
+                    self._new(f"{path}/{name}")
+        elif te.kind == DIR:
+            self._dir(path, te.id)
+        elif te.kind == SYMLINK:
+            if te.target != f.target:
+                self.out.append(PathChange("modified", path))
+        elif te.kind == FILE:
+            e = Entry(path, FILE, te.mode, te.size, te.id)
+            if te.size != f.size:
+                self.out.append(PathChange("modified", path))
+            elif f.sha256 is None:
+                self.pending.append((e, f))
+            else:
+                self._file(e, f)
+
+    def _file(self, e: Entry, f: Found) -> None:
+        if f.sha256 != e.sha256:
+            self.out.append(PathChange("modified", e.path))
+        elif e.mode != f.mode:
+            self.out.append(PathChange("mode", e.path))
+
+    def finish(self) -> list[PathChange]:
+        for e, f in self.pending:
+            self._file(e, f)
+        return sorted(self.out, key=lambda c: c.path)
 
 
 def compare_dir(catalog: Catalog, version: Version, directory: str | Path, *, dir_is_new: bool = True,
                 rules: IgnoreRules | None = None, refresh: bool = True) -> Comparison:
-    """Scan ``directory`` and compare it with ``version`` (hashing only files the stat cache cannot
-    vouch for and whose size matches). ``refresh`` puts files found equal into the stat cache, so
-    the next status of the same tree reads nothing."""
+    """Scan ``directory`` and compare it with ``version``, reading only the trees of directories that
+    may differ and hashing only files the stat cache cannot vouch for whose size matches.
+    ``refresh`` puts files found equal into the stat cache, so the next status reads nothing."""
     t0 = time.monotonic()
     root = Path(directory)
     if not root.exists():
@@ -243,17 +329,15 @@ def compare_dir(catalog: Catalog, version: Version, directory: str | Path, *, di
     if rules is None:
         rules = IgnoreRules.for_dir(root)
     scan = scan_dir(catalog, root, rules)
-    sizes = {e.path: e.size for e in version.walk() if e.kind == FILE}
-    todo = [f for f in scan.found.values()
-            if f.kind == FILE and f.sha256 is None and sizes.get(f.path) == f.size]
+    walk = _Walk(version, scan, scan.clean_trees(catalog), dir_is_new)
+    walk.run()
+    todo = [f for _, f in walk.pending]
     hashed_bytes = hash_files(scan.root, todo)
-    changes = compare(version, scan, dir_is_new=dir_is_new)
-    if refresh and todo:
-        ids = {f.path: f.sha256 for f in todo}
-        expected = {e.path: e.sha256 for e in version.walk() if e.kind == FILE and e.path in ids}
-        same = [f for f in todo if f.sha256 and f.sha256 == expected.get(f.path)]
-        ok = locally_stored(catalog, {f.sha256 for f in same if f.sha256})
-        save_stat_rows(catalog, scan.root, ((f.path, f.st, f.sha256) for f in same if f.sha256 in ok))
+    changes = walk.finish()
+    if refresh and walk.pending:
+        same = [(e, f) for e, f in walk.pending if f.sha256 == e.sha256]
+        ok = locally_stored(catalog, {f.sha256 for _, f in same if f.sha256})
+        save_stat_rows(catalog, scan.root, ((f.path, f.st, f.sha256) for _, f in same if f.sha256 in ok))
     files = [f for f in scan.found.values() if f.kind == FILE]
     return Comparison(scan.root, version.ref, changes, len(files), sum(f.size for f in files), scan.stat_hits,
                       len(todo), hashed_bytes, scan.excluded, time.monotonic() - t0)

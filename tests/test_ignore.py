@@ -98,3 +98,20 @@ def test_dir_cache_follows_changing_rules(home: Path, tmp_path: Path) -> None:
         (src / ".tesseraignore").write_text("y.txt\n")
         got = repo.commit_dir("ds", src).version
         assert sorted(paths(got)) == [".tesseraignore", "a/b/x.log", "z.txt"]
+
+
+def test_status_reports_what_the_next_commit_would_change(home: Path, tmp_path: Path, cli) -> None:
+    """A committed file that a new .tesseraignore now excludes would leave the next version: status
+    says so (the directory cache must not vouch for a directory where something is now excluded)."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "x.log").write_text("log")
+    (src / "a" / "b" / "y.txt").write_text("y")
+    cli("commit", "ds", str(src), check=True)
+    assert cli("status", str(src), check=True).stdout == ""
+    (src / ".tesseraignore").write_text("*.log\n")
+    assert cli("status", str(src), check=True).stdout.splitlines() == ["+ .tesseraignore", "- a/b/x.log"]
+    ref = cli("commit", "ds", str(src), check=True).stdout.strip().splitlines()[-1]
+    assert cli("status", str(src), check=True).stdout == ""
+    with tessera.Repo(home) as r:
+        assert sorted(paths(r.get(ref))) == [".tesseraignore", "a/b/y.txt"]
