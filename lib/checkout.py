@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tessera.catalog import DirRow
 from tessera.catalog.worktree_state import record_worktree, worktree
 from tessera.errors import DiskFull, TesseraError, UsageError
 from tessera.faults import crash_point
@@ -229,17 +230,22 @@ def materialize(version: Version, target: str | Path, *, how: str, delete: bool 
     check_not_home(root, version.repo.home, f"{how} target")
     if root.exists() and not root.is_dir():
         raise UsageError(f"{target}: exists and is not a directory")
-    entries = list(version.walk(dirs=True))
-    for e in entries:
-        check_path(e.path)
-    result = CheckoutResult(version.ref, str(target), how)
-    files = [e for e in entries if e.kind == FILE]
-    result.files, result.bytes = len(files), sum(e.size for e in files)
+    result = CheckoutResult(version.ref, str(target), how, files=version.files, bytes=version.size)
     try:
         root.mkdir(parents=True, exist_ok=True)
         previous = worktree(catalog, root)
         result.resumed = previous is not None and not previous.complete and previous.hash == version.hash
         scan = scan_dir(catalog, root)
+        if scan.clean_trees(catalog).get("") == version.hash and not scan.leftovers:
+            # the directory cache vouches for the whole tree: nothing to read, write or delete
+            record_worktree(catalog, root, version.name, version.hash, how)
+            result.unchanged = version.files
+            result.seconds = time.monotonic() - t0
+            return result
+        entries = list(version.walk(dirs=True))
+        for e in entries:
+            check_path(e.path)
+        files = [e for e in entries if e.kind == FILE]
         plan = _plan(entries, scan.found, delete, str(target))
         record_worktree(catalog, root, version.name, version.hash, how, complete=False)
         for rel in scan.leftovers:
@@ -259,11 +265,13 @@ def materialize(version: Version, target: str | Path, *, how: str, delete: bool 
             _safe_target(root, e.path).mkdir(exist_ok=True)
         result.dirs = len(plan.mkdirs)
         rows = _StatRows(version, scan.root, {e.sha256 for e in files if e.sha256})
+        checked = {id(f) for _, f in plan.check}
         try:
-            kept = [(e, _fix_mode(root, e, f, result)) for e, f in plan.keep]
-            result.unchanged = len(kept)
-            for e, st in kept:
-                rows.add(e, st)
+            for e, f in plan.keep:
+                st = _fix_mode(root, e, f, result)
+                if st is not f.st or id(f) in checked:  # a stat-cache hit that still holds needs no new row
+                    rows.add(e, st)
+            result.unchanged = len(plan.keep)
             progress.start(how, sum(e.size for e in plan.write))
             _write_all(version, root, plan.write, rows, result, progress)
         finally:
@@ -275,7 +283,9 @@ def materialize(version: Version, target: str | Path, *, how: str, delete: bool 
                 _remove(dest)
             os.symlink(e.target or "", dest)
         result.symlinks = len(plan.links)
-        _extras(root, entries, scan.found, plan, delete, result)
+        left = _extras(root, entries, scan.found, plan, delete, result)
+        if not left and len(rows.ok) == len({e.sha256 for e in files}) and not any(e.meta for e in entries):
+            _save_dir_rows(version, scan.root, entries)
         record_worktree(catalog, root, version.name, version.hash, how)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -330,15 +340,38 @@ def _write_all(version: Version, root: Path, todo: list[Entry], rows: _StatRows,
                 rows.add(e, st)
 
 
+def _save_dir_rows(version: Version, root: str, entries: list[Entry]) -> None:
+    """The directory cache for a target that now holds exactly the version (no extras, every file
+    in the stat cache, no per-entry metadata): `status`, `checkout` and `commit` of it then read
+    no tree and no file."""
+    files_below: dict[str, int] = {}
+    for e in entries:
+        if e.kind == FILE:
+            parent = e.path
+            while "/" in parent:
+                parent = parent.rpartition("/")[0]
+                files_below[parent] = files_below.get(parent, 0) + 1
+    dirs = [("", version.hash, version.size, version.files)] + [
+        (e.path, e.tree_id or "", e.size, files_below.get(e.path, 0)) for e in entries if e.kind == DIR]
+    rows = []
+    for rel, tree_id, size, nfiles in dirs:
+        path = f"{root}/{rel}" if rel else root
+        st = os.lstat(path)
+        rows.append(DirRow(path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, tree_id, size, nfiles))
+    version.repo.catalog.put_dir_rows(rows)
+
+
 def _extras(root: Path, entries: list[Entry], found: dict[str, Found], plan: _Plan, delete: bool,
-            result: CheckoutResult) -> None:
+            result: CheckoutResult) -> int:
+    """Count (or with ``delete`` remove) what the version does not have; returns how many paths
+    are left over, ignored ones included."""
     wanted = {e.path for e in entries}
     rules = IgnoreRules.for_dir(root)  # the version's own .tesseraignore is in place now
-    extras = [p for p in found if p not in wanted and p not in plan.under_removed
-              and not rules(p + "/" if found[p].kind == DIR else p)]
+    every = [p for p in found if p not in wanted and p not in plan.under_removed]
+    extras = [p for p in every if not rules(p + "/" if found[p].kind == DIR else p)]
     if not delete:
         result.extra = sum(1 for p in extras if found[p].kind != DIR)
-        return
+        return len(every)
     for p in sorted(extras, key=lambda x: x.count("/"), reverse=True):  # children before parents
         path = _safe_target(root, p)
         if found[p].kind == DIR:
@@ -350,6 +383,7 @@ def _extras(root: Path, entries: list[Entry], found: dict[str, Found], plan: _Pl
             continue
         path.unlink(missing_ok=True)
         result.deleted += 1
+    return len(every) - len(extras) + sum(1 for p in extras if found[p].kind == DIR and _safe_target(root, p).exists())
 
 
 def export_version(version: Version, target: str | Path, *, force: bool = False,

@@ -277,3 +277,34 @@ def test_export_force_writes_only_what_differs(home: Path, tmp_path: Path, cli) 
     res = json.loads(cli("export", ref, str(out), "--force", "--json", check=True).stdout)
     assert (res["written"], res["unchanged"], res["hashed"], res["extra"]) == (1, 1, 1, 1)
     assert (out / "mine.txt").read_text() == "user file"
+
+
+def test_checkout_fills_the_directory_cache_soundly(home: Path, tmp_path: Path, repo, monkeypatch) -> None:
+    """After a checkout the directory cache vouches for the tree: status, a second checkout and a
+    commit read no tree; yet every later change is still seen, and per-entry metadata (part of the
+    tree id) never leaks into a commit made without it."""
+    src = tmp_path / "src"
+    make_tree(src)
+    v1 = repo.commit_dir("ds", src).version
+    change_tree(src)
+    v2 = repo.commit_dir("ds", src).version
+    out = tmp_path / "out"
+    repo.checkout(v1.ref, out)
+    reads: list[str] = []
+    real = type(repo).load_tree
+    monkeypatch.setattr(type(repo), "load_tree", lambda self, tid: reads.append(tid) or real(self, tid))
+    assert repo.status(out).changes == [] and reads == []
+    again = repo.checkout(v1.ref, out)
+    assert (again.written, again.unchanged, again.hashed, reads) == (0, 5, 0, [])
+    assert repo.commit_dir("other", out).version.hash == v1.hash and reads == []
+    # a change deep down is seen, and a checkout of another version over it is exact
+    (out / "sub" / "deep" / "x.bin").write_bytes(b"changed")
+    assert [(c.status, c.path) for c in repo.status(out).changes] == [("modified", "sub/deep/x.bin")]
+    res = repo.checkout(v2.ref, out, delete=True)
+    assert res.written == 3 and tree_digest(out) == tree_digest(src)
+    assert repo.commit_dir("other", out).version.hash == v2.hash
+    # per-entry metadata is part of the version's tree ids, not of what a plain commit makes
+    tagged = repo.commit_dir("meta", src, meta_for=lambda rel: {"k": rel} if rel == "keep.txt" else None).version
+    with_meta = tmp_path / "with-meta"
+    repo.checkout(tagged.ref, with_meta)
+    assert repo.commit_dir("plain", with_meta).version.hash == v2.hash != tagged.hash
