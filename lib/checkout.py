@@ -22,8 +22,9 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,37 +308,51 @@ def _fix_mode(root: Path, e: Entry, f: Found, result: CheckoutResult) -> os.stat
 
 def _write_all(version: Version, root: Path, todo: list[Entry], rows: _StatRows, result: CheckoutResult,
                progress: Progress) -> None:
-    """Write ``todo`` with `WORKERS` threads; on an error or Ctrl-C, pending files are dropped and the
-    ones being written finish or remove their temporary file."""
+    """Write ``todo`` with `WORKERS` threads, at most a few files ahead of them (bounded memory for a
+    million files). On an error or Ctrl-C no new file is started; the ones being written finish or
+    remove their temporary file, and what was written keeps its stat-cache rows."""
     if not todo:
         return
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="checkout")
-    pending: set[Future[tuple[Entry, os.stat_result]]] = set()
-    queue = iter(todo)
-    try:
-        for e in queue:
-            pending.add(pool.submit(_write_file, version, root, e, progress))
-            if len(pending) >= WORKERS * 4:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fu in done:
-                e, st = fu.result()
+    lock = threading.Lock()
+    slots = threading.BoundedSemaphore(WORKERS * 4)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def task(e: Entry) -> None:
+        try:
+            if stop.is_set():
+                return
+            e, st = _write_file(version, root, e, progress)
+            with lock:
                 result.written += 1
                 result.bytes_written += e.size
                 rows.add(e, st)
-                crash_point(f"checkout-after-file-{result.written}")
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.add(pool.submit(_write_file, version, root, nxt, progress))
-    finally:
-        for fu in pending:
-            fu.cancel()
+                n = result.written
+            crash_point(f"checkout-after-file-{n}")
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            stop.set()
+            with lock:
+                failure.append(exc)
+        finally:
+            slots.release()
+
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="checkout")
+    try:
+        for e in todo:
+            slots.acquire()
+            if stop.is_set():
+                slots.release()
+                break
+            pool.submit(task, e)
+    except BaseException:
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        for fu in pending:  # finished while we were stopping: still worth a stat row
-            if fu.done() and not fu.cancelled() and fu.exception() is None:
-                e, st = fu.result()
-                rows.add(e, st)
+        raise
+    pool.shutdown(wait=True)
+    if failure:
+        raise failure[0]
+    if result.written != len(todo):
+        raise TesseraError(f"internal error: {len(todo) - result.written} of {len(todo)} files were not written")
 
 
 def _save_dir_rows(version: Version, root: str, entries: list[Entry]) -> None:
