@@ -75,3 +75,22 @@ def test_version_mount_context_creates_and_removes(home: Path, tmp_path: Path, r
     with repo.get(ref).mount(str(mp)) as where:
         assert Path(where, "hello.txt").read_text() == "hello\n"
     assert not mp.exists()
+
+
+def test_names_of_255_bytes_through_the_mount(home: Path, tmp_path: Path, cli) -> None:
+    src = tmp_path / "long"
+    (src / ("d" * 255)).mkdir(parents=True)
+    names = {"a" * 255: b"ascii\n", "é" * 127 + "x": b"two-byte\n"}
+    for name, data in names.items():
+        (src / name).write_bytes(data)
+        (src / ("d" * 255) / name).write_bytes(data * 2)
+    ref = cli("commit", "long", str(src), check=True).stdout.strip().splitlines()[-1]
+    mp = tmp_path / "mnt"
+    cli("mount", ref, str(mp), check=True)
+    try:
+        for name, data in names.items():
+            assert (mp / name).read_bytes() == data
+            assert (mp / ("d" * 255) / name).read_bytes() == data * 2
+        assert cli("verify", ref, str(mp), check=True).returncode == 0
+    finally:
+        cli("umount", str(mp), check=True)
