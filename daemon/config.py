@@ -39,7 +39,6 @@ CONFIG_FILE = "daemon.toml"
 DEFAULT_QUIET = 5.0
 DEFAULT_MAX_WAIT = 60.0
 
-
 _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
 _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
