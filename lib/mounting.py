@@ -201,12 +201,29 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
     return sorted(out, key=lambda r: r.mountpoint)
 
 
-def _responds(mountpoint: str) -> bool:
+def _responds(mountpoint: str, timeout: float = 2.0) -> bool:
+    """Does a stat through the mount answer within ``timeout`` seconds? A hung server, ours or another
+    home's, must not hang `tessera mounts` or `umount`, so the stat runs in a child process (a thread
+    waiting on a FUSE request the server already took cannot even be killed, and would hold up our
+    exit); a child that does not answer is killed and left to finish on its own."""
     try:
-        os.stat(mountpoint)
-        return True
-    except OSError:
+        proc = subprocess.Popen(["stat", "--", mountpoint], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except OSError:  # no stat(1) here: ask directly
+        try:
+            os.stat(mountpoint)
+            return True
+        except OSError:
+            return False
+    try:
+        return proc.wait(timeout) == 0
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _UNANSWERED.append(proc)  # never waited for: it exits when the server answers or goes away
         return False
+
+
+_UNANSWERED: list[subprocess.Popen[bytes]] = []
 
 
 # -- mounting ---------------------------------------------------------------------------------------

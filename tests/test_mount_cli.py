@@ -94,3 +94,47 @@ def test_names_of_255_bytes_through_the_mount(home: Path, tmp_path: Path, cli) -
         assert cli("verify", ref, str(mp), check=True).returncode == 0
     finally:
         cli("umount", str(mp), check=True)
+
+
+HUNG_SERVER = r"""
+import errno, os, stat, sys, time
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy as F
+mnt, flag = sys.argv[1], sys.argv[2]
+
+class Ops(F.Operations):
+    use_ns = True
+    def getattr(self, path, fh=None):
+        if os.path.exists(flag):
+            time.sleep(60)  # a server that stopped answering (stuck, stopped, under a debugger)
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+        raise F.FuseOSError(errno.ENOENT)
+
+F.FUSE(Ops(), mnt, foreground=True, ro=True, fsname="tessera:hung@000000", subtype="tessera")
+"""
+
+
+def test_a_hung_mount_does_not_hang_mounts_or_umount(home: Path, tmp_path: Path, cli) -> None:
+    import subprocess
+    import time
+
+    mp, flag = tmp_path / "hung", tmp_path / "hang-now"
+    mp.mkdir()
+    server = subprocess.Popen([sys.executable, "-c", HUNG_SERVER, str(mp), str(flag)], cwd="/",
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mp)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert is_mounted(str(mp))
+        flag.write_text("x")
+        t0 = time.monotonic()
+        listed = cli("mounts", "--json", check=True, timeout=60)
+        assert time.monotonic() - t0 < 30
+        found = [m for m in __import__("json").loads(listed.stdout) if m["mountpoint"] == str(mp)]
+        assert found and found[0]["alive"] is False
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
+        server.kill()
+        server.wait()
