@@ -262,22 +262,28 @@ def list_mounts(home: str | Path) -> list[MountRecord]:
 
 
 def _responds(mountpoint: str, timeout: float = 2.0) -> bool:
-    """A stat of the mountpoint answers within ``timeout`` (a hung FUSE server of somebody else's
-    must not hang `tessera mounts`: the stat runs in a daemon thread that is left behind)."""
-    result: list[bool] = []
-
-    def probe() -> None:
+    """Does a stat through the mount answer within ``timeout`` seconds? A hung server, ours or another
+    home's, must not hang `tessera mounts` or `umount`, so the stat runs in a child process (a thread
+    waiting on a FUSE request the server already took cannot even be killed, and would hold up our
+    exit); a child that does not answer is killed and left to finish on its own."""
+    try:
+        proc = subprocess.Popen(["stat", "--", mountpoint], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except OSError:  # no stat(1) here: ask directly
         try:
             os.stat(mountpoint)
-            result.append(True)
+            return True
         except OSError:
-            result.append(False)
+            return False
+    try:
+        return proc.wait(timeout) == 0
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _UNANSWERED.append(proc)  # never waited for: it exits when the server answers or goes away
+        return False
 
 
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
+_UNANSWERED: list[subprocess.Popen[bytes]] = []
 
 
 # -- mounting ---------------------------------------------------------------------------------------
@@ -301,6 +307,43 @@ def check_mountpoint(mountpoint: str | Path) -> str:
     except PermissionError:
         raise UsageError(f"mountpoint {mp} is not readable") from None
     return mp
+
+
+def created_marker(home: str | Path, mountpoint: str) -> Path:
+    """Registry note that `make_mountpoint` created ``mountpoint`` (so unmount removes it)."""
+    return registry_dir(home) / f"{_key(mountpoint)}.created"
+
+
+def make_mountpoint(mountpoint: str | Path, home: str | Path) -> bool:
+    """Create a missing mountpoint directory (not its parents) and note it in the registry; False
+    when it already existed (then unmount leaves it)."""
+    mp = os.path.abspath(os.fspath(mountpoint))
+    marker = created_marker(home, mp)
+    if os.path.lexists(mp):
+        marker.unlink(missing_ok=True)  # a note left from an earlier mount: this directory is the user's now
+        return False
+    try:
+        os.mkdir(mp, 0o755)
+    except FileNotFoundError:
+        raise UsageError(f"cannot create mountpoint {mp}: {os.path.dirname(mp)} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"cannot create mountpoint {mp}: {exc.strerror}") from None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(mp + "\n")
+    return True
+
+
+def remove_made_mountpoint(home: str | Path, mountpoint: str) -> bool:
+    """Remove ``mountpoint`` if `make_mountpoint` created it and it is empty and unmounted."""
+    marker = created_marker(home, mountpoint)
+    if not marker.exists():
+        return False
+    marker.unlink(missing_ok=True)
+    try:
+        os.rmdir(mountpoint)
+    except OSError:
+        return False
+    return True
 
 
 def check_fuse_device() -> None:
@@ -428,9 +471,10 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
         raise UsageError(f"unknown mount path {opts.path!r} (auto, kernel or fuse)")
     if opts.path == "fuse":
         check_fuse_device()  # else the server says so, when the kernel path is not taken
-    mp = check_mountpoint(mountpoint)
     home = str(Path(home).expanduser().resolve())
     _make_registry(home)
+    created = make_mountpoint(mountpoint, home)
+    mp = check_mountpoint(mountpoint)
     log = log_path(home, mp)
     rfd, wfd = os.pipe()
     try:
@@ -456,6 +500,8 @@ def mount_ref(home: str | Path, ref: str, mountpoint: str | Path, opts: MountOpt
             return rec or MountRecord(found.ref, found.hash, mp, 0, found.started, home, str(log), kind=KERNEL)
         return MountRecord(found.ref, found.hash, mp, proc.pid, found.started, home, str(log))
     _abort_server(proc, mp, home)
+    if created:
+        remove_made_mountpoint(home, mp)
     raise error_for(*found)
 
 
@@ -578,6 +624,8 @@ def unmount(mountpoint: str | Path, home: str | Path | None = None, *, wait: flo
     if (rec is not None and rec.kind == KERNEL and (km is None or km.fstype == KERNEL_FSTYPE)) or (
             km is not None and is_kernel_mount(km.fstype, km.source)):
         unmount_kernel(mp, home, lazy_if_busy=lazy_if_busy)
+        if home is not None:
+            remove_made_mountpoint(home, mp)
         return rec
     if km is None:
         if home is not None:
@@ -604,6 +652,8 @@ def unmount(mountpoint: str | Path, home: str | Path | None = None, *, wait: flo
     if rec is not None:
         _wait_exit(rec.pid, wait)
         remove_record(home, mp)  # type: ignore[arg-type]
+    if home is not None:
+        remove_made_mountpoint(home, mp)
     return rec
 
 
@@ -691,4 +741,5 @@ def mounted(home: str | Path, ref: str, mountpoint: str | Path, **options: Any) 
 
 
 __all__ = ["MountOptions", "MountRecord", "mount_ref", "unmount", "mounted", "list_mounts", "is_mounted",
-           "check_mountpoint", "kernel_mounts", "write_record", "remove_record"]
+           "check_mountpoint", "kernel_mounts", "write_record", "remove_record", "make_mountpoint",
+           "remove_made_mountpoint"]

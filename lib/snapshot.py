@@ -81,6 +81,7 @@ class SnapshotStats:
     dirs: int = 0
     symlinks: int = 0
     skipped: int = 0
+    excluded: int = 0  # entries left out by exclude rules (an excluded directory counts once)
     bytes_total: int = 0
     files_read: int = 0
     bytes_read: int = 0
@@ -110,7 +111,7 @@ class _Dir:
     links: list[Entry] = field(default_factory=list)
     dirs: list["_Dir"] = field(default_factory=list)
     all_cached: bool = True
-    excluded: bool = False  # something in this directory was excluded: its tree depends on the rules
+    excluded: bool = False  # something in or below this directory was excluded: its tree depends on the rules
 
 
 @dataclass
@@ -129,7 +130,7 @@ class SnapshotOptions:
     pack_target: int = DEFAULT_PACK_TARGET
     workers: int = 0
     meta_for: MetaFor | None = None
-    exclude: Callable[[str], bool] | None = None
+    exclude: Callable[[str], bool] | None = None  # relative path ("dir/" for a directory) -> leave out?
     # For a file that keeps changing while read: its previously committed record (None: leave it out).
     # When unset, such a file fails the commit with SourceError.
     previous: Callable[[str], FileRecord | None] | None = None
@@ -169,8 +170,9 @@ class Snapshotter:
                 raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
             for d in items:
                 rel = f"{node.rel}/{d.name}" if node.rel else d.name
-                if self.opts.exclude and self.opts.exclude(rel):
-                    node.excluded = True
+                if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
+                    node.excluded = True  # directories are asked with a trailing "/", as in gitignore
+                    self.stats.excluded += 1
                     continue
                 try:
                     st = d.stat(follow_symlinks=False)
@@ -333,6 +335,7 @@ class Snapshotter:
         cached = self.catalog.dir_rows([d.path for d in all_dirs]) if use_cache else {}
         reusable: dict[str, tuple[str, int, int]] = {}
         for d in reversed(all_dirs):  # children before parents
+            d.excluded = d.excluded or any(c.excluded for c in d.dirs)  # an exclusion below counts too
             row = cached.get(d.path)
             if (row and d.all_cached and not d.excluded and all(c.rel in reusable for c in d.dirs)
                     and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)

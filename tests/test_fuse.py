@@ -429,7 +429,9 @@ def test_bad_input_is_one_line_and_mounts_nothing(env: dict, tmp_path: Path) -> 
     _assert_refused(home, mp, ["nosuch", str(mp)], 3, "unknown dataset")
     _assert_refused(home, mp, ["extra@" + "0" * 12, str(mp)], 3, "has no version")
     _assert_refused(home, mp, ["bad name!", str(mp)], 2, "bad")
-    _assert_refused(home, mp, [env["e1"], str(tmp_path / "missing")], 2, "does not exist")
+    # a missing mountpoint is created (tests/test_mount_cli.py); one whose parent is missing is refused
+    _assert_refused(home, mp, [env["e1"], str(tmp_path / "no-parent" / "missing")], 2, "does not exist")
+    assert not (tmp_path / "no-parent").exists()
     (tmp_path / "file").write_text("x")
     _assert_refused(home, mp, [env["e1"], str(tmp_path / "file")], 2, "not a directory")
     (tmp_path / "full").mkdir()

@@ -131,7 +131,7 @@ def test_fresh_home_lists_logs_browses_exports_and_verifies(pushed, tmp_path: Pa
     assert [(d["name"], d["head"], d["versions"]) for d in remote_ds] == [("ds", ref.split("@")[1], 1)]
     log = json.loads(cli("log", "ds", "--json", env=e, check=True).stdout)
     assert [x["hash"] for x in log] == [ref.split("@")[1]] and log[0]["message"] == "first"
-    listing = cli("ls", "ds", "-r", env=e, check=True).stdout.split("\n")
+    listing = cli("ls", "ds", "-R", env=e, check=True).stdout.split("\n")
     assert "a/b/big.bin" in listing and "link -> a/hello.txt" in listing and "empty dir/" in listing
     assert "first" in cli("show", ref[:12], env=e, check=True).stdout
     assert cli("cat", "ds", "a/hello.txt", env=e, check=True).stdout == "hello tessera\n"
