@@ -409,12 +409,11 @@ def test_known_datasets_resolve_locally_without_asking_the_remote(pushed, tmp_pa
         dead.bind(("127.0.0.1", 0))
         port = dead.getsockname()[1]
     e = env(home, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", TESSERA_REMOTE_RETRIES="0")
-    start = time.monotonic()
+    # asking the dead endpoint would end in a remote error (exit 9): these answer locally
     for args in (("ls", "ds@000000"), ("diff", "ds@000000", "ds"), ("tag", "ds:nope", "v1"), ("show", "ds:nope")):
         one_line_error(cli(*args, env=e), 3, "ds")
     assert ref.split("@")[1][:12] in cli("log", "ds", env=e, check=True).stdout  # the local history
     assert cli("ls", ref, env=e).returncode == 0
-    assert time.monotonic() - start < 15  # no retries, no timeouts: nothing was asked
     err = one_line_error(cli("ls", "unknown", env=e), 9)  # an unknown dataset is asked for, saying so
     assert "127.0.0.1" in err or "connect" in err.lower()
     assert "unknown is not in this home; asking origin" in cli("ls", "unknown", env=e).stderr
