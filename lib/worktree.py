@@ -181,7 +181,7 @@ def save_stat_rows(catalog: Catalog, root: str, rows: Iterable[tuple[str, os.sta
         parent, _, name = rel.rpartition("/")
         by_dir.setdefault(f"{root}/{parent}" if parent else root, []).append(
             StatRow(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, fid))
-    if by_dir:
+    if by_dir and not catalog.read_only:
         with catalog.write():
             for d, r in by_dir.items():
                 catalog.put_stat_rows(d, r)

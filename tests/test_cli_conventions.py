@@ -113,6 +113,7 @@ def test_help_topics_are_installed(cli) -> None:
 
 
 def test_empty_listings_say_so(home: Path, cli) -> None:
+    cli("init", check=True)  # read commands never create a home: make an empty one
     for args, text in ((("datasets",), "no datasets"), (("log",), "no datasets"), (("tags",), "no tags"),
                        (("remote", "list"), "no remotes")):  # (`mounts` lists other homes' mounts too)
         proc = cli(*args, check=True)
@@ -190,7 +191,7 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
         proc = cli(*args[:cut], "--json", *args[cut:], env={"TESSERA_HOME": str(home_dir)})
         assert proc.returncode == 0, (args, proc.stderr)
         words = [a for a in args if not a.startswith("-")]
-        name = " ".join(words[:2]) if words[0] == "remote" else words[0]
+        name = " ".join(words[:2]) if words[0] == "remote" or (words[0] == "cache" and len(words) > 1) else words[0]
         seen.add(name)
         out = proc.stdout
         if words[0] == "run":  # the command's own output comes first
@@ -245,6 +246,9 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
     j("remote", "add", "origin", s3_bucket, home_dir=other)
     pulled = j("pull", "ds", home_dir=other)
     assert pulled["packs"] >= 1  # type: ignore[index]
+    assert j("cache", "budget", "1G")["budget"] == 1 << 30  # type: ignore[index]
+    assert j("cache")["budget"] == 1 << 30  # type: ignore[index]
+    assert j("cache", "evict")["evicted_bytes"] == 0  # type: ignore[index]
     if fuse_ok:
         mp = tmp_path / "mnt"
         rec = j("mount", "ds", str(mp))

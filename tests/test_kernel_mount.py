@@ -408,7 +408,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(env: dict, tmp_path: Path) -> 
     mp = tmp_path / "mp"
     mp.mkdir()
     cases = [(["--kernel", "nosuch", str(mp)], 3, "unknown dataset"),
-             (["--kernel", env["e1"], str(tmp_path / "missing")], 2, "does not exist"),
+             (["--kernel", env["e1"], str(tmp_path / "missing" / "mp")], 2, "does not exist"),
              (["--kernel", "--foreground", env["e1"], str(mp)], 2, "--foreground"),
              (["--kernel", env["e1"], str(env["mnt"])], 12, "already a mount point")]
     for args, code, words in cases:

@@ -121,6 +121,7 @@ def test_a_hung_mount_does_not_hang_mounts_or_umount(home: Path, tmp_path: Path,
 
     mp, flag = tmp_path / "hung", tmp_path / "hang-now"
     mp.mkdir()
+    cli("init", check=True)  # `mounts` lists this home's mounts (and others the kernel knows)
     server = subprocess.Popen([sys.executable, "-c", HUNG_SERVER, str(mp), str(flag)], cwd="/",
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

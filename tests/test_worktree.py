@@ -291,8 +291,8 @@ def test_checkout_fills_the_directory_cache_soundly(home: Path, tmp_path: Path, 
     out = tmp_path / "out"
     repo.checkout(v1.ref, out)
     reads: list[str] = []
-    real = type(repo).load_tree
-    monkeypatch.setattr(type(repo), "load_tree", lambda self, tid: reads.append(tid) or real(self, tid))
+    real = type(repo.trees).load_tree
+    monkeypatch.setattr(type(repo.trees), "load_tree", lambda self, tid: reads.append(tid) or real(self, tid))
     assert repo.status(out).changes == [] and reads == []
     again = repo.checkout(v1.ref, out)
     assert (again.written, again.unchanged, again.hashed, reads) == (0, 5, 0, [])

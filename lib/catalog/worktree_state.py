@@ -37,6 +37,9 @@ def real_dir(path: str | Path) -> str:
 
 def record_worktree(catalog: Catalog, path: str | Path, dataset: str, hash: str, how: str, *,
                     complete: bool = True, excludes: Sequence[str] = ()) -> None:
+    """Skipped on a read-only home: `status` of that directory then says it has no record."""
+    if catalog.read_only:
+        return
     with catalog.write() as c:
         c.execute("INSERT OR REPLACE INTO worktrees VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (real_dir(path), dataset, hash, how, time.time(), int(complete), json.dumps(list(excludes))))

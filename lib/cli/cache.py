@@ -3,14 +3,25 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli.app import cli, emit_json, human_size, open_repo, parse_size
+from tessera.cli.app import cli, emit_json, human_size, json_option, open_repo, parse_size
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def cache(ctx: click.Context, as_json: bool) -> None:
-    """The whole-file cache kernel mounts read from: size, budget, what active mounts pin."""
+    """Show the kernel mount's whole-file cache.
+
+    Its size, budget, the files active kernel mounts pin, and the rule `tessera mount` uses to pick
+    the kernel path by default.
+
+    \b
+    Examples:
+      tessera cache
+      tessera cache --json
+      tessera cache budget 200G
+      tessera cache evict --all
+    """
     if ctx.invoked_subcommand is not None:
         return
     from tessera.config import FileCacheSettings
@@ -38,19 +49,39 @@ def cache(ctx: click.Context, as_json: bool) -> None:
 
 @cache.command()
 @click.argument("size")
-def budget(size: str) -> None:
-    """Set the cache budget (e.g. 200G): files no active mount uses are evicted beyond it."""
+@json_option
+def budget(size: str, as_json: bool) -> None:
+    """Set the file cache budget.
+
+    Files no active kernel mount uses are evicted beyond it.
+
+    \b
+    Examples:
+      tessera cache budget 200G
+    """
     repo = open_repo()
     n = parse_size(size)
     with repo.catalog.write():
         repo.catalog.set_setting("filecache.max_size", str(n))
+    if as_json:
+        emit_json({"budget": n})
+        return
     click.echo(f"file cache budget: {human_size(n)}")
 
 
 @cache.command()
 @click.option("--all", "everything", is_flag=True, help="Every file no active kernel mount uses.")
-def evict(everything: bool) -> None:
-    """Evict files no active kernel mount uses, down to the budget (or all of them with --all)."""
+@json_option
+def evict(everything: bool, as_json: bool) -> None:
+    """Evict files no active kernel mount uses.
+
+    Down to the budget, or all of them with --all.
+
+    \b
+    Examples:
+      tessera cache evict
+      tessera cache evict --all
+    """
     from tessera.kernelmount import open_cache, pinned_files
 
     repo = open_repo()
@@ -59,4 +90,7 @@ def evict(everything: bool) -> None:
         used, _ = fc.usage()
         want = -1 if everything else max(0, used - fc.max_size)
         freed = fc.evict(want, pinned_files(repo)) if want else 0
+    if as_json:
+        emit_json({"evicted_bytes": freed})
+        return
     click.echo(f"evicted {human_size(freed)}")

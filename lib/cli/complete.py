@@ -1,65 +1,61 @@
 """Shell completion of dataset names and refs (click's completion: see `tessera help cli`).
 
-Completion runs on every <TAB>, so it reads the catalog directly, read-only, and never creates a
-home: a missing home completes nothing.
+Completion runs on every <TAB>, so it opens the catalog read-only, without the home's init lock, and
+never creates a home: a missing home (or a busy catalog) completes nothing.
 """
 from __future__ import annotations
 
 import os
-import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from click.shell_completion import CompletionItem
 
+if TYPE_CHECKING:
+    from tessera.catalog import Catalog
+
 LIMIT = 200
+T = TypeVar("T")
 
 
-def _catalog(ctx: click.Context) -> Path | None:
+def _ask(ctx: click.Context, question: Callable[["Catalog"], list[T]]) -> list[T]:
+    from tessera.catalog import Catalog
     from tessera.config import default_home
+    from tessera.errors import TesseraError
 
     home = ctx.find_root().params.get("home") or os.environ.get("TESSERA_HOME")
     path = (Path(home).expanduser() if home else default_home()) / "catalog.db"
-    return path if path.is_file() else None
-
-
-def _rows(ctx: click.Context, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    db = _catalog(ctx)
-    if db is None:
+    if not path.is_file():
         return []
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
+        cat = Catalog(path, read_only=True, timeout=1.0)
+    except (TesseraError, OSError):
         return []
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    try:
+        return question(cat)[:LIMIT]
+    except Exception:  # noqa: BLE001 - a completion never fails the shell
+        return []
+    finally:
+        cat.close()
 
 
 def complete_dataset(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    rows = _rows(ctx, "SELECT name FROM datasets WHERE name LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
-                 (_like(incomplete), LIMIT))
-    return [CompletionItem(r[0]) for r in rows]
+    names = _ask(ctx, lambda cat: [d.name for d in cat.datasets() if d.name.startswith(incomplete)])
+    return [CompletionItem(n) for n in names]
 
 
 def complete_ref(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """``co`` -> dataset names; ``coco@3f`` -> hash prefixes (12 hex); ``coco:v`` -> tags."""
     if "@" in incomplete:
         name, _, prefix = incomplete.partition("@")
-        rows = _rows(ctx, "SELECT DISTINCT hash FROM history WHERE dataset = ? AND hash LIKE ? ESCAPE '\\'"
-                          " ORDER BY seq DESC LIMIT ?", (name, _like(prefix.lower()), LIMIT))
-        return [CompletionItem(f"{name}@{r[0][:12]}") for r in rows]
+        hashes = _ask(ctx, lambda cat: cat.find_versions(name, prefix.lower()))
+        return [CompletionItem(f"{name}@{h[:12]}") for h in hashes]
     if ":" in incomplete:
         name, _, tag = incomplete.partition(":")
-        rows = _rows(ctx, "SELECT tag FROM tags WHERE dataset = ? AND tag LIKE ? ESCAPE '\\' ORDER BY tag LIMIT ?",
-                     (name, _like(tag), LIMIT))
-        return [CompletionItem(f"{name}:{r[0]}") for r in rows]
+        tags = _ask(ctx, lambda cat: sorted(t for ts in cat.tags(name).values() for t in ts if t.startswith(tag)))
+        return [CompletionItem(f"{name}:{t}") for t in tags]
     return complete_dataset(ctx, param, incomplete)
 
 

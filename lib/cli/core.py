@@ -185,7 +185,7 @@ def datasets(as_json: bool, remote_name: str | None) -> None:
     repo = open_repo()
     rows: Sequence[Any] = repo.remote_datasets(remote_name) if remote_name is not None else repo.datasets()
     if as_json:
-        emit_json([{"name": name, "head": head, "versions": n} for name, head, n in rows])
+        emit_json([{"name": d.name, "head": d.head, "versions": d.versions} for d in rows])
         return
     if not rows:
         note("no datasets" + (f" on remote {remote_name}" if remote_name else
@@ -562,7 +562,7 @@ def verify(ref: str, directory: str, extra_ok: bool, as_json: bool) -> None:
               help="A version whose bytes are not all in this home is an error (not only one committed here).")
 @json_option
 def fsck(repair: bool, read_remote: bool, require_local: bool, as_json: bool) -> None:
-    """Check the store: every chunk and every version, and where each version's bytes are.
+    """Check every chunk and version, and where their bytes are.
 
     Reads every local pack (each chunk must decode to its hash), checks what was recorded of remote
     packs' indexes, and walks every version (trees, file records and chunk locations all present). A

@@ -118,7 +118,7 @@ def umount(mountpoint: str, as_json: bool) -> None:
 @cli.command()
 @json_option
 def mounts(as_json: bool) -> None:
-    """List active mounts: ref, hash, mountpoint, server pid (or "kernel" for EROFS + overlayfs mounts).
+    """List active mounts: ref, hash, mountpoint, server pid or kernel.
 
     \b
     Examples:
