@@ -149,8 +149,13 @@ class Repo:
         names = [d.name for d in self.catalog.datasets()]
         return f" (known: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})" if names else " (no datasets yet)"
 
-    def get(self, ref: str) -> Version:
-        """``NAME`` (latest), ``NAME@HASHPREFIX`` (>= 6 hex chars) or ``NAME:TAG``."""
+    def get(self, ref: str, *, lock: bool = True) -> Version:
+        """``NAME`` (latest), ``NAME@HASHPREFIX`` (>= 6 hex chars) or ``NAME:TAG``. A bare ``NAME``
+        pinned by the nearest ``tessera.lock`` is its pinned version unless ``lock=False``."""
+        if lock:
+            from tessera.lockfile import pinned_ref
+
+            ref = pinned_ref(self, ref)
         return Version(self, self.resolve(ref))
 
     def datasets(self) -> list[DatasetInfo]:

@@ -18,15 +18,20 @@ from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
               help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (libfuse debug trace) into the mount log.")
+@click.option("--lock", "locked", is_flag=True,
+              help="REF is a NAME that the nearest tessera.lock must pin: mount the pinned version.")
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
-          timeout: float, debug: bool) -> None:
+          timeout: float, debug: bool, locked: bool) -> None:
     """Mount version REF read-only at MOUNTPOINT (an empty directory).
 
     Returns once the mount is ready; the FUSE server keeps running in the background until
-    `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+    `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`). A bare NAME
+    pinned by the nearest tessera.lock mounts the pinned version (and says so); with --lock a pin
+    is required.
     """
     from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_ref
 
+    ref = _pinned(ref, locked)
     opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
@@ -47,6 +52,23 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
 
     serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
           debug=debug, ready=ready)
+
+
+def _pinned(ref: str, required: bool) -> str:
+    """REF as the lock file in force pins it (the repository is opened only when a pin applies)."""
+    from tessera.errors import NotFound, UsageError
+    from tessera.lockfile import LOCK_NAME, find_lock, lookup, pinned_ref
+
+    bare = "@" not in ref and ":" not in ref
+    if required and not bare:
+        raise UsageError(f"--lock takes a dataset NAME, not the ref {ref!r}")
+    if not bare or lookup(ref) is None:
+        if required:
+            where = find_lock()
+            raise NotFound(f"{where} does not pin {ref!r} (add it with `tessera use {ref}`)" if where
+                           else f"--lock: no {LOCK_NAME} here or in any parent directory")
+        return ref
+    return pinned_ref(open_repo(), ref)
 
 
 def _home() -> str:

@@ -1,0 +1,106 @@
+"""Datasets as dependencies: use, update, lock check/list (a thin shell over `tessera.lockfile`)."""
+from __future__ import annotations
+
+import click
+
+from tessera.cli.app import cli, emit_json, open_repo
+
+_LOCK_FILE = click.option("--lock-file", "lock_file", type=click.Path(dir_okay=False), metavar="PATH",
+                          help="The lock file to use (default: the nearest tessera.lock, "
+                               "from the current directory upwards; `use` creates ./tessera.lock).")
+_SHOWN_CHANGES = 20
+
+
+def _echo_update(u: object) -> None:
+    from tessera.lockfile import Update
+
+    assert isinstance(u, Update)
+    click.echo(u.summary())
+    mark = {"added": "+", "removed": "-", "modified": "M"}
+    for c in (u.changes or [])[:_SHOWN_CHANGES]:
+        click.echo(f"  {mark[c.status]} {c.path}")
+    if u.changes and len(u.changes) > _SHOWN_CHANGES:
+        click.echo(f"  ... and {len(u.changes) - _SHOWN_CHANGES} more (`tessera diff {u.name}@{u.old} "
+                   f"{u.new.ref}`)")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("-r", "--remote", "remote_name", metavar="REMOTE",
+              help="Find the version on REMOTE (name or URL) and record its URL in the pin.")
+@_LOCK_FILE
+def use(ref: str, remote_name: str | None, lock_file: str | None) -> None:
+    """Pin dataset REF in tessera.lock: NAME (its latest version), NAME@HASHPREFIX or NAME:TAG.
+
+    The lock file maps the name to the full version hash (and the remote it comes from). Commit it
+    with your code: `tessera mount NAME`, `tessera run --input NAME:MNT`, `tessera://NAME/...` and
+    `Repo.get("NAME")` then read the pinned version. Moving a pin prints the diff summary.
+    """
+    from tessera.lockfile import use as use_pin
+
+    u = use_pin(open_repo(), ref, remote=remote_name, path=lock_file)
+    _echo_update(u)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@_LOCK_FILE
+def update(names: tuple[str, ...], lock_file: str | None) -> None:
+    """Move pins (all, or NAMES) to the dataset's latest version and print what changed.
+
+    A pin with a remote is compared with that remote's history first; others with this home's.
+    """
+    from tessera.lockfile import update as update_pins
+
+    for u in update_pins(open_repo(), list(names) or None, path=lock_file):
+        _echo_update(u)
+
+
+@cli.group()
+def lock() -> None:
+    """Inspect tessera.lock, the datasets a project pins (see `tessera use`)."""
+
+
+@lock.command("check")
+@_LOCK_FILE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lock_check(lock_file: str | None, as_json: bool) -> None:
+    """Check that every pin resolves, in this home or on its remote (metadata is fetched).
+
+    Exits non-zero when a pin is neither here nor on the remote.
+    """
+    from tessera.errors import NotFound
+    from tessera.lockfile import check
+
+    path, results = check(open_repo(), lock_file)
+    if as_json:
+        emit_json([{"name": r.pin.name, "hash": r.pin.hash, "remote": r.pin.remote, "found": r.where,
+                    "error": r.error} for r in results])
+    else:
+        for r in results:
+            click.echo(f"ok  {r.pin.ref}  ({r.where})" if r.where else f"missing  {r.pin.ref}: {r.error}")
+    bad = [r for r in results if r.where is None]
+    if bad:
+        raise NotFound(f"{len(bad)} of {len(results)} pins in {path} do not resolve: "
+                       f"{', '.join(r.pin.name for r in bad)}")
+    if not as_json:
+        click.echo(f"ok: {len(results)} pins in {path} resolve")
+
+
+@lock.command("list")
+@_LOCK_FILE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lock_list(lock_file: str | None, as_json: bool) -> None:
+    """List the pins of the lock file in force: name, full hash, remote."""
+    from tessera.errors import NotFound
+    from tessera.lockfile import LOCK_NAME, find_lock, pins
+
+    path = lock_file or find_lock()
+    if path is None:
+        raise NotFound(f"no {LOCK_NAME} here or in any parent directory (create one with `tessera use NAME`)")
+    found = pins(path)
+    if as_json:
+        emit_json([{"name": p.name, "hash": p.hash, "remote": p.remote} for p in found])
+        return
+    for p in found:
+        click.echo(f"{p.name}\t{p.hash}\t{p.remote or '-'}")
