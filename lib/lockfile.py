@@ -242,7 +242,7 @@ def ensure_available(repo: "Repo", pin: Pin, path: Path | None = None) -> str:
     default = remote_url(repo)
     if default and default not in tried:
         tried.append(default)
-    places = "this home" + "".join(f" or {t}" for t in tried)
+    places = "this home" + "".join(f" nor {t}" for t in tried)
     raise NotFound(f"{pin.name}@{pin.hash[:12]}{where} is in neither {places}" if tried
                    else f"{pin.name}@{pin.hash[:12]}{where} is not in this home and no remote is configured")
 
