@@ -192,6 +192,14 @@ def test_pins_on_a_remote(home: Path, project: Path, data: Path, tmp_path: Path,
     fs = fsspec.filesystem("tessera", home=str(tmp_path / "fresh3"), skip_instance_cache=True)
     assert fs.cat("tessera://coco/keep.txt") == b"same\n"
 
+    (data / "keep.txt").write_text("upstream changed it\n")  # upstream commits and pushes a new version
+    v2 = commit(home, "coco", data)
+    push(home, f"coco@{v2}", s3_bucket)
+    p = tessera_cli(fresh, cwd, "update")  # the fresh home learns it from the pin's remote
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [f"coco: {v[:12]} -> {v2[:12]}: 0 added, 0 removed, 1 modified", "  M keep.txt"]
+    assert load(project / LOCK_NAME).pins["coco"] == Pin("coco", v2, s3_bucket)
+
     lock = load(project / LOCK_NAME)
     lock.pins["ghost"] = Pin("ghost", HASH_A, s3_bucket)
     lock.save()
