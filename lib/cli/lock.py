@@ -1,9 +1,14 @@
 """Datasets as dependencies: use, update, lock check/list (a thin shell over `tessera.lockfile`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from tessera.cli.app import cli, emit_json, open_repo
+
+if TYPE_CHECKING:
+    from tessera.lockfile import Update
 
 _LOCK_FILE = click.option("--lock-file", "lock_file", type=click.Path(dir_okay=False), metavar="PATH",
                           help="The lock file to use (default: the nearest tessera.lock, "
@@ -11,10 +16,7 @@ _LOCK_FILE = click.option("--lock-file", "lock_file", type=click.Path(dir_okay=F
 _SHOWN_CHANGES = 20
 
 
-def _echo_update(u: object) -> None:
-    from tessera.lockfile import Update
-
-    assert isinstance(u, Update)
+def _echo_update(u: "Update") -> None:
     click.echo(u.summary())
     mark = {"added": "+", "removed": "-", "modified": "M"}
     for c in (u.changes or [])[:_SHOWN_CHANGES]:
