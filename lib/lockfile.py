@@ -25,7 +25,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tessera.errors import ConfigError, NotFound, TesseraError
 from tessera.ids import check_dataset_name, parse_ref
@@ -36,7 +36,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from tessera.repo import Repo
+    from tessera.catalog import Catalog
+    from tessera.model import HistoryEntry
     from tessera.version import Change, Version
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,22 @@ def lookup(name: str, start: str | Path | None = None) -> tuple[Pin, Path] | Non
 
 
 # -- resolving ------------------------------------------------------------------------------------------
+
+class Repo(Protocol):
+    """What this module needs of a `tessera.Repo` (a Protocol: `repo.py` imports this module, not the
+    other way round)."""
+
+    remote: str | None
+    catalog: "Catalog"
+
+    def get(self, ref: str, *, lock: bool = True) -> "Version": ...
+
+    def resolve(self, ref: str) -> "HistoryEntry": ...
+
+    def resolve_local(self, ref: str) -> "HistoryEntry": ...
+
+    def pull(self, ref: str, remote: str | None = None, *, metadata_only: bool = False) -> "Version": ...
+
 
 def pinned_ref(repo: "Repo", ref: str) -> str:
     """`Repo.get`'s hook: a bare ``NAME`` pinned by the lock file in force becomes ``NAME@HASH`` (its
