@@ -250,7 +250,9 @@ def test_sequential_remote_read_is_streamed(tmp_path: Path, s3_bucket: str, faul
         out = b"".join(iter(lambda: f.read(1 << 20), b""))
     assert out == big
     reads = fault_proxy.stats.methods.count("GET") - gets
-    assert reads <= 4 < chunks, (reads, chunks)  # read-ahead: a streamed GET, not a GET per chunk
+    # read-ahead: a ranged GET, then one stream (2 here; a stream its reader left idle for a second on
+    # a loaded machine is reopened), never a GET per chunk
+    assert reads <= 6 and reads * 8 < chunks, (reads, chunks)
 
 
 # -- the docs' recipes, local and remote-only -----------------------------------------------------------
