@@ -209,7 +209,6 @@ class Repo(Protocol):
     """What this module needs of a `tessera.Repo` (a Protocol: `repo.py` imports this module, not the
     other way round)."""
 
-    remote: str | None
     catalog: "Catalog"
 
     def get(self, ref: str, *, lock: bool = True) -> "Version": ...
@@ -268,7 +267,9 @@ def remote_url(repo: "Repo", name: str | None = None) -> str | None:
     """The URL of remote ``name`` (a configured name or a URL); by default of the remote this home
     reads from (``Repo(remote=...)``, else the remote marked default); None when there is none.
     To move into the remote layer (`remotes.py` of issue 9): the public API has no such call yet."""
-    wanted = name if name is not None else repo.remote
+    # Repo(remote=...): `repo.remote` until issue 9, `repo.transports.preferred` after it
+    preferred = getattr(repo, "remote", None) or getattr(getattr(repo, "transports", None), "preferred", None)
+    wanted = name if name is not None else preferred
     if wanted is not None and "://" in wanted:
         return wanted
     from tessera.catalog import remote_state as rs

@@ -91,20 +91,27 @@ def chunk_placement(version: "Version", entries: Sequence[Entry]) -> list[tuple[
     empty file. Files of one pack sorted by offset read the pack front to back.
 
     To move into the reader layer (issue 9): the public `Version` API does not say where a file is
-    stored, so this reads the chunk index through ``version.repo.store``."""
-    store = version.repo.store
-    seen: dict[str, tuple[str, int]] = {}
-    out = []
-    for e in entries:
-        if e.sha256 is None or e.size == 0:
-            out.append(("", 0))
-            continue
-        place = seen.get(e.sha256)
-        if place is None:
-            rec = version.file_record(e)
-            loc = store.location(rec.chunks[0][0])
-            place = seen[e.sha256] = (loc.pack, loc.offset)
-        out.append(place)
+    stored. This asks the version's role objects when it has them (``version.trees.file_records``,
+    ``version.chunks.locations``: batched), else the store behind ``version.repo``."""
+    ids = sorted({e.sha256 for e in entries if e.sha256 is not None and e.size})
+    firsts = _first_chunks(version, ids)
+    return [firsts.get(e.sha256, ("", 0)) if e.sha256 is not None and e.size else ("", 0) for e in entries]
+
+
+def _first_chunks(version: "Version", ids: list[str]) -> dict[str, tuple[str, int]]:
+    trees, chunks = getattr(version, "trees", None), getattr(version, "chunks", None)
+    if trees is not None and chunks is not None:
+        records = trees.file_records(ids)
+        first = {fid: rec.chunks[0][0] for fid, rec in records.items() if rec.chunks}
+        locs = chunks.locations(sorted(set(first.values())))
+        return {fid: (locs[c].pack, locs[c].offset) for fid, c in first.items() if c in locs}
+    repo = getattr(version, "repo")
+    out = {}
+    for fid in ids:
+        rec = repo.catalog.file(fid)
+        if rec is not None and rec.chunks:
+            loc = repo.store.location(rec.chunks[0][0])
+            out[fid] = (loc.pack, loc.offset)
     return out
 
 
