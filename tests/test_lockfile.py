@@ -25,7 +25,8 @@ def tessera_cli(home: Path, cwd: Path, *args: str, env: dict[str, str] | None = 
 
 def one_line_error(p: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
-    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("note: ")]
+    # informational lines may come first: lock notes, and (after issue 9) "tessera: NAME is not in this home; asking ..."
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith(("note: ", "tessera: "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])
