@@ -206,8 +206,13 @@ class Repo:
         names = [d.name for d in self.catalog.datasets()]
         return f" (known: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})" if names else " (no datasets yet)"
 
-    def get(self, ref: str, *, remote: str | None = None) -> Version:
-        """``NAME`` (latest), ``NAME@HASHPREFIX`` (>= 6 hex chars) or ``NAME:TAG``."""
+    def get(self, ref: str, *, remote: str | None = None, lock: bool = True) -> Version:
+        """``NAME`` (latest), ``NAME@HASHPREFIX`` (>= 6 hex chars) or ``NAME:TAG``. A bare ``NAME``
+        pinned by the nearest ``tessera.lock`` is its pinned version unless ``lock=False``."""
+        if lock:
+            from tessera.lockfile import pinned_ref
+
+            ref = pinned_ref(self, ref)
         return self.version(self.resolve(ref, remote=remote))
 
     def version(self, info: HistoryEntry) -> Version:

@@ -191,7 +191,8 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
         proc = cli(*args[:cut], "--json", *args[cut:], env={"TESSERA_HOME": str(home_dir)})
         assert proc.returncode == 0, (args, proc.stderr)
         words = [a for a in args if not a.startswith("-")]
-        name = " ".join(words[:2]) if words[0] == "remote" or (words[0] == "cache" and len(words) > 1) else words[0]
+        name = (" ".join(words[:2]) if words[0] in ("remote", "lock") or (words[0] == "cache" and len(words) > 1)
+                else words[0])
         seen.add(name)
         out = proc.stdout
         if words[0] == "run":  # the command's own output comes first
@@ -222,6 +223,12 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
     j("fsck")
     j("gc")
     j("stats")
+    lock = str(tmp_path / "project" / "tessera.lock")
+    (tmp_path / "project").mkdir()
+    assert j("use", "ds:v1", "--lock-file", lock)["ref"] == ref  # type: ignore[index]
+    assert j("update", "--lock-file", lock)[0]["moved"] is False  # type: ignore[index]
+    assert j("lock", "list", "--lock-file", lock)[0]["hash"] == ref.split("@")[1]  # type: ignore[index]
+    assert j("lock", "check", "--lock-file", lock)[0]["found"] == "local"  # type: ignore[index]
     j("help")
     j("help", "quickstart")
     ckpt = tmp_path / "ckpt"

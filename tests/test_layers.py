@@ -30,9 +30,9 @@ RANKS = [
     "tessera.sources", "tessera.trees", "tessera.remotes", "tessera.lazy", "tessera.reader",
     # what reads and writes versions
     "tessera.version", "tessera.filecache", "tessera.worktree", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
-    "tessera.push", "tessera.pull",
+    "tessera.push", "tessera.pull", "tessera.lockfile",
     # the facade, and what works on a whole home through it
-    "tessera.repo", "tessera.kernelmount",
+    "tessera.repo", "tessera.kernelmount", "tessera.filesystem", "tessera.torch",
     # adapters on top: FUSE, the daemon, the command line
     "tessera.fuse", "tessera.fuse._binding", "tessera.fuse.operations", "tessera.fuse.mount",
     "tessera.daemon", "tessera.daemon.config", "tessera.daemon.watcher",
@@ -40,7 +40,7 @@ RANKS = [
     "tessera.cli.progress", "tessera.cli.app", "tessera.cli.complete", "tessera.cli.core", "tessera.cli.worktree",
     "tessera.cli.help", "tessera.cli.mount", "tessera.cli.cache",
     "tessera.cli.remote",
-    "tessera.cli.daemon", "tessera.cli.docs", "tessera.cli",
+    "tessera.cli.daemon", "tessera.cli.lock", "tessera.cli.docs", "tessera.cli",
     "tessera",
 ]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ class LazyGroup(click.Group):
     """Imports the command modules only when a command is looked up (keeps --help fast)."""
 
     modules = ("tessera.cli.core", "tessera.cli.worktree", "tessera.cli.mount", "tessera.cli.cache",
-               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.help")
+               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.lock", "tessera.cli.help")
     _loaded = False
 
     def _load(self) -> None:
@@ -64,11 +65,24 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
       tessera log
       tessera help quickstart
     """
-    import logging
-
     if verbose:
         logging.getLogger().setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    show_lock_notes()
     ctx.obj = {"home": home}
+
+
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+def show_lock_notes() -> None:
+    """Every name resolved through a tessera.lock is said on stderr (`tessera.lockfile` logs it)."""
+    log = logging.getLogger("tessera.lockfile")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler(logging.INFO))
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def open_repo(ctx: click.Context | None = None, *, create: bool = False) -> "Repo":

@@ -22,9 +22,11 @@ from tessera.cli.complete import complete_ref
 @click.option("--kernel", "path", flag_value="kernel",
               help="Kernel path: cache the version's whole files, then EROFS + overlayfs (root; no server).")
 @click.option("--fuse", "path", flag_value="fuse", help="FUSE path: a tessera server process answers every read.")
+@click.option("--lock", "locked", is_flag=True,
+              help="REF is a NAME that the nearest tessera.lock must pin: mount the pinned version.")
 @json_option
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
-          timeout: float, debug: bool, path: str | None, as_json: bool) -> None:
+          timeout: float, debug: bool, path: str | None, locked: bool, as_json: bool) -> None:
     """Mount version REF read-only at MOUNTPOINT.
 
     MOUNTPOINT must be an empty directory, or not exist yet: then it is created, and removed again
@@ -32,13 +34,15 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
     overlayfs data-only layers) and the version's files are in the file cache or the rest is small
     (see `tessera help mount`); otherwise FUSE, with one line saying why and what --kernel would cost.
     Returns once the mount is ready; a FUSE server keeps running in the background until `tessera
-    umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+    umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`). A bare NAME pinned by
+    the nearest tessera.lock mounts the pinned version (and says so); with --lock a pin is required.
 
     \b
     Examples:
       tessera mount coco:v1 /mnt/coco
       tessera mount coco@3f2a9c ./view --cache-size 1G
       tessera mount --kernel coco:v1 /mnt/coco
+      tessera mount --lock coco /mnt/coco
     """
     from tessera.mounting import (MountOptions, check_fuse_device, check_mountpoint, make_mountpoint, mount_ref,
                                   remove_made_mountpoint)
@@ -49,10 +53,11 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
         from tessera.errors import UsageError
 
         raise UsageError("--foreground serves a FUSE mount; a kernel mount has no server (drop --foreground)")
+    require_home(_home())
+    ref = _pinned(ref, locked)
     opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug,
                         path="fuse" if foreground else (path or "auto"), progress=progress_bar(),
                         notify=lambda msg: click.echo(msg, err=True))
-    require_home(_home())
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
         # the repository, so `tessera mount` costs one interpreter start less.
@@ -81,6 +86,23 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
     finally:
         if created:
             remove_made_mountpoint(repo.home, mp)
+
+
+def _pinned(ref: str, required: bool) -> str:
+    """REF as the lock file in force pins it (the repository is opened only when a pin applies)."""
+    from tessera.errors import NotFound, UsageError
+    from tessera.lockfile import LOCK_NAME, find_lock, lookup, pinned_ref
+
+    bare = "@" not in ref and ":" not in ref
+    if required and not bare:
+        raise UsageError(f"--lock takes a dataset NAME, not the ref {ref!r}")
+    if not bare or lookup(ref) is None:
+        if required:
+            where = find_lock()
+            raise NotFound(f"{where} does not pin {ref!r} (add it with `tessera use {ref}`)" if where
+                           else f"--lock: no {LOCK_NAME} here or in any parent directory")
+        return ref
+    return pinned_ref(open_repo(), ref)
 
 
 def _home() -> str:
