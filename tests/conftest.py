@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -13,10 +15,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from trees import make_tricky_tree  # noqa: E402
 
-try:
-    from s3_fixtures import *  # noqa: F401,F403,E402
-except ImportError:  # the remote layer may not exist yet in a partial checkout
-    pass
+T = TypeVar("T")
+
+from s3_fixtures import *  # noqa: F401,F403,E402
+
+
+def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll ``pred`` until it returns something truthy or ``timeout`` seconds pass; returns its last
+    value (so ``assert wait_until(...)`` fails with what was last seen)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval)
 
 
 @pytest.fixture

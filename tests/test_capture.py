@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import tessera
+from conftest import wait_until  # noqa: E402
+from fuse_probe import fuse_unavailable_reason  # noqa: E402
 
 WRITE_CHECKPOINTS = textwrap.dedent("""
     import os, sys, time
@@ -118,7 +120,7 @@ def test_sigterm_to_run_reaches_the_command_and_still_captures(home: Path, work:
                       "open('out/a.txt', 'w').write('partial results')\ntime.sleep(60)\n")
     proc = subprocess.Popen(["tessera", "run", "--capture", "out:t", "--", sys.executable, script.name], cwd=work,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait(lambda: (work / "out" / "a.txt").exists(), 10)
+    assert wait_until(lambda: (work / "out" / "a.txt").exists(), 10)
     time.sleep(0.3)
     proc.terminate()
     assert proc.wait(timeout=20) == 128 + 15
@@ -127,13 +129,6 @@ def test_sigterm_to_run_reaches_the_command_and_still_captures(home: Path, work:
         assert v.read_text("a.txt") == "partial results" and v.info.meta["capture"]["exit_code"] == 143
 
 
-def _wait(pred, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_run_bad_input_is_one_line(home: Path, work: Path, cli) -> None:
@@ -156,21 +151,13 @@ def test_run_bad_input_is_one_line(home: Path, work: Path, cli) -> None:
     assert p.returncode != 0 and "not a directory" in p.stderr
 
 
-def _fuse_usable() -> bool:
-    if not os.path.exists("/dev/fuse"):
-        return False
-    try:
-        import tessera.mounting  # noqa: F401
-        import tessera.fuse._binding  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 @pytest.mark.fuse
 def test_run_mounts_inputs_read_only(home: Path, work: Path, tmp_path: Path, cli) -> None:
-    if not _fuse_usable():
-        pytest.skip("FUSE mounting is not available here")
+    why = fuse_unavailable_reason()
+    if why is not None:
+        pytest.skip(f"FUSE unavailable here: {why}")
     base = tmp_path / "base"
     base.mkdir()
     (base / "x.txt").write_text("input bytes")
@@ -182,8 +169,6 @@ def test_run_mounts_inputs_read_only(home: Path, work: Path, tmp_path: Path, cli
                       f"open('out/copy.txt', 'w').write(data)\n")
     p = run_tessera(["run", "--input", f"base:{mnt}", "--capture-once", "out:derived", "--",
                      sys.executable, script.name], work)
-    if p.returncode != 0 and ("FUSE" in p.stderr or "fuse" in p.stderr):
-        pytest.skip(f"FUSE mount failed here: {p.stderr.strip()}")
     assert p.returncode == 0, p.stderr
     with tessera.Repo(home) as repo:
         v = repo.get("derived")

@@ -29,21 +29,13 @@ from tessera.daemon.config import (
 )
 from tessera.daemon.service import Daemon
 from tessera.errors import ConfigError, TransientRemoteError
+from conftest import wait_until  # noqa: E402
 
 QUIET = 1.0
 
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            return value
-        time.sleep(interval)
 
 
 def history(home: Path, dataset: str) -> list[Any]:
@@ -85,7 +77,7 @@ class DaemonProc:
         full_env = dict(os.environ, TESSERA_HOME=str(home), **(env or {}))
         self.proc = subprocess.Popen(["tessera", "daemon"], stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "w"), env=full_env, stdin=subprocess.DEVNULL)
-        ok = wait_for(lambda: "daemon started" in self.text() or self.proc.poll() is not None, 20)
+        ok = wait_until(lambda: "daemon started" in self.text() or self.proc.poll() is not None, 20)
         assert ok and self.proc.poll() is None, f"daemon did not start: {self.text()}"
 
     def text(self) -> str:
@@ -283,7 +275,7 @@ def test_ten_files_make_one_version_quickly(home: Path, tmp_path: Path, cli, dae
         (data / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
         time.sleep(0.02)
     written = time.monotonic()
-    assert wait_for(lambda: history(home, "d"), QUIET + 2), d.text()
+    assert wait_until(lambda: history(home, "d"), QUIET + 2), d.text()
     assert time.monotonic() - written <= QUIET + 2
     time.sleep(QUIET + 0.5)
     versions = history(home, "d")
@@ -325,7 +317,7 @@ def test_appender_versions_are_never_torn(home: Path, tmp_path: Path, daemons) -
         os.close(fd)
         time.sleep(0.25)
     final = b"".join(lines[:n])
-    assert wait_for(lambda: any(v.size == len(final) + 7 for v in history(home, "log")), QUIET + 5), d.text()
+    assert wait_until(lambda: any(v.size == len(final) + 7 for v in history(home, "log")), QUIET + 5), d.text()
     versions = history(home, "log")
     assert len(versions) >= 3, [v.size for v in versions]  # captured during the writes, not only after
     with tessera.Repo(home) as r:
@@ -346,7 +338,7 @@ def test_burst_of_5000_files_makes_few_versions(home: Path, tmp_path: Path, daem
         if i % 500 == 0:
             sub.mkdir()
         (sub / f"f{i:05d}.bin").write_bytes(i.to_bytes(4, "big") * 8)
-    assert wait_for(lambda: any(v.files == 5000 for v in history(home, "burst")), 30), d.text()
+    assert wait_until(lambda: any(v.files == 5000 for v in history(home, "burst")), 30), d.text()
     time.sleep(QUIET + 0.5)
     versions = history(home, "burst")
     assert 1 <= len(versions) <= 3 and versions[-1].files == 5000
@@ -379,7 +371,7 @@ def test_daemon_honours_tesseraignore(home: Path, tmp_path: Path, cli, daemons) 
     (data / "cache" / "blob").write_text("ignored")
     cli("watch", str(data), "ign", "--quiet", str(QUIET), check=True)
     d = daemons(home)
-    assert wait_for(lambda: history(home, "ign"), 10), d.text()
+    assert wait_until(lambda: history(home, "ign"), 10), d.text()
     with tessera.Repo(home) as r:
         assert sorted(e.path for e in r.get("ign").walk()) == [".tesseraignore", "a.txt"]
     (data / "more.log").write_text("still ignored")
@@ -387,7 +379,7 @@ def test_daemon_honours_tesseraignore(home: Path, tmp_path: Path, cli, daemons) 
     time.sleep(QUIET + 1.5)
     assert len(history(home, "ign")) == 1, d.text()  # no event worth a commit
     (data / ".tesseraignore").write_text("cache/\n")  # logs are wanted from now on
-    assert wait_for(lambda: len(history(home, "ign")) == 2, QUIET + 5), d.text()
+    assert wait_until(lambda: len(history(home, "ign")) == 2, QUIET + 5), d.text()
     with tessera.Repo(home) as r:
         assert sorted(e.path for e in r.get("ign").walk()) == [".tesseraignore", "a.txt", "more.log", "x.log"]
     assert cli("status", str(data), check=True).stdout == ""  # the daemon's commit is DIR's version
@@ -404,7 +396,7 @@ def test_config_changes_apply_without_restart(home: Path, tmp_path: Path, cli, d
     # a new watch commits what is already there, ignoring *.log and temp files
     (b / "skip.log").write_text("no")
     (b / "x.tmp").write_text("no")
-    assert wait_for(lambda: history(home, "b"), 5), d.text()
+    assert wait_until(lambda: history(home, "b"), 5), d.text()
     with tessera.Repo(home) as r:
         time.sleep(QUIET + 0.5)
         assert [e.path for e in r.get("b").walk()] == ["existing.txt"]
@@ -412,13 +404,13 @@ def test_config_changes_apply_without_restart(home: Path, tmp_path: Path, cli, d
     cfg = home / "daemon.toml"
     good = cfg.read_text()
     cfg.write_text(good + "\n[[watch]]\npath = \n")
-    assert wait_for(lambda: "config error" in cli("status").stdout, 5)
+    assert wait_until(lambda: "config error" in cli("status").stdout, 5)
     status = cli("status").stdout
     assert "daemon.toml:" in status and "malformed TOML" in status
     (a / "one.txt").write_text("1")
-    assert wait_for(lambda: history(home, "a"), QUIET + 3), d.text()
+    assert wait_until(lambda: history(home, "a"), QUIET + 3), d.text()
     cfg.write_text(good)
-    assert wait_for(lambda: "config error" not in cli("status").stdout, 5)
+    assert wait_until(lambda: "config error" not in cli("status").stdout, 5)
     # unwatch: later changes are not committed
     cli("unwatch", str(a), check=True)
     time.sleep(1.5)
@@ -432,11 +424,11 @@ def test_watched_dir_may_come_and_go(home: Path, tmp_path: Path, daemons, cli) -
     data = tmp_path / "later"
     write_config(home, [{"path": str(data), "dataset": "later", "quiet_seconds": QUIET}])
     d = daemons(home)
-    assert wait_for(lambda: "does not exist" in cli("status").stdout, 5)
+    assert wait_until(lambda: "does not exist" in cli("status").stdout, 5)
     data.mkdir()
     (data / "f.txt").write_text("hello")
-    assert wait_for(lambda: history(home, "later"), QUIET + 4), d.text()
-    assert wait_for(lambda: "last error    -" in cli("status").stdout, 3)
+    assert wait_until(lambda: history(home, "later"), QUIET + 4), d.text()
+    assert wait_until(lambda: "last error    -" in cli("status").stdout, 3)
     assert d.stop() == 0
 
 
@@ -455,9 +447,9 @@ def test_queue_survives_outage_and_restart(home: Path, tmp_path: Path) -> None:
     td = ThreadDaemon(home, remote)
     for i in range(3):
         (data / f"v{i}.txt").write_text(str(i))
-        assert wait_for(lambda: len(history(home, "q")) == i + 1, 5)
+        assert wait_until(lambda: len(history(home, "q")) == i + 1, 5)
     versions = [f"q@{v.hash}" for v in history(home, "q")]
-    assert wait_for(lambda: remote.attempts >= 3, 5)
+    assert wait_until(lambda: remote.attempts >= 3, 5)
     with tessera.Repo(home) as r:
         queued = ds.pending_pushes(r.catalog)
         assert [i.ref for i in queued] == versions
@@ -467,9 +459,9 @@ def test_queue_survives_outage_and_restart(home: Path, tmp_path: Path) -> None:
     remote2 = FakeRemote()
     remote2.down = True
     td2 = ThreadDaemon(home, remote2)
-    assert wait_for(lambda: remote2.attempts >= 1, 5)
+    assert wait_until(lambda: remote2.attempts >= 1, 5)
     remote2.down = False
-    assert wait_for(lambda: len(remote2.pushed) == 3, 5)
+    assert wait_until(lambda: len(remote2.pushed) == 3, 5)
     assert [ref for ref, _ in remote2.pushed] == versions
     with tessera.Repo(home) as r:
         assert ds.pending_pushes(r.catalog) == []
@@ -492,7 +484,7 @@ def test_crash_between_version_and_queue_is_repaired(home: Path, tmp_path: Path,
         assert ds.pending_pushes(r.catalog) == []
     remote = FakeRemote()
     td = ThreadDaemon(home, remote)
-    assert wait_for(lambda: remote.pushed, 5)
+    assert wait_until(lambda: remote.pushed, 5)
     assert remote.pushed == [(f"k@{v.hash}", "origin")]
     td.stop()
 
@@ -508,7 +500,7 @@ def test_sigkill_during_commit_leaves_a_sound_store(home: Path, tmp_path: Path, 
     assert cli("fsck", check=True).returncode == 0
     assert history(home, "c") == []
     d2 = daemons(home)  # restart: the directory is committed after all
-    assert wait_for(lambda: history(home, "c"), 5), d2.text()
+    assert wait_until(lambda: history(home, "c"), 5), d2.text()
     assert d2.stop() == 0
     assert cli("fsck", check=True).returncode == 0
 
@@ -530,19 +522,11 @@ def test_layering_only_watcher_imports_watchdog() -> None:
 
 # -- real pushes (file:// and moto S3) -------------------------------------------------------------------
 
-def _has_push() -> bool:
-    return hasattr(tessera.Repo, "push")
-
-
-needs_push = pytest.mark.skipif(not _has_push(), reason="Repo.push is not available in this checkout")
-
-
 def pending(home: Path) -> list[Any]:
     with tessera.Repo(home) as r:
         return ds.pending_pushes(r.catalog)
 
 
-@needs_push
 def test_new_version_is_pushed_to_a_file_remote(home: Path, tmp_path: Path, cli, daemons) -> None:
     data, bucket = tmp_path / "data", tmp_path / "remote"
     data.mkdir()
@@ -551,14 +535,13 @@ def test_new_version_is_pushed_to_a_file_remote(home: Path, tmp_path: Path, cli,
     d = daemons(home)
     for i in range(10):
         (data / f"f{i}.txt").write_text(f"file {i}\n")
-    assert wait_for(lambda: history(home, "d"), QUIET + 2), d.text()
+    assert wait_until(lambda: history(home, "d"), QUIET + 2), d.text()
     [v] = history(home, "d")
-    assert wait_for(lambda: (bucket / "versions" / v.hash).exists() and not pending(home), 10), d.text()
+    assert wait_until(lambda: (bucket / "versions" / v.hash).exists() and not pending(home), 10), d.text()
     assert f"pushed d@{v.hash}" in d.text()
     assert d.stop() == 0
 
 
-@needs_push
 def test_file_remote_outage_and_restart(home: Path, tmp_path: Path, cli, daemons) -> None:
     """The remote directory is replaced by a plain file (root ignores permissions) while versions are
     made, the daemon restarts in between, then the directory comes back: every version is pushed."""
@@ -573,24 +556,23 @@ def test_file_remote_outage_and_restart(home: Path, tmp_path: Path, cli, daemons
     bucket.write_text("the remote is down")
     d = daemons(home)
     (data / "a.txt").write_text("a")
-    assert wait_for(lambda: len(history(home, "o")) == 1, 5), d.text()
-    assert wait_for(lambda: any(i.last_error for i in pending(home)), 5), d.text()
+    assert wait_until(lambda: len(history(home, "o")) == 1, 5), d.text()
+    assert wait_until(lambda: any(i.last_error for i in pending(home)), 5), d.text()
     assert d.stop() == 0
     d2 = daemons(home)
     (data / "b.txt").write_text("b")
-    assert wait_for(lambda: len(history(home, "o")) == 2, 5), d2.text()
-    assert wait_for(lambda: len(pending(home)) == 2 and all(i.last_error for i in pending(home)), 5)
+    assert wait_until(lambda: len(history(home, "o")) == 2, 5), d2.text()
+    assert wait_until(lambda: len(pending(home)) == 2 and all(i.last_error for i in pending(home)), 5)
     status = cli("status", check=True).stdout
     assert "pending       2 uploads" in status and "last error    " in status and "/remote" in status
     bucket.unlink()
     aside.rename(bucket)
-    assert wait_for(lambda: not pending(home), 10), d2.text()
+    assert wait_until(lambda: not pending(home), 10), d2.text()
     for v in history(home, "o"):
         assert (bucket / "versions" / v.hash).exists()
     assert d2.stop() == 0
 
 
-@needs_push
 @pytest.mark.s3
 def test_s3_outage_and_restart(home: Path, tmp_path: Path, cli, daemons, s3_bucket: str, fault_proxy,
                                s3_client) -> None:
@@ -604,21 +586,21 @@ def test_s3_outage_and_restart(home: Path, tmp_path: Path, cli, daemons, s3_buck
                  extra="[daemon]\npush_retry_min_seconds = 0.3\npush_retry_max_seconds = 1\n")
     d = daemons(home, env=env)
     (data / "first.bin").write_bytes(os.urandom(50_000))
-    assert wait_for(lambda: len(history(home, "s")) == 1, 5), d.text()
+    assert wait_until(lambda: len(history(home, "s")) == 1, 5), d.text()
     first = history(home, "s")[0]
-    assert wait_for(lambda: f"pushed s@{first.hash}" in d.text(), 15), d.text()
+    assert wait_until(lambda: f"pushed s@{first.hash}" in d.text(), 15), d.text()
     fault_proxy.down()
     (data / "second.bin").write_bytes(os.urandom(50_000))
-    assert wait_for(lambda: len(history(home, "s")) == 2, 5), d.text()
-    assert wait_for(lambda: any(i.last_error for i in pending(home)), 15), d.text()
+    assert wait_until(lambda: len(history(home, "s")) == 2, 5), d.text()
+    assert wait_until(lambda: any(i.last_error for i in pending(home)), 15), d.text()
     assert d.stop() == 0
     d2 = daemons(home, env=env)
     (data / "third.bin").write_bytes(os.urandom(50_000))
-    assert wait_for(lambda: len(history(home, "s")) == 3, 5), d2.text()
+    assert wait_until(lambda: len(history(home, "s")) == 3, 5), d2.text()
     time.sleep(1)
     assert len(pending(home)) == 2
     fault_proxy.up()
-    assert wait_for(lambda: not pending(home), 20), d2.text()
+    assert wait_until(lambda: not pending(home), 20), d2.text()
     bucket, _, prefix = s3_bucket.removeprefix("s3://").partition("/")
     for v in history(home, "s"):
         s3_client.head_object(Bucket=bucket, Key=f"{prefix}/versions/{v.hash}")

@@ -27,6 +27,7 @@ import tessera
 from fuse_probe import fuse_unavailable_reason
 from tessera.mounting import is_mounted, list_mounts
 from trees import tree_digest, write_random, write_text
+from conftest import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 
@@ -323,13 +324,6 @@ def _server_pid(home: Path, mp: Path) -> int:
     return next(m["pid"] for m in out if m["mountpoint"] == str(mp))
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_sigterm_unmounts_cleanly(env: dict) -> None:
@@ -337,8 +331,8 @@ def test_sigterm_unmounts_cleanly(env: dict) -> None:
     mount(home, env["e1"], mp)
     pid = _server_pid(home, mp)
     os.kill(pid, signal.SIGTERM)
-    assert _wait(lambda: not is_mounted(str(mp)))
-    assert _wait(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+    assert wait_until(lambda: not is_mounted(str(mp)))
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
     assert all(m.mountpoint != str(mp) for m in list_mounts(home))
     log = sorted((home / "mounts").glob("*.log"), key=os.path.getmtime)[-1].read_text()
     assert "stopped by a signal" in log and "could not mount" not in log
@@ -349,7 +343,7 @@ def test_sigkill_leaves_enotconn_and_umount_recovers(env: dict) -> None:
     mount(home, env["e1"], mp)
     pid = _server_pid(home, mp)
     os.kill(pid, signal.SIGKILL)
-    assert _wait(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
     # A request racing the kernel's teardown of the connection can get ECONNABORTED; after it, ENOTCONN.
     for _ in range(50):
         with pytest.raises(OSError) as info:

@@ -29,6 +29,7 @@ from tessera.erofs import Node, read_superblock, write_image
 from tessera.mounting import is_mounted, list_mounts
 from test_fuse import _PathDataset, make_extra, tessera_cli
 from trees import tree_digest, write_random
+from conftest import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 
@@ -418,13 +419,6 @@ def test_bad_input_is_one_line_and_mounts_nothing(env: dict, tmp_path: Path) -> 
         assert not is_mounted(str(mp))
 
 
-def _wait(cond: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize("point", ["kernel-materialized", "kernel-erofs-mounted", "kernel-overlay-mounted"])
@@ -492,10 +486,10 @@ def test_sigkill_while_materializing_then_umount_recovers(tmp_path: Path, tricky
                             env={**os.environ, "TESSERA_HOME": str(home)}, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL)
     tmpdir = home / "files" / "tmp"
-    assert _wait(lambda: tmpdir.is_dir() and any(tmpdir.iterdir())), "materialization never started"
+    assert wait_until(lambda: tmpdir.is_dir() and any(tmpdir.iterdir()), 30), "materialization never started"
     proc.send_signal(signal.SIGKILL)  # the caller: its mount server notices (the pipe breaks) and stops
     proc.wait(30)
-    assert _wait(lambda: not list((home / "mounts").glob("*.json")), 60), "the server did not stop and clean up"
+    assert wait_until(lambda: not list((home / "mounts").glob("*.json")), 60), "the server did not stop and clean up"
     assert not is_mounted(str(mp))
     p = tessera_cli(home, "umount", str(mp))  # nothing left to clean: says so
     assert p.returncode == 12 and "not mounted" in p.stderr, p.stderr

@@ -15,6 +15,7 @@ import pytest
 from tessera.errors import CorruptData, RemoteError, TransientRemoteError
 from tessera.remote.base import ObjectReader, Transport
 from trees import write_random
+from conftest import wait_until  # noqa: E402
 
 
 class Counting(Transport):
@@ -193,13 +194,6 @@ def _packs_of(repo, ref, path: str) -> list[str]:
     return packs
 
 
-def _wait_until(cond, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_sequential_read_streams_each_pack(lazy_repo) -> None:
@@ -211,7 +205,7 @@ def test_sequential_read_streams_each_pack(lazy_repo) -> None:
     # a ranged GET for the first read, then one stream per pack (no window after window)
     assert len(counting.gets) <= 1 and counting.opened <= len(packs), (counting.gets, counting.opened)
     assert f.stats.streams == counting.opened and f.stats.misses <= len(packs) + 1
-    assert _wait_until(lambda: not f._streams)  # each ended at the end of its pack, or idle
+    assert wait_until(lambda: not f._streams)  # each ended at the end of its pack, or idle
     assert max(counting.streams) > 1 << 20
     assert counting.fetched < 1.5 * (src / "big.bin").stat().st_size
 
@@ -223,7 +217,7 @@ def test_a_stream_leads_its_reader_by_a_bounded_amount_and_closes_when_idle(lazy
     assert _read_in_order(repo, ref, "big.bin", block=64 << 10, limit=2 << 20) == want[:2 << 20]
     # the reader's stream, and at most one its read-ahead opened early for the file's next pack
     assert f._streams and counting.opened <= len(_packs_of(repo, ref, "big.bin")[:2])
-    assert _wait_until(lambda: not f._streams, 3)  # the reader stopped: the streams closed
+    assert wait_until(lambda: not f._streams, 3)  # the reader stopped: the streams closed
     # what the reader read, the lead, and the chunk that crossed it; a hinted stream leads by min_window
     hinted = (counting.opened - 1) * ((256 << 10) + (2 << 20))
     assert counting.streams and counting.stream_bytes <= (2 << 20) + (512 << 10) + (2 << 20) + hinted
@@ -258,7 +252,7 @@ def test_random_misses_all_over_a_pack_warm_it_with_one_stream(lazy_repo) -> Non
         for i in [mine[-1], mine[1], mine[len(mine) // 2]]:
             fh.seek(starts[i])
             assert fh.read(100) == want[starts[i]:starts[i] + 100]
-    assert f.stats.streams == 1 and _wait_until(lambda: not f._streams)
+    assert f.stats.streams == 1 and wait_until(lambda: not f._streams)
     assert all((pack, x.offset) in f.cache for x in repo.catalog.pack_chunks(pack))
     requests = counting.requests
     got = _read_in_order(repo, ref, "big.bin", limit=starts[mine[-1]])
@@ -278,7 +272,7 @@ def test_a_reader_that_jumps_gets_a_ranged_get_and_its_old_stream_closes(lazy_re
         fh.seek(len(want) - 5000)
         assert fh.read() == want[-5000:]
         assert len(counting.gets) == gets + 1
-    assert _wait_until(lambda: not f._streams, 3)
+    assert wait_until(lambda: not f._streams, 3)
 
 
 def test_a_stream_broken_mid_way_is_reopened_where_it_got_to(lazy_repo) -> None:
@@ -353,7 +347,7 @@ def test_disk_cache_is_bounded_lru(lazy_repo, tmp_path: Path) -> None:
     repo, ref, src, counting, install = lazy_repo
     f = install(cache_bytes=2 << 20, min_window=256 << 10)
     assert repo.get(ref).read_bytes("big.bin") == (src / "big.bin").read_bytes()
-    assert _wait_until(lambda: not f._streams)  # no chunk still being written
+    assert wait_until(lambda: not f._streams)  # no chunk still being written
     used, files = f.cache.usage()
     on_disk = sum(p.stat().st_size for p in f.cache.root.rglob("*") if p.is_file())
     assert used <= 2 << 20 and on_disk <= 2 << 20 and files > 0
@@ -397,7 +391,7 @@ def test_cache_files_hold_runs_of_chunks(lazy_repo) -> None:
     repo, ref, src, counting, install = lazy_repo
     f = install()
     assert _read_in_order(repo, ref, "big.bin") == (src / "big.bin").read_bytes()
-    assert _wait_until(lambda: not f._streams)
+    assert wait_until(lambda: not f._streams)
     files = [p for p in f.cache.root.rglob("*-*") if p.is_file()]
     chunks = len(repo.get(ref).file_record("big.bin").chunks)
     assert f.cache.usage()[1] >= chunks and len(files) * 4 <= chunks  # a file per few MiB, not per chunk
@@ -456,7 +450,7 @@ def test_a_wrong_hint_costs_little(lazy_repo) -> None:
     repo.get(ref).read_bytes("small/f000.bin")  # lazy reads in use
     requests = counting.requests
     f.will_need([loc])
-    assert _wait_until(lambda: not f._streams, 3)  # nobody came: closed
+    assert wait_until(lambda: not f._streams, 3)  # nobody came: closed
     assert counting.requests == requests + 1 and counting.streams[-1] <= (256 << 10) + (2 << 20)
 
 

@@ -29,6 +29,7 @@ import tessera
 from fuse_probe import fuse_unavailable_reason
 from tessera.errors import ConfigError, NoHome, ReadOnlyHome, UsageError
 from tessera.mounting import is_mounted, read_record, registry_path
+from conftest import wait_until  # noqa: E402
 
 # -- helpers ------------------------------------------------------------------------------------------
 
@@ -69,13 +70,6 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes], code: int, *needles
     return lines[0]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(interval)
 
 
 def tree_bytes(root: Path) -> dict[bytes, bytes | None]:
@@ -236,7 +230,7 @@ class DaemonProc:
         env = dict(os.environ, TESSERA_HOME=str(home))
         self.proc = subprocess.Popen(["tessera", "daemon"], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
                                      env=env, stdin=subprocess.DEVNULL)
-        assert wait_for(lambda: "daemon started" in self.text() or self.proc.poll() is not None, 20)
+        assert wait_until(lambda: "daemon started" in self.text() or self.proc.poll() is not None, 20)
         assert self.proc.poll() is None, self.text()
 
     def text(self) -> str:
@@ -295,7 +289,7 @@ def test_daemon_never_versions_a_file_caught_between_two_writes(home: Path, tmp_
                              "0.3"], capture_output=True, text=True, timeout=120)
     assert writer.stdout.strip() == "done", writer.stderr
     final = bytes([rounds % 250 + 1]) * (2 * half)
-    assert wait_for(lambda: any(c == final for _, c in all_versions(home, "ck")), 20), d.text()
+    assert wait_until(lambda: any(c == final for _, c in all_versions(home, "ck")), 20), d.text()
     assert d.stop() == 0
     versions = all_versions(home, "ck")
     torn = [(h[:12], len(c)) for h, c in versions if c is not None and not (len(c) == 2 * half and len(set(c)) == 1)]
@@ -335,7 +329,7 @@ def test_a_file_held_open_for_writing_keeps_its_previous_content(home: Path, tmp
                          text=True, timeout=60)
     n = int(out.stdout)
     final = b"".join(f"{i:07d} ".encode() + b"x" * (i % 50) + b"\n" for i in range(n))
-    assert wait_for(lambda: any(c == final for _, c in all_versions(home, "ap")), 20), d.text()
+    assert wait_until(lambda: any(c == final for _, c in all_versions(home, "ap")), 20), d.text()
     assert d.stop() == 0
     assert {c for _, c in all_versions(home, "ap")} == {None, final}
     assert d.text().count("ckpt.bin is still being written (open for writing)") >= 2, d.text()
