@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -89,15 +90,14 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
           debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
     once the mount answers; ``ready("error <code> <message>")`` if it could not be made."""
-    from tessera.fuse._binding import load_binding
-    from tessera.fuse.operations import make_operations
+    from tessera.fuse._binding import LowLevel, load_fuse
     from tessera.repo import Repo
     from tessera.vfs import VersionFS
 
     answer = _Once(ready)
     tune_process()
     try:
-        binding = load_binding()
+        binding = load_fuse()
         repo = Repo(home, chunk_cache_bytes=cache_size)
         version = repo.get(ref)
     except TesseraError as exc:
@@ -122,17 +122,34 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
                     "threads" if threads else "single-threaded")
         answer(ready_line(ref=version.ref))
 
-    ops = make_operations(binding, vfs, no_open=no_open,
-                          on_init=lambda: threading.Thread(target=after_init, daemon=True).start())
+    def on_init() -> None:
+        threading.Thread(target=after_init, daemon=True).start()
+
     fsname = f"tessera:{version.name}@{version.hash[:12]}"
     try:
-        binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
-    except RuntimeError as exc:
-        if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
-            logger.info("stopped by a signal (libfuse status %s)", exc)
+        if isinstance(binding, LowLevel):
+            from tessera.fuse.lowlevel import LowLevelServer
+
+            server = LowLevelServer(binding, vfs, no_open=no_open, timeout=CACHE_TIMEOUT, on_init=on_init)
+            try:
+                stopped_by = server.serve(mountpoint, fsname=fsname, threads=threads, debug=debug)
+            except MountError:
+                answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
+                raise
+            if stopped_by:
+                logger.info("stopped by a signal (%s)", signal.strsignal(stopped_by) or stopped_by)
         else:
-            answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
-            raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
+            from tessera.fuse.operations import make_operations
+
+            ops = make_operations(binding, vfs, no_open=no_open, on_init=on_init)
+            try:
+                binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
+            except RuntimeError as exc:
+                if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
+                    logger.info("stopped by a signal (libfuse status %s)", exc)
+                else:
+                    answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
+                    raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
@@ -178,6 +195,10 @@ def pipe_writer(fd: int) -> Callable[[str], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy (imported by sqlite-utils when installed) would start OpenBLAS threads that spin next to the
+    # server on every core; the server never does linear algebra.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     args = parse_server_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
