@@ -39,7 +39,7 @@ import struct
 import threading
 from array import array
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tessera.errors import MountError, NotADirectory, NotFound, TesseraError
 from tessera.fuse._binding import FUSE_CAP_AUTO_INVAL_DATA, FUSE_CAP_CACHE_SYMLINKS, LowLevel
@@ -358,14 +358,8 @@ class LowLevelServer:
             self._fail(req, exc, "readdir", node)
 
     def _reply_records(self, req: int, addr: int, starts: array[int], size: int, off: int) -> None:
-        """The whole records from record ``off`` on that fit in ``size`` bytes."""
-        last = len(starts) - 1
-        if off >= last or off < 0:
-            self.api.lib.fuse_reply_buf(req, None, 0)
-            return
-        start = starts[off]
-        stop = bisect.bisect_right(starts, start + size, off + 1) - 1
-        self.api.lib.fuse_reply_buf(req, addr + start, starts[stop] - start)
+        start, stop = record_batch(starts, size, off)
+        self.api.lib.fuse_reply_buf(req, addr + start if stop > start else None, stop - start)
 
     def _read(self, req: int, node: int, size: int, off: int, fi: int | None) -> None:
         try:
@@ -494,10 +488,22 @@ class LowLevelServer:
             self.api.lib.fuse_session_exit(self._session)
 
 
+def record_batch(starts: Sequence[int], size: int, off: int) -> tuple[int, int]:
+    """Byte range of the whole records, from record ``off`` on, that fit in ``size`` bytes (record
+    ``r`` spans ``starts[r]:starts[r + 1]``); empty past the last record. The kernel asks again from
+    the offset after the last record it got."""
+    last = len(starts) - 1
+    if off >= last or off < 0:
+        return 0, 0
+    start = starts[off]
+    stop = bisect.bisect_right(starts, start + size, off + 1) - 1
+    return start, starts[stop]
+
+
 def _describe(what: object) -> str:
     if isinstance(what, bytes):
         return repr(what.decode("utf-8", "surrogateescape"))
     return f"node {what:#x}" if isinstance(what, int) else str(what)
 
 
-__all__ = ["LowLevelServer", "NotADirectory", "WRITE_OPS"]
+__all__ = ["LowLevelServer", "NotADirectory", "WRITE_OPS", "record_batch"]
