@@ -7,10 +7,18 @@ native warm reads) and second pass, 1 and 4 processes; (3) a torch DataLoader (n
 ``os.walk`` + ``stat`` of every file; (5) ``tessera mount`` time for a 100,000-file version; (6) the
 server's RSS. Every figure is printed next to the native one and their ratio.
 
+Then (7) the FUSE path before and after the low-level server, in one run: the code as it was before
+``fuse/lowlevel.py`` existed (checked out from git into a temp dir, or BENCH_BASELINE=<rev>) and the
+current code, mounted alternately (old, new, old, new, ...), medians of BENCH_REPEAT: first pass of the
+small files by path with 1 and 4 readers (packs in the page cache: the server's own cost), ``ls -f`` of
+a 50,000-entry directory and ``find -type f`` over BENCH_MOUNT_MANY_FILES files (1,000 per directory;
+1,000,000 with BENCH_SCALE=10), each next to the native directory. ``bench_mount.py before-after``
+runs only this part.
+
 Run: ``make bench`` or ``python tests/bench/bench_mount.py``. Sizes: BENCH_SCALE (default 1.0), or
-BENCH_MOUNT_BIG_MIB, BENCH_MOUNT_SMALL_FILES, BENCH_MOUNT_MANY_FILES; extra ``tessera mount`` flags
-in BENCH_MOUNT_FLAGS (e.g. "--threads" or "--open"). Data and the store are kept in
-$BENCH_DIR/mount (default /tmp/tessera-bench/mount) between runs.
+BENCH_MOUNT_BIG_MIB, BENCH_MOUNT_SMALL_FILES, BENCH_MOUNT_MANY_FILES, BENCH_MOUNT_FLAT_FILES; extra
+``tessera mount`` flags in BENCH_MOUNT_FLAGS (e.g. "--threads" or "--open"). Data and the store are
+kept in $BENCH_DIR/mount (default /tmp/tessera-bench/mount) between runs.
 """
 from __future__ import annotations
 
@@ -18,9 +26,11 @@ import json
 import os
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +41,8 @@ BIG_MIB = int(os.environ.get("BENCH_MOUNT_BIG_MIB", scaled(256)))
 SMALL_FILES = int(os.environ.get("BENCH_MOUNT_SMALL_FILES", scaled(20_000)))
 SMALL_SIZE = 100 * 1024
 MANY_FILES = int(os.environ.get("BENCH_MOUNT_MANY_FILES", scaled(100_000)))
+FLAT_FILES = int(os.environ.get("BENCH_MOUNT_FLAT_FILES", 50_000))
+REPO = Path(__file__).resolve().parents[2]
 FLAGS = shlex.split(os.environ.get("BENCH_MOUNT_FLAGS", ""))
 DIR = WORK / "mount"
 
@@ -86,8 +98,12 @@ print(time.perf_counter() - t, n)
 """
 
 
-def _tessera(*args: str) -> subprocess.CompletedProcess[str]:
+def _tessera(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; ``code``: a directory holding another ``tessera`` package to run instead (the
+    mount server it starts inherits it)."""
     env = {**os.environ, "TESSERA_HOME": str(DIR / "home")}
+    if code:
+        env["PYTHONPATH"] = code
     p = subprocess.run(["tessera", *args], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"tessera {' '.join(args)}: {p.stderr.strip()}")
@@ -104,7 +120,7 @@ def _py(script: str, *args: str) -> list[float]:
 def build() -> dict[str, str]:
     """Source trees and their versions (kept between runs while the sizes stay the same)."""
     marker = DIR / "built.json"
-    want = {"big": BIG_MIB, "small": SMALL_FILES, "many": MANY_FILES}
+    want = {"big": BIG_MIB, "small": SMALL_FILES, "many": MANY_FILES, "flat": FLAT_FILES}
     if marker.exists():
         got = json.loads(marker.read_text())
         if got.get("sizes") == want:
@@ -131,20 +147,25 @@ def build() -> dict[str, str]:
         if i % 1000 == 0:
             p.parent.mkdir(parents=True)
         p.write_bytes(b"%d\n" % i)
+    flat = DIR / "flat"
+    flat.mkdir()
+    for i in range(FLAT_FILES):
+        (flat / f"entry-{i:07d}.txt").write_bytes(b"%d\n" % i)
     refs = {"data": _tessera("commit", "data", str(src)).stdout.split()[-1],
-            "many": _tessera("commit", "many", str(many)).stdout.split()[-1]}
+            "many": _tessera("commit", "many", str(many)).stdout.split()[-1],
+            "flat": _tessera("commit", "flat", str(flat)).stdout.split()[-1]}
     marker.write_text(json.dumps({"sizes": want, "refs": refs}))
     return refs
 
 
 class Mount:
-    def __init__(self, ref: str, mp: Path) -> None:
-        self.ref, self.mp = ref, mp
+    def __init__(self, ref: str, mp: Path, code: str | None = None) -> None:
+        self.ref, self.mp, self.code = ref, mp, code
         mp.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> "Mount":
         t = time.perf_counter()
-        _tessera("mount", *FLAGS, self.ref, str(self.mp))
+        _tessera("mount", *FLAGS, self.ref, str(self.mp), code=self.code)
         self.seconds = time.perf_counter() - t
         mounts = json.loads(_tessera("mounts", "--json").stdout)
         self.pid = next(m["pid"] for m in mounts if m["mountpoint"] == str(self.mp))
@@ -155,7 +176,12 @@ class Mount:
         return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
 
     def __exit__(self, *exc: object) -> None:
-        _tessera("umount", str(self.mp))
+        _tessera("umount", str(self.mp), code=self.code)
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the server has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def dd(path: Path) -> float:
@@ -246,8 +272,81 @@ def main() -> str:
         ["server RSS after the reads above (max), MiB", max(r for r, _ in rss) / 2**20],
         ["server peak RSS (VmHWM), MiB", peak / 2**20],
     ])
-    return out
+    return out + "\n" + before_after()
+
+
+def baseline_code(work: Path) -> tuple[str, str]:
+    """The tessera package as it was before the low-level server (or at BENCH_BASELINE), checked out
+    into ``work`` as a package tree; returns (PYTHONPATH entry, revision)."""
+    rev = os.environ.get("BENCH_BASELINE")
+    if not rev:
+        added = subprocess.run(["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--",
+                                "fuse/lowlevel.py"], capture_output=True, text=True, check=True).stdout.split()
+        rev = f"{added[-1]}^"
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = work / "src"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    pkg = work / "pkg" / "tessera"  # setuptools maps tessera = lib, tessera.fuse = fuse: mirror that
+    pkg.mkdir(parents=True)
+    for f in (tree / "lib").iterdir():
+        (pkg / f.name).symlink_to(f)
+    (pkg / "fuse").symlink_to(tree / "fuse")
+    (pkg / "daemon").symlink_to(tree / "daemon")
+    return str(work / "pkg"), rev
+
+
+def _timed_cmd(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+
+
+def before_after() -> str:
+    """(7): the FUSE path before and after, interleaved, medians; see the module docstring."""
+    refs = build()
+    src, lst = DIR / "src", str(DIR / "small.list")
+    work = Path(tempfile.mkdtemp(prefix="tessera-bench-baseline-"))
+    try:
+        old, rev = baseline_code(work)
+        for pack in (DIR / "home" / "packs").rglob("*.pack"):  # the store in the page cache: the server's cost
+            with open(pack, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        med = statistics.median
+        rows = []
+        workloads = [
+            (f"{SMALL_FILES} x 100 KiB by path, 1st pass, 1 reader", "files/s", refs["data"], SMALL_FILES,
+             lambda root: _py(READER, str(root), "1", lst)[0], src),
+            (f"{SMALL_FILES} x 100 KiB by path, 1st pass, 4 readers", "files/s", refs["data"], SMALL_FILES,
+             lambda root: _py(READER, str(root), "4", lst)[0], src),
+            (f"`ls -f` of {FLAT_FILES:,} entries, 1st", "entries/s", refs["flat"], FLAT_FILES,
+             lambda root: _timed_cmd(["ls", "-f", str(root)]), DIR / "flat"),
+            (f"`find -type f` over {MANY_FILES:,} files, 1st", "files/s", refs["many"], MANY_FILES,
+             lambda root: _timed_cmd(["find", str(root), "-type", "f"]), DIR / "many"),
+        ]
+        for name, unit, ref, n, run, native_root in workloads:
+            times: dict[str, list[float]] = {"native": [], "before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}
+            for _ in range(REPEAT):
+                run(native_root)  # warm: native reads from the page cache, like the mount's store
+                times["native"].append(run(native_root))
+                for label, code in (("before", old), ("after", None)):
+                    with Mount(ref, DIR / "mnt-ba", code=code) as m:
+                        c0 = m.cpu()
+                        times[label].append(run(m.mp))
+                        cpu[label].append(m.cpu() - c0)
+            rate = {k: n / med(v) for k, v in times.items()}
+            rows.append([name, unit, rate["native"], rate["before"], rate["after"], rate["after"] / rate["before"],
+                         rate["after"] / rate["native"], med(cpu["before"]) / n * 1e6, med(cpu["after"]) / n * 1e6])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table(f"FUSE path before ({rev}: mfusepy, high-level API) and after (low-level API), interleaved, "
+                 f"median of {REPEAT}", ["test", "unit", "native", "FUSE before", "FUSE after", "after / before",
+                                         "after / native", "server CPU us per item, before", "after"], rows)
 
 
 if __name__ == "__main__":
-    print(main())
+    print(before_after() if sys.argv[1:] == ["before-after"] else main())
