@@ -195,13 +195,13 @@ class VersionFS:
     def attrs(self, listing: Listing) -> list[Attr]:
         """Attributes of every entry of a directory, in order (one pass: what a listing shows)."""
         prefix = listing.prefix.encode("utf-8", "surrogateescape")
-        seed, mtime, digest = self._seed, self.mtime_ns, xxhash.xxh3_64_intdigest
+        seed, mtime, digest, make = self._seed, self.mtime_ns, xxhash.xxh3_64_intdigest, tuple.__new__
         out = []
         for te in listing.entries:
             n = digest(prefix + te.name.encode("utf-8", "surrogateescape"), seed=seed) & _INO_MASK
-            size = _size_of(te)
-            out.append(Attr(n if n > ROOT_INO else n + 2, _KIND_BITS[te.kind] | te.mode, 1, size,
-                            (size + BLOCK - 1) // BLOCK, mtime))
+            size = te.size if te.kind == FILE else _size_of(te)
+            out.append(make(Attr, (n if n > ROOT_INO else n + 2, _KIND_BITS[te.kind] | te.mode, 1, size,
+                                   (size + BLOCK - 1) // BLOCK, mtime)))  # (Attr without its __new__: hot loop)
         return out
 
     def _attr(self, rel: str, te: TreeEntry | None) -> Attr:
