@@ -1,11 +1,15 @@
-"""The mount server: serves one version at one mountpoint until unmounted or signalled.
+"""The mount server: serves one version at one mountpoint until unmounted or signalled — or, when the
+kernel path is chosen (``--path auto|kernel``, `tessera.kernelmount`), makes an EROFS + overlayfs mount,
+reports it, and exits (no server is needed in the read path).
 
 Started by `tessera.mounting.mount_ref` as ``python -m tessera.fuse.mount --home H --ref R
 --mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
 
-Mount options, chosen because a version never changes (measured on libfuse 3.14, see docs/mount.md):
-``ro``; ``entry_timeout``/``attr_timeout``/``negative_timeout`` of a day, so each name and attribute is
-asked once; ``kernel_cache``, so the page cache survives opens; ``use_ino`` for stable inode numbers;
+FUSE is served through libfuse 3's low-level API (`tessera.fuse.lowlevel`), or through mfusepy / fusepy
+(`tessera.fuse.operations`, the high-level fallback) when that cannot be loaded. Either way, chosen
+because a version never changes (measured on libfuse 3.14, see docs/mount.md): ``ro``; entry,
+attribute and negative timeouts of a day, so each name and attribute is asked once; the page cache
+kept across opens (``kernel_cache``, or no-open mode); stable inode numbers (``use_ino``);
 ``default_permissions`` so the kernel checks modes itself. After the kernel has answered INIT, the
 mount's ``read_ahead_kb`` is raised to 1024 so sequential reads arrive as 1 MiB requests (libfuse 3.14
 refuses ``-o max_read=``; the INIT reply can only lower read-ahead).
@@ -25,13 +29,16 @@ from typing import Callable
 
 from tessera.errors import MountError, TesseraError
 from tessera.mounting import (
+    KERNEL,
     MountRecord,
+    ReadyPipe,
     find_kernel_mount,
     parse_server_args,
     ready_line,
     remove_record,
     write_record,
 )
+from tessera.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +94,15 @@ def tune_process() -> None:
 
 
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
-          debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
+          debug: bool = False, ready: Callable[[str], None] | None = None, path: str = "fuse",
+          notify: Callable[[str], None] | None = None, progress: Progress | None = None) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
-    once the mount answers; ``ready("error <code> <message>")`` if it could not be made."""
+    once the mount answers; ``ready("error <code> <message>")`` if it could not be made. With ``path``
+    ``auto`` or ``kernel`` the kernel path is tried first: when it mounts, ``ready("ok <name@hash>
+    kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached).
+    Otherwise FUSE: the low-level server (`tessera.fuse.lowlevel`), or the high-level fallback
+    (`tessera.fuse.operations`) when libfuse 3's low-level API cannot be loaded or
+    ``TESSERA_FUSE_API=highlevel``."""
     from tessera.fuse._binding import LowLevel, load_fuse
     from tessera.repo import Repo
     from tessera.vfs import VersionFS
@@ -97,9 +110,17 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     answer = _Once(ready)
     tune_process()
     try:
-        binding = load_fuse()
-        repo = Repo(home, chunk_cache_bytes=cache_size)
+        repo = Repo(home, create=False, chunk_cache_bytes=cache_size)
         version = repo.get(ref)
+        if path != "fuse":
+            from tessera.kernelmount import kernel_or_none
+
+            krec = kernel_or_none(repo, version, mountpoint, path, notify=notify or logger.info, progress=progress)
+            if krec is not None:
+                repo.close()
+                answer(ready_line(ref=version.ref, kind=KERNEL))
+                return
+        binding = load_fuse()
     except TesseraError as exc:
         answer(ready_line(exc))
         raise
@@ -183,17 +204,6 @@ def _log_of_stderr() -> str:
         return ""
 
 
-def pipe_writer(fd: int) -> Callable[[str], None]:
-    def write(msg: str) -> None:
-        try:
-            os.write(fd, (msg.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return write
-
-
 def main(argv: list[str] | None = None) -> int:
     # numpy (imported by sqlite-utils when installed) would start OpenBLAS threads that spin next to the
     # server on every core; the server never does linear algebra.
@@ -202,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_server_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
-    ready = pipe_writer(args.ready_fd) if args.ready_fd is not None else None
+    pipe = ReadyPipe(args.ready_fd)
     try:
         serve(args.home, args.ref, args.mountpoint, cache_size=args.opts.cache_size, no_open=args.opts.no_open,
-              threads=args.opts.threads, debug=args.opts.debug, ready=ready)
+              threads=args.opts.threads, debug=args.opts.debug, ready=pipe.answer, path=args.opts.path,
+              notify=pipe.note, progress=pipe)
     except TesseraError as exc:
         logger.error("%s", exc)
         return exc.exit_code

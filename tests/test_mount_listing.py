@@ -1,4 +1,5 @@
-"""Layer 5: the mount's packed directories (tessera.fuse.lowlevel) and big directories through real mounts.
+"""Layer 5: the FUSE path's packed directories (tessera.fuse.lowlevel) and big directories through real
+mounts (forced with ``--fuse``: the kernel path has its own tests in test_kernel_mount.py).
 
 The packed form is checked against an independent decoder of the kernel's wire format; the batching
 against every batch size a kernel could ask for; and a 50,000-entry directory through a real mount,
@@ -77,7 +78,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         want = {e.path: e for e in v.walk(dirs=True)}
     mp = base / "mnt"
     mp.mkdir()
-    p = _cli(home, "mount", v.ref, str(mp))
+    p = _cli(home, "mount", "--fuse", v.ref, str(mp))
     assert p.returncode == 0, p.stderr
     yield {"home": home, "ref": v.ref, "mnt": mp, "want": want, "time": v.time, "base": base, "src": src}
     if is_mounted(str(mp)):
@@ -194,7 +195,7 @@ def test_highlevel_fallback_still_serves(big: dict, tmp_path: Path) -> None:
     env = {"TESSERA_FUSE_API": "highlevel"}
     with tessera.Repo(big["home"]) as repo:
         seed = repo.get("seed")
-    p = _cli(big["home"], "mount", seed.ref, str(mp), env=env)
+    p = _cli(big["home"], "mount", "--fuse", seed.ref, str(mp), env=env)
     assert p.returncode == 0, p.stderr
     try:
         assert tree_digest(mp) == tree_digest(big["src"])

@@ -4,7 +4,8 @@ Runs the real server (``python -m tessera.fuse.mount``'s ``main``) under ``valgr
 twice, once reading N files of one directory by path (first pass: LOOKUP + READ each) and once reading
 none, and prints the difference divided by N: user-space instructions of every server thread, from
 libfuse and ctypes to SQLite and the hash checks. ``--baseline`` measures the code as it was before the
-low-level server (see `bench_mount.baseline_code`) the same way.
+low-level server (see `bench_mount.baseline_code`; in its own home, `bench_mount.baseline_home`) the
+same way.
 
 Uses the data of `bench_mount` ($BENCH_DIR/mount). Needs valgrind (``apt-get install valgrind``).
 
@@ -37,11 +38,11 @@ sys.exit(m.main(sys.argv[1:]))
 """
 
 
-def instructions(ref: str, files: list[str], code: str | None, work: Path) -> int:
+def instructions(ref: str, files: list[str], code: str | None, home: Path, work: Path) -> int:
     mp = work / "mnt"
     mp.mkdir(exist_ok=True)
     out = work / f"callgrind-{len(files)}.out"
-    env = {**os.environ, "TESSERA_HOME": str(bench_mount.DIR / "home")}
+    env = {**os.environ, "TESSERA_HOME": str(home)}
     if code:
         env["PYTHONPATH"] = code
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", DRIVER,
@@ -73,12 +74,12 @@ def main() -> str:
     rels = [r for r in (bench_mount.DIR / "small.list").read_text().split("\n") if r][:n]
     with tempfile.TemporaryDirectory(prefix="tessera-callgrind-") as tmp:
         work = Path(tmp)
-        code, label = None, "current code"
+        code, label, home = None, "current code", bench_mount.HOME
         if "--baseline" in sys.argv:
             code, rev = bench_mount.baseline_code(work / "baseline")
-            label = f"baseline {rev}"
-        none = instructions(refs["data"], [], code, work)
-        some = instructions(refs["data"], rels, code, work)
+            label, home = f"baseline {rev}", bench_mount.baseline_home(code, rev)
+        none = instructions(refs["data"], [], code, home, work)
+        some = instructions(refs["data"], rels, code, home, work)
     return f"{label}: {(some - none) / len(rels):,.0f} instructions per first read of a 100 KiB file by path " \
            f"({len(rels)} files of one directory)"
 
