@@ -1,7 +1,10 @@
-"""The one place that imports a FUSE binding.
+"""The one place that loads a FUSE binding.
 
-Preference: ``mfusepy`` (maintained fusepy fork, libfuse 3), then fusepy's ``fuse`` (libfuse 2). Every
-failure is kept and reported together in one `FuseUnavailable` that says what to install.
+Preference: libfuse 3's low-level API through ctypes (`LowLevel`, served by `tessera.fuse.lowlevel`),
+then the high-level API through ``mfusepy`` (maintained fusepy fork, libfuse 3), then fusepy's ``fuse``
+(libfuse 2), both served by `tessera.fuse.operations`. Every failure is kept and reported together in
+one `FuseUnavailable` that says what to install. ``TESSERA_FUSE_API=highlevel`` skips the low-level API;
+``FUSE_LIBRARY_PATH`` / ``FUSE_LIBRARY_NAME`` choose the library for every binding alike.
 
 Two traps handled here:
 
@@ -14,6 +17,7 @@ Two traps handled here:
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib.machinery
 import importlib.util
 import logging
@@ -22,7 +26,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 from tessera.errors import FuseUnavailable
 
@@ -68,19 +72,63 @@ class Binding:
         return f"{self.name} over libfuse {self.libfuse_major}"
 
 
+@dataclass(frozen=True)
+class LowLevel:
+    """libfuse 3's low-level API (``fuse_lowlevel.h``) through ctypes, with argument types declared."""
+
+    lib: Any  # ctypes.CDLL
+    path: str
+    version: int  # fuse_version(): 314 for 3.14
+
+    @property
+    def description(self) -> str:
+        return f"libfuse {self.version // 100}.{self.version % 100} low-level API"
+
+
 _cached: Binding | None = None
+_cached_lowlevel: LowLevel | None = None
 
 
-def load_binding() -> Binding:
-    """Import the FUSE binding (once). Raises `FuseUnavailable` listing every failure."""
-    global _cached
-    if _cached is not None:
-        return _cached
+def _check_device() -> None:
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailable("FUSE is not usable here: /dev/fuse does not exist (load the fuse kernel module, "
                               f"or start the container with --device /dev/fuse --cap-add SYS_ADMIN); {INSTALL_HINT}")
+
+
+def load_fuse() -> Union[LowLevel, Binding]:
+    """The binding a mount server uses: libfuse 3's low-level API if it loads (and
+    ``TESSERA_FUSE_API`` is not ``highlevel``), else `load_binding`. Raises one `FuseUnavailable`
+    listing every failure."""
+    _check_device()
+    if os.environ.get("TESSERA_FUSE_API", "").lower() == "highlevel":
+        return load_binding()
+    try:
+        return load_lowlevel()
+    except FuseUnavailable as exc:
+        return load_binding(failures=[f"libfuse3 low-level API: {exc}"])
+
+
+def load_lowlevel() -> LowLevel:
+    """Load libfuse 3 (3.0 - 3.16: the struct layouts `tessera.fuse.lowlevel` writes) for its low-level
+    API (once). Raises `FuseUnavailable` saying why not."""
+    global _cached_lowlevel
+    if _cached_lowlevel is None:
+        try:
+            _cached_lowlevel = _load_lowlevel()
+        except (OSError, AttributeError, ValueError) as exc:
+            raise FuseUnavailable(f"{type(exc).__name__}: {exc}") from None
+    return _cached_lowlevel
+
+
+def load_binding(failures: list[str] | None = None) -> Binding:
+    """Import the high-level FUSE binding (once). Raises `FuseUnavailable` listing every failure
+    (``failures``: those of bindings tried before)."""
+    global _cached
+    if _cached is not None:
+        return _cached
+    _check_device()
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-    failures: list[str] = []
+    failures = list(failures or [])
     for name, loader in (("mfusepy", _load_mfusepy), ("fusepy", _load_fusepy)):
         try:
             _cached = loader()
@@ -88,6 +136,42 @@ def load_binding() -> Binding:
         except Exception as exc:  # noqa: BLE001 - ImportError, OSError (no libfuse), AttributeError (ABI)
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
     raise FuseUnavailable("no FUSE binding could be loaded (" + "; ".join(failures) + f"): {INSTALL_HINT}")
+
+
+def _load_lowlevel() -> LowLevel:
+    path = os.environ.get("FUSE_LIBRARY_PATH") or ""
+    if not path:
+        name = os.environ.get("FUSE_LIBRARY_NAME") or "fuse3"
+        path = ctypes.util.find_library(name) or ""
+        if not path:
+            raise OSError(f"library {name!r} not found (apt-get install fuse3)")
+    lib = ctypes.CDLL(path)
+    version = int(lib.fuse_version())
+    if not 300 <= version < 317:
+        raise ValueError(f"{path} is libfuse {version // 100 if version >= 100 else version // 10}."
+                         f"{version % 100 if version >= 100 else version % 10}; the low-level server needs 3.0 - 3.16")
+    vp, size_t, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    signatures: dict[str, tuple[list[Any], Any]] = {
+        "fuse_session_new": ([vp, vp, size_t, vp], vp),
+        "fuse_session_mount": ([vp, ctypes.c_char_p], cint),
+        "fuse_session_loop": ([vp], cint),
+        "fuse_session_loop_mt_31": ([vp, cint], cint),
+        "fuse_session_unmount": ([vp], None),
+        "fuse_session_destroy": ([vp], None),
+        "fuse_session_exit": ([vp], None),
+        "fuse_set_signal_handlers": ([vp], cint),
+        "fuse_remove_signal_handlers": ([vp], None),
+        "fuse_reply_buf": ([vp, vp, size_t], cint),
+        "fuse_reply_data": ([vp, vp, cint], cint),
+        "fuse_reply_err": ([vp, cint], cint),
+        "fuse_reply_open": ([vp, vp], cint),
+        "fuse_reply_xattr": ([vp, size_t], cint),
+        "fuse_reply_none": ([vp], None),
+    }
+    for fname, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, fname)  # AttributeError: not this API
+        fn.argtypes, fn.restype = argtypes, restype
+    return LowLevel(lib, path, version)
 
 
 def _load_mfusepy() -> Binding:

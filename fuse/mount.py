@@ -5,9 +5,11 @@ reports it, and exits (no server is needed in the read path).
 Started by `tessera.mounting.mount_ref` as ``python -m tessera.fuse.mount --home H --ref R
 --mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
 
-Mount options, chosen because a version never changes (measured on libfuse 3.14, see docs/mount.md):
-``ro``; ``entry_timeout``/``attr_timeout``/``negative_timeout`` of a day, so each name and attribute is
-asked once; ``kernel_cache``, so the page cache survives opens; ``use_ino`` for stable inode numbers;
+FUSE is served through libfuse 3's low-level API (`tessera.fuse.lowlevel`), or through mfusepy / fusepy
+(`tessera.fuse.operations`, the high-level fallback) when that cannot be loaded. Either way, chosen
+because a version never changes (measured on libfuse 3.14, see docs/mount.md): ``ro``; entry,
+attribute and negative timeouts of a day, so each name and attribute is asked once; the page cache
+kept across opens (``kernel_cache``, or no-open mode); stable inode numbers (``use_ino``);
 ``default_permissions`` so the kernel checks modes itself. After the kernel has answered INIT, the
 mount's ``read_ahead_kb`` is raised to 1024 so sequential reads arrive as 1 MiB requests (libfuse 3.14
 refuses ``-o max_read=``; the INIT reply can only lower read-ahead).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -96,9 +99,11 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
     once the mount answers; ``ready("error <code> <message>")`` if it could not be made. With ``path``
     ``auto`` or ``kernel`` the kernel path is tried first: when it mounts, ``ready("ok <name@hash>
-    kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached)."""
-    from tessera.fuse._binding import load_binding
-    from tessera.fuse.operations import make_operations
+    kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached).
+    Otherwise FUSE: the low-level server (`tessera.fuse.lowlevel`), or the high-level fallback
+    (`tessera.fuse.operations`) when libfuse 3's low-level API cannot be loaded or
+    ``TESSERA_FUSE_API=highlevel``."""
+    from tessera.fuse._binding import LowLevel, load_fuse
     from tessera.repo import Repo
     from tessera.vfs import VersionFS
 
@@ -115,7 +120,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
                 repo.close()
                 answer(ready_line(ref=version.ref, kind=KERNEL))
                 return
-        binding = load_binding()
+        binding = load_fuse()
     except TesseraError as exc:
         answer(ready_line(exc))
         raise
@@ -138,17 +143,34 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
                     "threads" if threads else "single-threaded")
         answer(ready_line(ref=version.ref))
 
-    ops = make_operations(binding, vfs, no_open=no_open,
-                          on_init=lambda: threading.Thread(target=after_init, daemon=True).start())
+    def on_init() -> None:
+        threading.Thread(target=after_init, daemon=True).start()
+
     fsname = f"tessera:{version.name}@{version.hash[:12]}"
     try:
-        binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
-    except RuntimeError as exc:
-        if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
-            logger.info("stopped by a signal (libfuse status %s)", exc)
+        if isinstance(binding, LowLevel):
+            from tessera.fuse.lowlevel import LowLevelServer
+
+            server = LowLevelServer(binding, vfs, no_open=no_open, timeout=CACHE_TIMEOUT, on_init=on_init)
+            try:
+                stopped_by = server.serve(mountpoint, fsname=fsname, threads=threads, debug=debug)
+            except MountError:
+                answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
+                raise
+            if stopped_by:
+                logger.info("stopped by a signal (%s)", signal.strsignal(stopped_by) or stopped_by)
         else:
-            answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
-            raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
+            from tessera.fuse.operations import make_operations
+
+            ops = make_operations(binding, vfs, no_open=no_open, on_init=on_init)
+            try:
+                binding.FUSE(ops, mountpoint, **mount_options(fsname, threads=threads, debug=debug))
+            except RuntimeError as exc:
+                if answer.ok:  # libfuse 3 returns 8 when a signal (SIGTERM, SIGINT, SIGHUP) ended the loop
+                    logger.info("stopped by a signal (libfuse status %s)", exc)
+                else:
+                    answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
+                    raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
@@ -183,6 +205,10 @@ def _log_of_stderr() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy (imported by sqlite-utils when installed) would start OpenBLAS threads that spin next to the
+    # server on every core; the server never does linear algebra.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     args = parse_server_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")

@@ -4,14 +4,14 @@
 from the lazy fetcher; each chunk is decoded and verified exactly once per read (`store.decode_chunk`,
 or the fetcher, which verifies what it fetches). Decoded chunks that a read used only part of stay in a
 byte-bounded LRU (a whole-chunk read goes to the caller and, on a mount, to the page cache). Raw chunks
-of local packs are read whole and verified on first touch; after that their ranges are handed out as
-`FileRange`s for the caller (or libfuse) to ``pread``: bytes are never served before their chunk has
-passed its hash check once in this process.
+of local packs are read whole and verified on first touch, by the read that needs them; after that
+their ranges are handed out as `FileRange`s for the caller (or libfuse) to ``pread``: bytes are never
+served before their chunk has passed its hash check once in this process.
 
 `FileReader` maps one file's offsets to its chunks by bisecting cumulative sizes (borg and restic do
 the same) and reads ahead for sequential readers: locations of the next 8 MiB are looked up in one
-query and their data requested (background checks of local raw chunks, ``posix_fadvise(WILLNEED)`` for
-the rest, a hint to the lazy fetcher for remote packs).
+query and their data requested (``posix_fadvise(WILLNEED)`` for local packs, so the kernel reads them
+while earlier reads are served; a hint to the lazy fetcher for remote packs).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import Protocol
 
@@ -36,8 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 READ_AHEAD = 8 << 20  # bytes of a sequentially read file whose data is requested ahead
-_AHEAD_CHUNKS = 256  # raw chunks queued for a background check at most
-_VERIFIED_IDS = 1 << 18
+_VERIFIED_IDS = 1 << 18  # raw chunks remembered as checked (oldest forgotten first: then checked again)
 
 
 class RemoteChunks(Protocol):
@@ -56,7 +54,7 @@ class ChunkReader:
     """Chunks of the local store, else of a remote (through ``remote()``, made on first need). Thread-safe."""
 
     def __init__(self, catalog: Catalog, store: Store, *, remote: Callable[[], RemoteChunks] | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, verify_threads: int = 2) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.catalog = catalog
         self.store = store
         self._open_remote = remote
@@ -64,9 +62,8 @@ class ChunkReader:
         self._remote_lock = threading.Lock()
         self._packs: dict[str, bool] = {}  # pack -> is local (as the catalog said when first asked)
         self._decoded: LRUCache[bytes] = LRUCache(max(cache_bytes, 0))
-        self._verified: LRUCache[bool] = LRUCache(_VERIFIED_IDS, sizeof=lambda _: 1)
-        self._ahead = ThreadPoolExecutor(verify_threads, "tessera-verify") if verify_threads > 0 else None
-        self._pending: dict[bytes, Future[None]] = {}
+        # ids of raw chunks checked in this process, oldest first (a dict: membership needs no lock)
+        self._verified: dict[bytes, None] = {}
         self.errors = 0  # chunks that failed their check (the mount logs it)
 
     def use_remote(self, fetcher: RemoteChunks) -> None:
@@ -77,8 +74,6 @@ class ChunkReader:
             old.close()
 
     def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True, cancel_futures=True)
         if self._remote is not None:
             self._remote.close()
 
@@ -104,20 +99,16 @@ class ChunkReader:
     def segment(self, loc: ChunkLocation, lo: int, hi: int) -> Segment:
         """Bytes ``[lo, hi)`` of a chunk: a `FileRange` for a verified raw chunk of a local pack, else
         bytes (a chunk used only in part is kept decoded in the LRU for the next read of it)."""
+        if loc.codec == RAW:
+            handle = self.store.pack_handle(loc.pack)
+            if handle is not None:
+                if loc.id not in self._verified:
+                    stored = self._verify_raw(handle, loc)
+                    if lo == 0 and hi == len(stored):
+                        return stored  # just read and checked: hand over, do not read it again
+                return FileRange(handle, loc.offset + lo, hi - lo)
         data = self._decoded.get(loc.id)
         if data is None:
-            if loc.codec == RAW:
-                handle = self.store.pack_handle(loc.pack)
-                if handle is not None:
-                    if loc.id not in self._verified:
-                        ahead = self._pending.get(loc.id)
-                        if ahead is not None:  # a background check of this chunk is under way: wait for it
-                            ahead.result()
-                    if loc.id not in self._verified:
-                        stored = self._verify_raw(handle, loc)
-                        if lo == 0 and hi == len(stored):
-                            return stored  # just read and checked: hand over, do not read it again
-                    return FileRange(handle, loc.offset + lo, hi - lo)
             data = self._load(loc)
             if lo == 0 and hi == len(data):
                 return data  # all of it goes to the caller (and the kernel's page cache): not kept here
@@ -125,27 +116,20 @@ class ChunkReader:
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
     def will_need(self, locs: Sequence[ChunkLocation]) -> None:
-        """Start getting the data of chunks about to be read: raw chunks of local packs are read and
-        checked by background threads (disk waits then overlap with serving, and the reads that follow
-        find them verified); other local chunks get ``posix_fadvise(WILLNEED)``; chunks of remote packs
-        go to the lazy fetcher as a hint (its stream for the next pack starts early)."""
-        locs = [loc for loc in locs if loc.id not in self._verified]
+        """Start getting the data of chunks about to be read: chunks of local packs get
+        ``posix_fadvise(WILLNEED)`` (the kernel reads them while earlier reads are served; the read that
+        needs a chunk checks it); chunks of remote packs go to the lazy fetcher as a hint (its stream
+        for the next pack starts early)."""
+        verified = self._verified
+        locs = [loc for loc in locs if loc.id not in verified]
         remote = [loc for loc in locs if not self._is_local(loc.pack)]
         if remote:
             fetcher = self._fetcher(create=False)
             if fetcher is not None:
                 fetcher.will_need(remote)
             locs = [loc for loc in locs if self._is_local(loc.pack)]
-        rest = []
-        for loc in locs:
-            if loc.codec != RAW or self._ahead is None or len(self._pending) >= _AHEAD_CHUNKS:
-                rest.append(loc)
-            elif loc.id not in self._pending:
-                handle = self.store.pack_handle(loc.pack)
-                if handle is not None:
-                    self._pending[loc.id] = self._ahead.submit(self._verify_ahead, handle, loc)
-        if rest and hasattr(os, "posix_fadvise"):
-            self._advise(rest)
+        if locs and hasattr(os, "posix_fadvise"):
+            self._advise(locs)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -178,24 +162,22 @@ class ChunkReader:
             self.errors += 1
             raise
 
-    def _verify_raw(self, handle: PackHandle, loc: ChunkLocation, count_errors: bool = True) -> bytes:
+    def _verify_raw(self, handle: PackHandle, loc: ChunkLocation) -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""
         try:
             stored = self.store.read_stored(loc, handle)
             decode_chunk(loc, stored)
         except CorruptData:
-            self.errors += count_errors
+            self.errors += 1
             raise
-        self._verified.put(loc.id, True)
+        verified = self._verified
+        verified[loc.id] = None
+        if len(verified) > _VERIFIED_IDS:
+            try:
+                del verified[next(iter(verified))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread changed it meanwhile
+                pass
         return stored
-
-    def _verify_ahead(self, handle: PackHandle, loc: ChunkLocation) -> None:
-        try:
-            self._verify_raw(handle, loc, count_errors=False)
-        except (CorruptData, OSError):
-            pass  # the read that needs this chunk checks it again and reports the error itself
-        finally:
-            self._pending.pop(loc.id, None)
 
     def _advise(self, locs: list[ChunkLocation]) -> None:
         runs: dict[str, list[list[int]]] = {}

@@ -1,14 +1,17 @@
 """A version as a read-only file system, independent of any FUSE binding.
 
 `VersionFS` answers what a kernel (or a test) asks of a mounted version: ``lookup / stat / readdir /
-readlink / read(path, offset, size)``, the ``user.tessera.sha256`` xattr and ``statfs``.
-`tessera.fuse.operations` is a thin adapter over it; it is tested here without mounting. File bytes come
-from the one file reader (`tessera.reader`), like every other reader's.
+readlink / read(path, offset, size)``, the ``user.tessera.sha256`` xattr and ``statfs``. Adapters that
+know where an entry sits (the low-level FUSE adapter keeps a (directory, index) per node) use the same
+answers by position: `directory`, `subdirectory`, `attrs`, `read_plan_at`, `xattr`. `tessera.fuse` is
+a thin layer over it; it is tested here without mounting. File bytes come from the one file reader
+(`tessera.reader`), like every other reader's.
 
 How it stays fast and bounded:
 
 - **No scan at mount time.** Paths resolve directory by directory through the version's Merkle trees
-  (``Version.tree``, itself an LRU). A small LRU maps directory paths to tree ids, so a lookup of
+  (``Version.tree``, itself an LRU). Each directory, once resolved, is a `Listing` (its entries in
+  name order and a name -> index map), kept in an LRU bounded by entry count: a lookup of
   ``train/x.jpg`` is two dict lookups once its directory has been seen.
 - **Stable inode numbers**: a 63-bit xxh3 of the path, seeded with the version hash. Equal across mounts
   of the same version (and different between versions, so tools that cache by (dev, ino) do not
@@ -25,7 +28,6 @@ Every error is a `TesseraError`: `NotFound`, `NotADirectory`, `IsADirectory`, `N
 """
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 from typing import NamedTuple
@@ -34,13 +36,14 @@ import xxhash
 
 from tessera.errors import CorruptData, IsADirectory, NotADirectory, NotASymlink, NotFound
 from tessera.lru import LRUCache
-from tessera.model import DIR, FILE, SYMLINK, Tree, TreeEntry
+from tessera.model import DIR, FILE, SYMLINK, TreeEntry
 from tessera.reader import FileReader, fill_locations
 from tessera.sources import Segment
 from tessera.store import FileRange
 from tessera.version import Version
 
-__all__ = ["Attr", "FileRange", "IsADirectory", "NotADirectory", "NotASymlink", "Segment", "StatFS", "VersionFS"]
+__all__ = ["Attr", "FileRange", "IsADirectory", "Listing", "NotADirectory", "NotASymlink", "Segment", "StatFS",
+           "VersionFS"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +53,10 @@ XATTR_REF = "user.tessera.ref"
 ROOT_INO = 1
 BLOCK = 512
 IO_BLOCK = 1024 * 1024  # st_blksize: what cp, stdio and Python buffer by; matches the mount's 1 MiB reads
+S_IFREG, S_IFDIR, S_IFLNK = 0o100000, 0o040000, 0o120000
 _INO_MASK = (1 << 63) - 1
-_KIND_BITS = {FILE: 0o100000, DIR: 0o040000, SYMLINK: 0o120000}
-_DIR_CACHE_ENTRIES = 65536
+_KIND_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK}
+_LISTING_CACHE_ENTRIES = 1 << 18  # resolved directories, bounded by their entry count
 _READER_CACHE_CHUNKS = 1 << 17  # file readers: bounded by chunk count (~300 bytes each)
 _PREFETCH_FILES = 256
 
@@ -69,7 +73,7 @@ class Attr(NamedTuple):
 
     @property
     def is_dir(self) -> bool:
-        return self.mode & 0o170000 == 0o040000
+        return self.mode & 0o170000 == S_IFDIR
 
 
 class StatFS(NamedTuple):
@@ -80,6 +84,30 @@ class StatFS(NamedTuple):
     namemax: int
 
 
+class Listing:
+    """One directory of the version, resolved once: its path ("" for the root), tree id, entries in
+    name order, and a name -> index map (built on the first lookup by name)."""
+
+    __slots__ = ("path", "tree_id", "entries", "prefix", "_index")
+
+    def __init__(self, path: str, tree_id: str, entries: tuple[TreeEntry, ...]) -> None:
+        self.path = path
+        self.tree_id = tree_id
+        self.entries = entries
+        self.prefix = f"{path}/" if path else ""
+        self._index: dict[str, int] | None = None
+
+    def index(self, name: str) -> int | None:
+        """Position of ``name`` among the entries, or None."""
+        index = self._index
+        if index is None:
+            index = self._index = {e.name: i for i, e in enumerate(self.entries)}
+        return index.get(name)
+
+    def path_of(self, i: int) -> str:
+        return self.prefix + self.entries[i].name
+
+
 class VersionFS:
     """A read-only file system view of one version. Thread-safe (the FUSE loop may be threaded)."""
 
@@ -87,8 +115,7 @@ class VersionFS:
         self.version = version
         self.mtime_ns = int(round(version.time * 1e9))
         self._seed = int(version.hash[:16], 16)
-        self._dirs: LRUCache[str] = LRUCache(_DIR_CACHE_ENTRIES, sizeof=lambda _: 1)
-        self._dirs.put("", version.hash)
+        self._listings: LRUCache[Listing] = LRUCache(_LISTING_CACHE_ENTRIES, sizeof=lambda d: len(d.entries) + 1)
         self._readers: LRUCache[FileReader] = LRUCache(_READER_CACHE_CHUNKS, sizeof=lambda f: len(f.ids) + 1)
         self._scans: LRUCache[tuple[int, int]] = LRUCache(1024, sizeof=lambda _: 1)  # dir -> (next index, window)
         self.reads = 0
@@ -105,80 +132,118 @@ class VersionFS:
         n = xxhash.xxh3_64_intdigest(path.encode("utf-8", "surrogateescape"), seed=self._seed) & _INO_MASK
         return n if n > ROOT_INO else n + 2
 
-    def _tree(self, dpath: str) -> Tree:
-        """The tree of the directory at ``dpath`` (relative path; "" is the root)."""
-        tid = self._dirs.get(dpath)
-        if tid is None:
-            parent, _, name = dpath.rpartition("/")
-            te = self._tree(parent).by_name.get(name)
-            if te is None:
-                raise NotFound(f"no such directory: {dpath!r}")
-            if te.kind != DIR or te.id is None:
-                raise NotADirectory(f"not a directory: {dpath!r}")
-            tid = te.id
-            self._dirs.put(dpath, tid)
-        return self.version.tree(tid)
+    def directory(self, path: str) -> Listing:
+        """The directory at ``path`` (relative, no leading slash; "" is the root), resolved once and
+        cached. `NotFound`, `NotADirectory`."""
+        listing = self._listings.get(path)
+        if listing is not None:
+            return listing
+        if not path:
+            return self._resolve("", self.version.hash)
+        parent_path, _, name = path.rpartition("/")
+        parent = self.directory(parent_path)
+        i = parent.index(name)
+        if i is None:
+            raise NotFound(f"no such directory: {path!r}")
+        return self.subdirectory(parent, i)
 
-    def lookup(self, path: str) -> TreeEntry | None:
-        """The tree entry at ``path`` ("/a/b" or "a/b"); None for the root. Raises `NotFound`."""
+    def subdirectory(self, parent: Listing, i: int) -> Listing:
+        """The directory that is entry ``i`` of ``parent`` (`NotADirectory` if it is not one)."""
+        te = parent.entries[i]
+        path = parent.prefix + te.name
+        if te.kind != DIR or te.id is None:
+            raise NotADirectory(f"not a directory: {path!r}")
+        listing = self._listings.get(path)
+        return listing if listing is not None else self._resolve(path, te.id)
+
+    def _resolve(self, path: str, tree_id: str) -> Listing:
+        listing = Listing(path, tree_id, self.version.tree(tree_id).entries)
+        self._listings.put(path, listing)
+        return listing
+
+    def locate(self, path: str) -> tuple[Listing, int] | None:
+        """(directory, index) of the entry at ``path`` ("/a/b" or "a/b"); None for the root. `NotFound`."""
         rel = path.strip("/")
         if not rel:
             return None
-        parent, _, name = rel.rpartition("/")
-        te = self._tree(parent).by_name.get(name)
-        if te is None:
+        parent_path, _, name = rel.rpartition("/")
+        parent = self.directory(parent_path)
+        i = parent.index(name)
+        if i is None:
             raise NotFound(f"no such file or directory: {rel!r}")
-        return te
+        return parent, i
+
+    def lookup(self, path: str) -> TreeEntry | None:
+        """The tree entry at ``path`` ("/a/b" or "a/b"); None for the root. Raises `NotFound`."""
+        at = self.locate(path)
+        return None if at is None else at[0].entries[at[1]]
 
     # -- metadata ---------------------------------------------------------------------------------
 
+    def root_attr(self) -> Attr:
+        return Attr(ROOT_INO, S_IFDIR | 0o755, 1, 0, 0, self.mtime_ns)
+
+    def dir_attr(self, listing: Listing) -> Attr:
+        """A directory's own attributes."""
+        if not listing.path:
+            return self.root_attr()
+        return Attr(self.ino(listing.path), S_IFDIR | 0o755, 1, 0, 0, self.mtime_ns)
+
+    def attr(self, listing: Listing, i: int) -> Attr:
+        return self._attr(listing.prefix + listing.entries[i].name, listing.entries[i])
+
+    def attrs(self, listing: Listing) -> list[Attr]:
+        """Attributes of every entry of a directory, in order (one pass: what a listing shows)."""
+        prefix = listing.prefix.encode("utf-8", "surrogateescape")
+        seed, mtime, digest, make = self._seed, self.mtime_ns, xxhash.xxh3_64_intdigest, tuple.__new__
+        out = []
+        for te in listing.entries:
+            n = digest(prefix + te.name.encode("utf-8", "surrogateescape"), seed=seed) & _INO_MASK
+            size = te.size if te.kind == FILE else _size_of(te)
+            out.append(make(Attr, (n if n > ROOT_INO else n + 2, _KIND_BITS[te.kind] | te.mode, 1, size,
+                                   (size + BLOCK - 1) // BLOCK, mtime)))  # (Attr without its __new__: hot loop)
+        return out
+
     def _attr(self, rel: str, te: TreeEntry | None) -> Attr:
         if te is None:
-            return Attr(ROOT_INO, 0o040755, 1, 0, 0, self.mtime_ns)
-        if te.kind == FILE:
-            size = te.size
-        elif te.kind == SYMLINK:
-            size = len((te.target or "").encode("utf-8", "surrogateescape"))
-        else:
-            size = 0  # directories: nlink 1 = "count unknown", like btrfs; find then never prunes
+            return self.root_attr()
+        size = _size_of(te)
         return Attr(self.ino(rel), _KIND_BITS[te.kind] | te.mode, 1, size, (size + BLOCK - 1) // BLOCK, self.mtime_ns)
 
     def stat(self, path: str) -> Attr:
-        rel = path.strip("/")
-        return self._attr(rel, self.lookup(rel))
+        at = self.locate(path)
+        return self.root_attr() if at is None else self.attr(*at)
 
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         """Children of a directory, sorted by name, with their attributes (for readdirplus)."""
-        rel = path.strip("/")
-        te = self.lookup(rel)
-        if te is not None and te.kind != DIR:
-            raise NotADirectory(f"not a directory: {rel!r}")
-        base = f"{rel}/" if rel else ""
-        tree = self._tree(rel)
-        out = []
-        for child in tree.entries:
-            cpath = base + child.name
-            if child.kind == DIR and child.id is not None:
-                self._dirs.put(cpath, child.id)
-            out.append((child.name, self._attr(cpath, child)))
-        return out
+        at = self.locate(path)
+        listing = self.directory("") if at is None else self.subdirectory(*at)
+        return [(te.name, a) for te, a in zip(listing.entries, self.attrs(listing))]
 
     def readlink(self, path: str) -> str:
-        te = self.lookup(path)
+        return self.link_target(self.lookup(path), path)
+
+    def link_target(self, te: TreeEntry | None, path: str = "") -> str:
         if te is None or te.kind != SYMLINK:
             raise NotASymlink(f"not a symbolic link: {path.strip('/')!r}")
         return te.target or ""
 
     def listxattr(self, path: str) -> list[str]:
-        te = self.lookup(path)
+        return self.xattr_names(self.lookup(path))
+
+    def getxattr(self, path: str, name: str) -> bytes | None:
+        """The xattr's value, or None when the path has no such attribute."""
+        return self.xattr(self.lookup(path), name)
+
+    def xattr_names(self, te: TreeEntry | None) -> list[str]:
+        """Extended attributes of an entry (None: the root)."""
         if te is None:
             return [XATTR_REF]
         names = [XATTR_SHA256] if te.kind == FILE else []
         return names + ([XATTR_META] if te.meta else [])
 
-    def getxattr(self, path: str, name: str) -> bytes | None:
-        """The xattr's value, or None when the path has no such attribute."""
-        te = self.lookup(path)
+    def xattr(self, te: TreeEntry | None, name: str) -> bytes | None:
+        """The value of an entry's extended attribute (None: the root), or None if it has none."""
         if te is None:
             return self.version.ref.encode() if name == XATTR_REF else None
         if name == XATTR_SHA256 and te.kind == FILE and te.id:
@@ -193,56 +258,57 @@ class VersionFS:
 
     # -- data -------------------------------------------------------------------------------------
 
-    def _file(self, path: str) -> FileReader:
-        rel = path.strip("/")
-        te = self.lookup(rel)
-        if te is None or te.kind == DIR:
-            raise IsADirectory(f"is a directory: {rel!r}")
+    def file_reader(self, listing: Listing, i: int) -> FileReader:
+        """The reader of the file that is entry ``i`` of ``listing``."""
+        te = listing.entries[i]
         if te.kind != FILE or te.id is None:
-            raise NotFound(f"not a regular file: {rel!r}")
+            if te.kind == DIR:
+                raise IsADirectory(f"is a directory: {listing.path_of(i)!r}")
+            raise NotFound(f"not a regular file: {listing.path_of(i)!r}")
         reader = self._readers.get(te.id)
-        if reader is None:
-            reader = self._load_readers(rel, te)
-        return reader
+        return reader if reader is not None else self._load_readers(listing, i, te.id)
 
-    def _load_readers(self, rel: str, te: TreeEntry) -> FileReader:
-        """The reader of ``te``; when files of one directory are read in order (a miss right where the
-        last prefetch ended), also those of the next files, in one query, doubling the window up to
+    def _load_readers(self, listing: Listing, idx: int, fid: str) -> FileReader:
+        """The reader of entry ``idx``; when files of one directory are read in order (a miss right where
+        the last prefetch ended), also those of the next files, in one query, doubling the window up to
         `_PREFETCH_FILES` like kernel read-ahead, with their chunk locations and a request for their
         data. Random access stays at one small query per file."""
-        parent, _, name = rel.rpartition("/")
-        entries = self._tree(parent).entries
-        key = name.encode("utf-8", "surrogateescape")
-        idx = bisect.bisect_left(entries, key, key=lambda e: e.name.encode("utf-8", "surrogateescape"))
-        expected, window = self._scans.get(parent) or (-1, 0)
+        entries = listing.entries
+        expected, window = self._scans.get(listing.path) or (-1, 0)
         window = min(max(window * 2, 4), _PREFETCH_FILES) if idx == expected else 1
-        self._scans.put(parent, (idx + window, window))
-        assert te.id is not None
-        want = {te.id: te.size}
+        self._scans.put(listing.path, (idx + window, window))
+        want = {fid: entries[idx].size}
         for e in entries[idx + 1: idx + window]:
             if e.kind == FILE and e.id is not None and e.id not in want and e.id not in self._readers:
                 want[e.id] = e.size
         trees = self.version.trees
-        records = {te.id: trees.file_record(te.id)} if len(want) == 1 else trees.file_records(list(want))
-        if te.id not in records:
-            raise CorruptData(f"file record {te.id} for {rel!r} is missing from the catalog")
+        records = {fid: trees.file_record(fid)} if len(want) == 1 else trees.file_records(list(want))
+        if fid not in records:
+            raise CorruptData(f"file record {fid} for {listing.path_of(idx)!r} is missing from the catalog")
         readers = {}
-        for fid, rec in records.items():
-            if rec.size != want[fid]:
-                raise CorruptData(f"file {fid[:12]}: chunks add up to {rec.size} bytes, its entry says {want[fid]}")
-            readers[fid] = FileReader(self.version.chunks, rec)
+        for rid, rec in records.items():
+            if rec.size != want[rid]:
+                raise CorruptData(f"file {rid[:12]}: chunks add up to {rec.size} bytes, its entry says {want[rid]}")
+            readers[rid] = FileReader(self.version.chunks, rec)
         if len(readers) > 1:  # their chunk locations too, in one go (bounded), and their data
             self.version.chunks.will_need(fill_locations(list(readers.values())))
-        for fid, reader in readers.items():
-            self._readers.put(fid, reader)
-        return readers[te.id]
+        for rid, reader in readers.items():
+            self._readers.put(rid, reader)
+        return readers[fid]
+
+    def read_plan_at(self, listing: Listing, i: int, offset: int, size: int) -> list[Segment]:
+        """`read_plan` of the file that is entry ``i`` of ``listing``."""
+        self.reads += 1
+        return self.file_reader(listing, i).read_plan(offset, size)
 
     def read_plan(self, path: str, offset: int, size: int) -> list[Segment]:
         """Where the bytes at ``offset`` (up to ``size``, short only at end of file) come from:
         `bytes` and `FileRange`s (verified raw chunk bytes still in a local pack, for the caller to
         ``pread``, or for libfuse to read without Python). `CorruptData` if a chunk fails its check."""
-        self.reads += 1
-        return self._file(path).read_plan(offset, size)
+        at = self.locate(path)
+        if at is None:
+            raise IsADirectory("is a directory: ''")
+        return self.read_plan_at(at[0], at[1], offset, size)
 
     def read(self, path: str, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (short only at end of file), all hash-checked."""
@@ -251,3 +317,11 @@ class VersionFS:
 
     def read_all(self, path: str) -> bytes:
         return self.read(path, 0, self.stat(path).size)
+
+
+def _size_of(te: TreeEntry) -> int:
+    if te.kind == FILE:
+        return te.size
+    if te.kind == SYMLINK:
+        return len((te.target or "").encode("utf-8", "surrogateescape"))
+    return 0  # directories: nlink 1 = "count unknown", like btrfs; find then never prunes

@@ -34,7 +34,7 @@ RANKS = [
     # the facade, and what works on a whole home through it
     "tessera.repo", "tessera.kernelmount", "tessera.filesystem", "tessera.torch",
     # adapters on top: FUSE, the daemon, the command line
-    "tessera.fuse", "tessera.fuse._binding", "tessera.fuse.operations", "tessera.fuse.mount",
+    "tessera.fuse", "tessera.fuse._binding", "tessera.fuse.operations", "tessera.fuse.lowlevel", "tessera.fuse.mount",
     "tessera.daemon", "tessera.daemon.config", "tessera.daemon.watcher",
     "tessera.daemon.capture", "tessera.daemon.service",
     "tessera.cli.progress", "tessera.cli.app", "tessera.cli.complete", "tessera.cli.core", "tessera.cli.worktree",

@@ -11,6 +11,15 @@ kernel path the first time (materialize + image) and once materialized; (7) mate
 file-cache bytes per version; (8) the FUSE server's RSS. Every figure is the median of BENCH_REPEAT
 runs (default 3), shown next to native with the ratio (for times: native / mount).
 
+Then (9) the FUSE path before and after the low-level server, in one run: the code as it was before
+``fuse/lowlevel.py`` existed (checked out from git into a temp dir, or BENCH_BASELINE=<rev>; it has its
+own home, $BENCH_DIR/mount/home-<rev>, committed by that code, since it cannot open a newer catalog)
+and the current code, mounted alternately (old, new, old, new, ...), medians of BENCH_REPEAT: first
+pass of the small files by path with 1 and 4 readers (packs in the page cache: the server's own cost),
+``ls -f`` of the 50,000-entry directory and ``find -type f`` over BENCH_MOUNT_MANY_FILES files (1,000
+per directory; 1,000,000 with BENCH_SCALE=10), each next to the native directory, with the server's
+CPU per item. ``bench_mount.py before-after`` runs only this part.
+
 Run: ``make bench`` or ``python tests/bench/bench_mount.py``. Sizes: BENCH_SCALE (default 1.0), or
 BENCH_MOUNT_BIG_MIB, BENCH_MOUNT_SMALL_FILES, BENCH_MOUNT_MANY_FILES, BENCH_MOUNT_WIDE_FILES; extra
 FUSE flags in BENCH_MOUNT_FLAGS. Data and the store are kept in $BENCH_DIR/mount (default
@@ -27,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +52,7 @@ WIDE_FILES = int(os.environ.get("BENCH_MOUNT_WIDE_FILES", scaled(50_000)))
 FLAGS = shlex.split(os.environ.get("BENCH_MOUNT_FLAGS", ""))
 DIR = WORK / "mount"
 HOME = DIR / "home"
+REPO = Path(__file__).resolve().parents[2]
 
 READER = r"""
 import os, sys, time
@@ -156,10 +167,15 @@ def build() -> dict[str, str]:
 
 
 class Mount:
-    """``with Mount("fuse" | "kernel" | "borg", ref, mp):`` — mount, time it, unmount."""
+    """``with Mount("fuse" | "kernel" | "borg", ref, mp):`` — mount, time it, unmount. ``code``: a
+    directory holding another ``tessera`` package to mount with (FUSE only, in its own ``home``: see
+    `baseline_code`; the server it starts inherits it)."""
 
-    def __init__(self, kind: str, ref: str, mp: Path, env: dict[str, str] | None = None) -> None:
-        self.kind, self.ref, self.mp, self.env = kind, ref, mp, env
+    def __init__(self, kind: str, ref: str, mp: Path, env: dict[str, str] | None = None, *,
+                 code: str | None = None, home: Path = HOME) -> None:
+        self.kind, self.ref, self.mp, self.home = kind, ref, mp, home
+        self.env = {**(env or {}), **({"PYTHONPATH": code, "TESSERA_HOME": str(home)} if code else {})}
+        self.code = code
         mp.mkdir(parents=True, exist_ok=True)
         self.pid = 0
 
@@ -169,13 +185,16 @@ class Mount:
             subprocess.run(["borg", "mount", f"{DIR / 'borg'}::data", str(self.mp)], check=True, capture_output=True,
                            env={**os.environ, "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes"})
         else:
-            flags = FLAGS + ["--fuse"] if self.kind == "fuse" else ["--kernel"]
+            if self.kind == "kernel":
+                flags = ["--kernel"]
+            else:  # code from before the kernel path knows no --fuse: FUSE was its only path
+                flags = FLAGS + ([] if self.code else ["--fuse"])
             _tessera("mount", *flags, self.ref, str(self.mp), env=self.env)
         self.seconds = time.perf_counter() - t
         if self.kind == "fuse":  # the registry entry (`tessera mounts` also stats other people's mounts)
             from tessera.mounting import read_record, registry_path
 
-            rec = read_record(registry_path(HOME, str(self.mp)))
+            rec = read_record(registry_path(self.home, str(self.mp)))
             self.pid = rec.pid if rec is not None else 0
         return self
 
@@ -193,7 +212,12 @@ class Mount:
         if self.kind == "borg":
             subprocess.run(["borg", "umount", str(self.mp)], check=True, capture_output=True)
         else:
-            _tessera("umount", str(self.mp))
+            _tessera("umount", str(self.mp), env=self.env)
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the FUSE server has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def dd(path: Path) -> float:
@@ -368,7 +392,98 @@ def main() -> str:
     out += table("Mount time, file cache, server", ["what", "value"], extra)
     if notes:
         out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    return out
+    return out + "\n" + before_after()
+
+
+def baseline_code(work: Path) -> tuple[str, str]:
+    """The tessera package as it was before the low-level server (or at BENCH_BASELINE), checked out
+    into ``work`` as a package tree; returns (PYTHONPATH entry, revision)."""
+    rev = os.environ.get("BENCH_BASELINE")
+    if not rev:
+        added = subprocess.run(["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--",
+                                "fuse/lowlevel.py"], capture_output=True, text=True, check=True).stdout.split()
+        rev = f"{added[-1]}^"
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = work / "src"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    pkg = work / "pkg" / "tessera"  # setuptools maps tessera = lib, tessera.fuse = fuse: mirror that
+    pkg.mkdir(parents=True)
+    for f in (tree / "lib").iterdir():
+        (pkg / f.name).symlink_to(f)
+    (pkg / "fuse").symlink_to(tree / "fuse")
+    (pkg / "daemon").symlink_to(tree / "daemon")
+    return str(work / "pkg"), rev
+
+
+def baseline_home(code: str, rev: str) -> Path:
+    """A home holding the benchmark's versions, committed by the baseline code (an older tessera
+    refuses a catalog migrated by a newer one); kept between runs. Same content, same version hashes."""
+    home = DIR / f"home-{rev}"
+    marker = home.parent / f"home-{rev}.json"
+    want = {"sizes": json.loads((DIR / "built.json").read_text())["sizes"]}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return home
+    shutil.rmtree(home, ignore_errors=True)
+    env = {"PYTHONPATH": code, "TESSERA_HOME": str(home)}
+    for name, path in (("data", DIR / "src"), ("many", DIR / "many"), ("wide", DIR / "wide")):
+        _tessera("commit", name, str(path), env=env)
+    marker.write_text(json.dumps(want))
+    return home
+
+
+def _timed_cmd(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+
+
+def before_after() -> str:
+    """(9): the FUSE path before and after, interleaved, medians; see the module docstring."""
+    refs = build()
+    src, lst = DIR / "src", str(DIR / "small.list")
+    work = Path(tempfile.mkdtemp(prefix="tessera-bench-baseline-"))
+    try:
+        old, rev = baseline_code(work)
+        old_home = baseline_home(old, rev)
+        for home in (HOME, old_home):  # the stores in the page cache: the server's own cost
+            for pack in (home / "packs").rglob("*.pack"):
+                with open(pack, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+        med = statistics.median
+        rows = []
+        workloads: list[tuple[str, str, str, int, Callable[[Path], float], Path, str]] = [
+            (f"{SMALL_FILES} x 100 KiB by path, 1st pass, 1 reader", "files/s", refs["data"], SMALL_FILES,
+             lambda root: _py(READER, str(root), "1", lst)[0], src, ""),
+            (f"{SMALL_FILES} x 100 KiB by path, 1st pass, 4 readers", "files/s", refs["data"], SMALL_FILES,
+             lambda root: _py(READER, str(root), "4", lst)[0], src, ""),
+            (f"`ls -f` of {WIDE_FILES:,} entries, 1st", "entries/s", refs["wide"], WIDE_FILES,
+             lambda root: _timed_cmd(["ls", "-f", str(root)]), DIR / "wide", "w"),
+            (f"`find -type f` over {MANY_FILES:,} files, 1st", "files/s", refs["many"], MANY_FILES,
+             lambda root: _timed_cmd(["find", str(root), "-type", "f"]), DIR / "many", ""),
+        ]
+        for name, unit, ref, n, run, native_root, sub in workloads:
+            times: dict[str, list[float]] = {"native": [], "before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}
+            for _ in range(REPEAT):
+                run(native_root / sub)  # warm: native reads from the page cache, like the mount's store
+                times["native"].append(run(native_root / sub))
+                for label, code, home in (("before", old, old_home), ("after", None, HOME)):
+                    with Mount("fuse", ref, DIR / "mnt-ba", code=code, home=home) as m:
+                        c0 = m.cpu()
+                        times[label].append(run(m.mp / sub))
+                        cpu[label].append(m.cpu() - c0)
+            rate = {k: n / med(v) for k, v in times.items()}
+            rows.append([name, unit, rate["native"], rate["before"], rate["after"], rate["after"] / rate["before"],
+                         rate["after"] / rate["native"], med(cpu["before"]) / n * 1e6, med(cpu["after"]) / n * 1e6])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table(f"FUSE path before ({rev}: mfusepy, high-level API) and after (low-level API), interleaved, "
+                 f"median of {REPEAT}", ["test", "unit", "native", "FUSE before", "FUSE after", "after / before",
+                                         "after / native", "server CPU us per item, before", "after"], rows)
 
 
 class _Printed(list):  # type: ignore[type-arg]
@@ -439,4 +554,4 @@ def _evict_version(ref: str) -> None:
 
 
 if __name__ == "__main__":
-    print(main())
+    print(before_after() if sys.argv[1:] == ["before-after"] else main())
