@@ -103,9 +103,8 @@ class ChunkReader:
             handle = self.store.pack_handle(loc.pack)
             if handle is not None:
                 if loc.id not in self._verified:
-                    stored = self._verify_raw(handle, loc)
-                    if lo == 0 and hi == len(stored):
-                        return stored  # just read and checked: hand over, do not read it again
+                    stored = self._verify_raw(handle, loc)  # just read and checked: hand over, do not read again
+                    return stored if lo == 0 and hi == len(stored) else stored[lo:hi]
                 return FileRange(handle, loc.offset + lo, hi - lo)
         data = self._decoded.get(loc.id)
         if data is None:
