@@ -41,16 +41,23 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
     return lines[-1]
 
 
+# A child's ru_maxrss starts at its parent's peak RSS (the memory it was forked or vforked from is counted
+# until exec), so a long pytest session would inflate it: a small launcher starts `tessera` and reports.
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
 def run_measured(args: list[str], home: Path) -> tuple[int, str, int, float]:
     """Run `tessera ARGS`: (exit code, stderr, peak RSS in KiB, seconds) of that one process."""
+    import sys
+
     start = time.monotonic()
-    proc = subprocess.Popen(["tessera", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env(home)}, stdin=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_maxrss, time.monotonic() - start
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, "tessera", *args], capture_output=True, text=True,
+                          env={**os.environ, **env(home)}, stdin=subprocess.DEVNULL)
+    code, rss = (int(x) for x in proc.stdout.split())
+    return code, proc.stderr, rss, time.monotonic() - start
 
 
 @pytest.fixture
