@@ -14,6 +14,7 @@ SIGTERM, SIGINT and SIGHUP are handled by libfuse: the loop stops and the mount 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -96,11 +97,17 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
 
     answer = _Once(ready)
     tune_process()
+    # From resolving the ref until the registry names the mount, hold the store's shared write lock: a
+    # gc (exclusive) either ran before and the ref no longer resolves, or sees the mount as a root.
+    registering = contextlib.ExitStack()
     try:
         binding = load_binding()
         repo = Repo(home, chunk_cache_bytes=cache_size)
+        with contextlib.suppress(OSError):
+            registering.enter_context(repo.store.writing())
         version = repo.get(ref)
     except TesseraError as exc:
+        registering.close()
         answer(ready_line(exc))
         raise
     vfs = VersionFS(version)
@@ -118,6 +125,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         gc.freeze()  # startup objects never need scanning again; collect rarely (the hot paths make no cycles)
         gc.set_threshold(50_000, 20, 20)
         write_record(record)
+        registering.close()
         logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
                     "threads" if threads else "single-threaded")
         answer(ready_line(ref=version.ref))
@@ -134,6 +142,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
             answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
             raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
+        registering.close()
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
         repo.close()

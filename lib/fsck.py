@@ -327,18 +327,3 @@ def _committed_here(catalog: Catalog, vh: str) -> bool:
             if not rs.remotes_holding(catalog, history_key(e)):
                 return True
     return False
-
-
-def remove_garbage(store: Store, catalog: Catalog) -> list[str]:
-    """Delete temp files and unindexed packs (what a crash can leave); returns what was removed."""
-    with store.collecting():
-        removed = []
-        known = {p.id for p in catalog.packs()}
-        for name in _pack_files(store):
-            if name[:-5] not in known:
-                store.pack_path(name[:-5]).unlink()
-                removed.append(f"packs/{name[:2]}/{name}")
-        for f in store.tmp_dir.iterdir():
-            f.unlink()
-            removed.append(f"tmp/{f.name}")
-        return removed

@@ -104,6 +104,8 @@ class ChunkReader:
         if data is None:
             if loc.codec == RAW:
                 handle = self.store.pack_handle(loc.pack)
+                if handle is None and self._is_local(loc.pack) and (moved := self._relocated(loc)) is not None:
+                    return self.segment(moved, lo, hi)  # gc repacked it: same chunk, another pack
                 if handle is not None:
                     if loc.id not in self._verified:
                         ahead = self._pending.get(loc.id)
@@ -162,6 +164,8 @@ class ChunkReader:
         """Decode and verify one chunk, once: from its local pack, else from the remote holding it."""
         try:
             handle = self.store.pack_handle(loc.pack)
+            if handle is None and self._is_local(loc.pack) and (moved := self._relocated(loc)) is not None:
+                loc, handle = moved, self.store.pack_handle(moved.pack)  # gc repacked it
             if handle is not None:
                 return decode_chunk(loc, self.store.read_stored(loc, handle))
             if self._is_local(loc.pack):
@@ -173,6 +177,14 @@ class ChunkReader:
         except CorruptData:
             self.errors += 1
             raise
+
+    def _relocated(self, loc: ChunkLocation) -> ChunkLocation | None:
+        """Where the catalog says the chunk is now, when that is elsewhere: `tessera gc` repacks live
+        chunks into new packs and deletes the old one while readers hold locations into it."""
+        current = self.catalog.chunk(loc.id)
+        if current is None or (current.pack, current.offset) == (loc.pack, loc.offset):
+            return None
+        return current
 
     def _verify_raw(self, handle: PackHandle, loc: ChunkLocation, count_errors: bool = True) -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 class LazyGroup(click.Group):
     """Imports the command modules only when a command is looked up (keeps --help fast)."""
 
-    modules = ("tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote", "tessera.cli.daemon")
+    modules = ("tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote", "tessera.cli.daemon",
+               "tessera.cli.lifecycle")
     _loaded = False
 
     def _load(self) -> None:

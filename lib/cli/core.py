@@ -1,4 +1,4 @@
-"""Local commands: init, commit, datasets, log, ls, show, diff, cat, tag, export, verify, fsck, gc, stats."""
+"""Local commands: init, commit, datasets, log, ls, show, diff, cat, tag, export, verify, fsck, stats."""
 from __future__ import annotations
 
 import json
@@ -206,9 +206,22 @@ def cat(ref: str, path: str) -> None:
 
 @cli.command()
 @click.argument("ref")
-@click.argument("tag")
-def tag(ref: str, tag: str) -> None:
-    """Name version REF as NAME:TAG (moves the tag if it exists)."""
+@click.argument("tag", required=False)
+@click.option("--delete", "delete", is_flag=True, help="Delete tag NAME:TAG, given as REF (its version stays).")
+def tag(ref: str, tag: str | None, delete: bool) -> None:
+    """Name version REF as NAME:TAG (moves the tag if it exists); `tag --delete NAME:TAG` deletes one."""
+    from tessera.errors import UsageError
+    from tessera.ids import parse_ref
+
+    if delete:
+        r = parse_ref(ref)
+        if tag is not None or not r.tag:
+            raise UsageError("give the tag to delete as NAME:TAG, like `tessera tag --delete coco:v1`")
+        hash_ = open_repo().delete_tag(r.dataset, r.tag)
+        click.echo(f"deleted tag {r.dataset}:{r.tag} (it named {r.dataset}@{hash_[:12]})")
+        return
+    if tag is None:
+        raise UsageError("give a tag: tessera tag REF TAG (or --delete NAME:TAG)")
     v = open_repo().tag(ref, tag)
     click.echo(f"{v.name}:{tag} -> {v.ref}")
 
@@ -287,15 +300,6 @@ def fsck(repair: bool, read_remote: bool, require_local: bool) -> None:
 
 
 @cli.command()
-def gc() -> None:
-    """Remove garbage a crash can leave: temporary files and packs no catalog row points to."""
-    removed = open_repo().gc()
-    for r in removed:
-        click.echo(f"removed {r}")
-    click.echo(f"{len(removed)} items removed")
-
-
-@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(as_json: bool) -> None:
     """Store size: datasets, versions, unique chunks, bytes before and after compression, on disk."""
@@ -311,3 +315,4 @@ def stats(as_json: bool) -> None:
                f"{human_size(s['stored_bytes'])} stored")
     click.echo(f"packs         {s['packs']}, {human_size(s['pack_bytes'])}")
     click.echo(f"on disk       {human_size(s['disk_bytes'])}")
+    click.echo(f"reclaimable   {human_size(s['reclaimable_bytes'])} in packs no kept version uses (`tessera gc`)")

@@ -227,9 +227,12 @@ def status(config: str | None, as_json: bool) -> None:
                    "input (repeatable); a bare REF is only recorded.")
 @click.option("--every", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How often --capture directories are snapshotted while the command runs.")
+@click.option("--keep-last", "keep_last", type=click.IntRange(min=1), metavar="N",
+              help="After each captured version, forget all but the N newest versions of its dataset (dead "
+                   "bytes are reclaimed past the gc.auto_dead_bytes setting).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple[str, ...], every: float,
-        command: tuple[str, ...]) -> None:
+        keep_last: int | None, command: tuple[str, ...]) -> None:
     """Run COMMAND, capturing its output directories as versions with their lineage.
 
     \b
@@ -242,8 +245,11 @@ def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple
     from tessera.daemon.capture import Run, parse_capture, parse_input
 
     specs = [parse_capture(c) for c in captures] + [parse_capture(c, once=True) for c in captures_once]
+    from tessera.retention import KeepPolicy
+
     job = Run(open_repo(), list(command), specs, [parse_input(i) for i in inputs], every,
-              report=lambda msg: click.echo(f"tessera: {msg}", err=True))
+              report=lambda msg: click.echo(f"tessera: {msg}", err=True),
+              keep=KeepPolicy(last=keep_last) if keep_last else None)
     code = job.run()
     if code:
         # not ctx.exit(): with standalone_mode=False click would return the code instead of exiting
