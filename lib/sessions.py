@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
 from tessera.catalog.lifecycle_state import set_settings_json, settings_json
-from tessera.errors import NotFound, PreconditionFailed, RemoteError, TesseraError
+from tessera.errors import CorruptData, NotFound, PreconditionFailed, RemoteError, TesseraError
 from tessera.lru import LRUCache
 from tessera.remote.base import Transport
 from tessera.remote.wire import (
@@ -229,6 +229,9 @@ class Plans:
                 try:
                     plan = PlanObject.from_bytes(name, get_object(t, plan_key(name), PLAN_MAX), f"{t.url}/{plan_key(name)}")
                 except NotFound:
+                    continue
+                except CorruptData as exc:  # no prune sweeps a plan it cannot read either
+                    logger.warning("ignoring an unreadable prune plan: %s", exc)
                     continue
                 _plan_cache.put((t.url, name), plan)
             states.append(PlanState(name, plan, plans[name], sweeping.get(name), name in done))

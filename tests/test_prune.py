@@ -494,3 +494,20 @@ def test_partly_dead_remote_packs_are_reported(tmp_path: Path) -> None:
     assert 300_000 <= partial["dead_bytes"] < partial["size"] / 2, partial
     assert "repacking remote packs is not implemented yet" in ok(tess(home, "prune"))
 
+
+
+def test_an_unreadable_plan_is_never_swept_and_does_not_block_pushes(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/remote"
+    home = make_home(tmp_path / "a", url)
+    commit_and_push(home, tmp_path / "src", 2)
+    ok(tess(home, "forget", "--remote", "origin", "ds", "--keep-last", "1"))
+    bogus = tmp_path / "remote" / "prune" / "plans" / "0000000000000001-00000000deadbeef"
+    bogus.parent.mkdir(parents=True)
+    bogus.write_text('{"format": 1, "name": "not this one", "candidates": [["history/ds/x", 1, null, null]]}')
+    ok(tess(home, "prune"))
+    ok(tess(home, "prune", "--wait"))  # the readable plan is swept; the bogus one never
+    assert bogus.exists() and not (tmp_path / "remote" / "prune" / "sweeping" / bogus.name).exists()
+    pool_tree(tmp_path / "src", 7)
+    ok(tess(home, "commit", "ds", str(tmp_path / "src")))
+    assert "pushed ds@" in ok(tess(home, "push", "ds"))
+    fresh_home_verifies(tmp_path, url, "ds", {})
