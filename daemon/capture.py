@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from tessera.daemon.config import check_not_home, ignore_matcher
 from tessera.daemon.upkeep import apply_keep, maybe_reclaim
-from tessera.daemon.openfiles import open_for_writing, process_tree
+from tessera.openfiles import open_for_writing, process_tree
 from tessera.errors import BadRef, MountError, SourceError, TesseraError, UsageError
 from tessera.ids import check_dataset_name, parse_ref
 from tessera.retention import KeepPolicy

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import fnmatch
 import os
 import re
 import tomllib
@@ -34,7 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tessera.errors import BadRef, ConfigError, UsageError
+from tessera.homeguard import relation_to_home
 from tessera.ids import check_dataset_name
+from tessera.ignore import IgnoreRules
 from tessera.retention import KeepPolicy, format_duration, parse_duration
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "daemon.toml"
 DEFAULT_QUIET = 5.0
 DEFAULT_MAX_WAIT = 60.0
-
-# Editor swap files, partial downloads and the `write tmp + rename` pattern: never worth a version.
-TEMP_PATTERNS = ("*.tmp", "*.temp", "*.swp", "*.swo", "*.swx", "*~", ".#*", "#*#", "*.part", "*.partial",
-                 "*.crdownload", ".~lock.*#", ".nfs*", ".*.tmp.*")
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
@@ -286,14 +283,16 @@ def _parse_keep(item: dict[str, Any], at: Callable[[str], str]) -> KeepPolicy | 
 # -- checks shared by `tessera watch` and the daemon ------------------------------------------------
 
 def check_not_home(directory: str, home: str | Path, where: str | None = None) -> None:
-    """Refuse the tessera home, a directory inside it, or one containing it."""
-    d, h = os.path.realpath(directory), os.path.realpath(home)
+    """Refuse the tessera home, a directory inside it, or one containing it (`tessera.homeguard`, with
+    the daemon's wording: a watch containing the home would see its own writes)."""
+    rel = relation_to_home(directory, home)
+    h = os.path.realpath(home)
     prefix = f"{where}: " if where else ""
-    if d == h:
+    if rel == "is":
         raise ConfigError(f"{prefix}{directory} is the tessera home itself: watch a data directory instead")
-    if d.startswith(h.rstrip("/") + "/"):
+    if rel == "inside":
         raise ConfigError(f"{prefix}{directory} is inside the tessera home {h}")
-    if h.startswith(d.rstrip("/") + "/"):
+    if rel == "contains":
         raise ConfigError(f"{prefix}{directory} contains the tessera home {h}: the daemon would watch its own"
                           " writes (move the home with TESSERA_HOME or watch a subdirectory)")
 
@@ -310,40 +309,20 @@ def check_watch_dir(directory: str) -> str:
         raise ConfigError(f"{directory}: no such directory")
     if not p.is_dir():
         raise ConfigError(f"{directory}: not a directory (watch the directory that holds it)")
-    return normalize_dir(p)
+    path = normalize_dir(p)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{path!r} is not valid UTF-8, so the config file (TOML) cannot name it: rename it "
+                          "or watch a directory above it (names inside a watch may be anything)") from None
+    return path
 
 
-# -- ignore globs -----------------------------------------------------------------------------------
-
-class IgnoreRules:
-    """Compiled ignore globs. A pattern without ``/`` matches a name at any depth (``*.log``,
-    ``cache``); one with ``/`` matches the path relative to the watched directory (``raw/*.csv``;
-    ``*`` also crosses ``/``). Editor and download temporaries are always ignored."""
-
-    def __init__(self, patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> None:
-        names = [p.strip("/") for p in patterns if "/" not in p.strip("/")] + (list(TEMP_PATTERNS) if temp_files else [])
-        paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
-        self._name = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in names)) if names else None
-        self._path = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in paths)) if paths else None
-
-    def excludes(self, rel: str) -> bool:
-        """For a walk that never descends into an excluded directory: only this entry is checked."""
-        if self._name is not None and self._name.match(rel.rpartition("/")[2]):
-            return True
-        return self._path is not None and self._path.match(rel) is not None
-
-    def __call__(self, rel: str) -> bool:
-        """``rel`` or any directory above it is ignored (for event paths)."""
-        parts = rel.split("/")
-        if self._name is not None and any(self._name.match(p) for p in parts):
-            return True
-        if self._path is not None:
-            return any(self._path.match("/".join(parts[:i + 1])) for i in range(len(parts)))
-        return False
-
+# -- ignore globs (the matcher lives in tessera.ignore, shared with commit and status) -----------------
 
 def ignore_matcher(patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> IgnoreRules:
-    return IgnoreRules(patterns, temp_files=temp_files)
+    """Watch globs (plus the temporary-file patterns) as a matcher; `tessera.ignore.IgnoreRules`."""
+    return IgnoreRules(tuple(patterns), temp_files=temp_files)
 
 
 # -- editing ----------------------------------------------------------------------------------------

@@ -35,13 +35,12 @@ from tessera.daemon.config import (
     DaemonSettings,
     WatchConfig,
     check_config_against_home,
-    IgnoreRules,
-    ignore_matcher,
     load_config,
 )
-from tessera.daemon.openfiles import open_for_writing
+from tessera.openfiles import open_for_writing
 from tessera.daemon.upkeep import Reclaimer, apply_keep
 from tessera.errors import ConfigError, NotFound, RemoteError, TesseraError, UsageError
+from tessera.ignore import DirIgnore
 from tessera.faults import crash_point
 
 logger = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ def read_daemon_info(home: Path) -> DaemonInfo | None:
 @dataclass
 class _Watch:
     cfg: WatchConfig
-    ignored: IgnoreRules
+    ignored: DirIgnore  # watch globs, temporary files and the directory's .tesseraignore
     active: bool = False
     pending_since: float | None = None  # monotonic time of the first change not yet committed
     last_change: float | None = None
@@ -371,9 +370,9 @@ class Daemon:
             for key, cfg in wanted.items():
                 cur = self._watches.get(key)
                 if cur is None:
-                    self._watches[key] = _Watch(cfg, ignore_matcher(cfg.ignore))
+                    self._watches[key] = _Watch(cfg, DirIgnore(key, cfg.ignore))
                 elif cur.cfg != cfg:
-                    cur.cfg, cur.ignored = cfg, ignore_matcher(cfg.ignore)
+                    cur.cfg, cur.ignored = cfg, DirIgnore(key, cfg.ignore)
                     if cur.active:  # new ignore globs: reschedule with the new filter
                         unschedule.append(key)
                         cur.active = False
@@ -455,16 +454,19 @@ class Daemon:
 
     def _maybe_commit(self, w: _Watch) -> None:
         now = time.monotonic()
+        scan: set[str] | None = None
         if not w.forced(now):
-            busy = open_for_writing([w.cfg.path])
-            if busy:
-                logger.info("%s: %d files still open for writing; waiting", w.cfg.path, len(busy))
+            scan = open_for_writing([w.cfg.path], skip_self=False)
+            if scan:
+                logger.info("%s: %d files still open for writing; waiting", w.cfg.path, len(scan))
                 with self._lock:
                     w.last_change = now  # not quiet yet; max_wait_seconds still bounds the wait
                 return
-        self._commit(w)
+        self._commit(w, scan)
 
-    def _commit(self, w: _Watch) -> None:
+    def _commit(self, w: _Watch, open_at_start: set[str] | None = None) -> None:
+        """Commit a watch. Files open for writing (``open_at_start``: a /proc scan just made, else the
+        commit makes its own) or changing during the commit keep their previous content."""
         cfg = w.cfg
         with self._lock:
             events, w.events = w.events, 0
@@ -474,7 +476,7 @@ class Daemon:
         try:
             res = self.repo.commit_dir(cfg.dataset, cfg.path, message=f"daemon: {events} file events in {cfg.path}",
                                        meta={"daemon": {"watch": cfg.path, "events": events}},
-                                       exclude=w.ignored.excludes, keep_busy=True)
+                                       exclude=w.ignored.excludes, keep_busy=True, open_at_start=open_at_start)
         except Exception as exc:  # noqa: BLE001 - one bad watch must not stop the daemon
             if not isinstance(exc, TesseraError):
                 logger.exception("commit of %s failed", cfg.path)
@@ -499,7 +501,8 @@ class Daemon:
             self._apply_keep(w)
         s = res.stats
         if res.created:
-            logger.info("%s: new version %s (%d files, %d read)", cfg.path, res.version.ref, s.files, s.files_read)
+            logger.info("%s: new version %s (%d files, %d read%s)", cfg.path, res.version.ref, s.files, s.files_read,
+                        f", {len(s.busy)} still being written kept at their previous content" if s.busy else "")
             if cfg.remote:
                 self.worker.wake.set()
         else:

@@ -1,4 +1,6 @@
-"""The mount server: serves one version at one mountpoint until unmounted or signalled.
+"""The mount server: serves one version at one mountpoint until unmounted or signalled — or, when the
+kernel path is chosen (``--path auto|kernel``, `tessera.kernelmount`), makes an EROFS + overlayfs mount,
+reports it, and exits (no server is needed in the read path).
 
 Started by `tessera.mounting.mount_ref` as ``python -m tessera.fuse.mount --home H --ref R
 --mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
@@ -25,13 +27,16 @@ from typing import Callable
 
 from tessera.errors import MountError, TesseraError
 from tessera.mounting import (
+    KERNEL,
     MountRecord,
+    ReadyPipe,
     find_kernel_mount,
     parse_server_args,
     ready_line,
     remove_record,
     write_record,
 )
+from tessera.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +92,12 @@ def tune_process() -> None:
 
 
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
-          debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
+          debug: bool = False, ready: Callable[[str], None] | None = None, path: str = "fuse",
+          notify: Callable[[str], None] | None = None, progress: Progress | None = None) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
-    once the mount answers; ``ready("error <code> <message>")`` if it could not be made."""
+    once the mount answers; ``ready("error <code> <message>")`` if it could not be made. With ``path``
+    ``auto`` or ``kernel`` the kernel path is tried first: when it mounts, ``ready("ok <name@hash>
+    kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached)."""
     from tessera.fuse._binding import load_binding
     from tessera.fuse.operations import make_operations
     from tessera.repo import Repo
@@ -97,15 +105,33 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
 
     answer = _Once(ready)
     tune_process()
-    # From resolving the ref until the registry names the mount, hold the store's shared write lock: a
-    # gc (exclusive) either ran before and the ref no longer resolves, or sees the mount as a root.
+    # From resolving the ref until the registry names the mount (a FUSE mount's record, or the record a
+    # kernel mount writes before it caches any file), hold the store's shared write lock: a gc
+    # (exclusive) either ran before and the ref no longer resolves, or sees the mount as a root.
     registering = contextlib.ExitStack()
     try:
-        binding = load_binding()
-        repo = Repo(home, chunk_cache_bytes=cache_size)
-        with contextlib.suppress(OSError):
-            registering.enter_context(repo.store.writing())
+        repo = Repo(home, create=False, chunk_cache_bytes=cache_size)
+
+        def hold() -> None:
+            if not repo.read_only:  # a read-only home is never collected
+                registering.enter_context(repo.store.writing())
+
+        hold()
         version = repo.get(ref)
+        if path != "fuse":
+            from tessera.kernelmount import kernel_or_none
+
+            krec = kernel_or_none(repo, version, mountpoint, path, notify=notify or logger.info, progress=progress,
+                                  on_recorded=registering.close)
+            if krec is not None:
+                registering.close()
+                repo.close()
+                answer(ready_line(ref=version.ref, kind=KERNEL))
+                return
+            registering.close()
+            hold()  # the kernel path was not taken (or failed after recording itself): resolve again
+            version = repo.get(version.ref)
+        binding = load_binding()
     except TesseraError as exc:
         registering.close()
         answer(ready_line(exc))
@@ -175,25 +201,15 @@ def _log_of_stderr() -> str:
         return ""
 
 
-def pipe_writer(fd: int) -> Callable[[str], None]:
-    def write(msg: str) -> None:
-        try:
-            os.write(fd, (msg.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return write
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_server_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
-    ready = pipe_writer(args.ready_fd) if args.ready_fd is not None else None
+    pipe = ReadyPipe(args.ready_fd)
     try:
         serve(args.home, args.ref, args.mountpoint, cache_size=args.opts.cache_size, no_open=args.opts.no_open,
-              threads=args.opts.threads, debug=args.opts.debug, ready=ready)
+              threads=args.opts.threads, debug=args.opts.debug, ready=pipe.answer, path=args.opts.path,
+              notify=pipe.note, progress=pipe)
     except TesseraError as exc:
         logger.error("%s", exc)
         return exc.exit_code

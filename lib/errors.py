@@ -38,6 +38,10 @@ class NotFound(TesseraError):
     exit_code = 3
 
 
+class NoHome(NotFound):
+    """A command that only reads was pointed at a home that does not exist (nothing is created)."""
+
+
 class AmbiguousRef(TesseraError):
     """A hash prefix matching more than one version."""
 
@@ -106,6 +110,12 @@ class FuseUnavailable(MountError):
     """No usable FUSE on this machine (no /dev/fuse, no libfuse, no binding)."""
 
     exit_code = 13
+
+
+class ReadOnlyHome(TesseraError):
+    """A write was asked of a home on a read-only file system or without write permission."""
+
+    exit_code = 14
 
 
 class ConfigError(UsageError):

@@ -4,7 +4,7 @@ Forgetting deletes history entries (and the versions no entry records any more);
 next reclaim (`tessera.reclaim`, `tessera gc`). Some versions are never forgotten, whatever the rules say,
 and the report names the reason: each dataset's **head**, every **tagged** version, every version a
 **mount** of this home serves (the mount registry), and every version **queued for push**. Forgetting a
-mounted version is refused rather than pulled from under its readers: unmount first.
+mounted version (FUSE or kernel path) is refused rather than pulled from under its readers: unmount first.
 """
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from tessera.catalog import lifecycle_state as ls
 from tessera.errors import NotFound, UsageError
 from tessera.ids import check_dataset_name
 from tessera.model import DIR, FILE, Tree
-from tessera.mounting import kernel_mounts, pid_alive, read_record, registry_dir
+from tessera.mounting import KERNEL, kernel_mounts, pid_alive, read_record, record_active, registry_dir
 from tessera.retention import Candidate, KeepPolicy, apply_policy
 
 logger = logging.getLogger(__name__)
 
 
 def mounted_versions(home: str | Path) -> dict[str, list[str]]:
-    """Version hash -> mountpoints of this home's mounts (the mount registry): every record whose server
-    is alive or whose mount the kernel still has. Mountpoints are never stat'ed (a hung server elsewhere
-    must not hang a forget or a gc)."""
+    """Version hash -> mountpoints of this home's mounts (the mount registry): a FUSE mount whose server
+    is alive or whose mount the kernel still has; a kernel mount (EROFS + overlayfs) whose overlay is
+    mounted or whose mounting process is still at work (`record_active`: its record has pid 0 once
+    mounted). Mountpoints are never stat'ed (a hung server elsewhere must not hang a forget or a gc)."""
     rdir = registry_dir(home)
     if not rdir.is_dir():
         return {}
@@ -35,7 +36,11 @@ def mounted_versions(home: str | Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for path in sorted(rdir.glob("*.json")):
         rec = read_record(path)
-        if rec is not None and rec.hash and (pid_alive(rec.pid) or rec.mountpoint in kernel):
+        if rec is None or not rec.hash:
+            continue
+        active = record_active(rec) if rec.kind == KERNEL else (
+            (rec.pid > 0 and pid_alive(rec.pid)) or rec.mountpoint in kernel)
+        if active:
             out.setdefault(rec.hash, []).append(rec.mountpoint)
     return out
 
@@ -222,7 +227,7 @@ def disk_usage(catalog: Catalog, roots: Iterable[str], dataset: str | None = Non
         return (dataset is None or name == dataset) and (hash is None or h is None or h == hash)
 
     sets = _ChunkSets(catalog)
-    stored = {bytes(r[0]): int(r[1]) for r in catalog.query("SELECT id, stored_len FROM chunks")}
+    stored = ls.chunk_stored_sizes(catalog)
     per_version: dict[str, set[bytes]] = {}
     refs: dict[bytes, int] = {}
     for h in sorted(set(roots)):

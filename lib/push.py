@@ -65,6 +65,7 @@ class PushResult:
     versions: int = 0  # versions this push sent (not already on the remote)
     forgotten: int = 0  # versions not sent: the remote forgot every history entry of them (tombstones)
     resent: int = 0  # objects this home thought the remote had, found gone after a prune: sent again
+    packs_needed: int = 0  # data packs those versions need (the rest of them were on the remote already)
 
     def add(self, other: PushResult) -> None:
         self.packs += other.packs
@@ -75,6 +76,7 @@ class PushResult:
         self.versions += other.versions
         self.forgotten += other.forgotten
         self.resent += other.resent
+        self.packs_needed += other.packs_needed
 
     @property
     def uploaded(self) -> bool:
@@ -101,6 +103,7 @@ class Pusher:
         self.progress = progress or NullProgress()
         self.session_expiry = session_expiry
         self._lock = threading.Lock()
+        self._counted: set[str] = set()
         self._layout: int | None = None
         self._session: PushSession | None = None
         self._tombstones: dict[str, set[str]] = {}
@@ -194,6 +197,8 @@ class Pusher:
 
     def _push_packs(self, ref: str, closure: Closure, res: PushResult) -> None:
         packs = sorted(closure.packs)
+        res.packs_needed += len(closure.packs - self._counted)  # each pack once across this pusher's versions
+        self._counted |= closure.packs
         known = rs.known_keys(self.cat, self.remote.name, [pack_key(p) for p in packs] + [index_key(p) for p in packs])
         todo = [(p, pack_key(p) not in known, index_key(p) not in known) for p in packs
                 if pack_key(p) not in known or index_key(p) not in known]

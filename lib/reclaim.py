@@ -11,8 +11,10 @@ of this home serves (the mount registry). One run:
    (fsync, rename, directory fsync), then move the chunk rows to them in one transaction;
 3. **sweep** (the exclusive write lock, held briefly): mark the roots that appeared since step 1 (a
    commit that finished meanwhile, which may reuse chunks the first mark found dead), delete every
-   unmarked tree, file record, chunk and pack row and the stat/directory-cache rows pointing at them (one
-   transaction), then delete pack files no row names and temporary files.
+   unmarked tree, file record, chunk and pack row, the stat/directory-cache rows pointing at them and the
+   worktree records of removed versions (one transaction), then delete pack files no row names and temporary files;
+4. **caches** (the file cache lock, if free): delete the kernel-mount images of versions no longer kept
+   and the whole files (`tessera.filecache`) no file record names any more, images first.
 
 Crash safety: nothing is deleted before what replaces it is durable and indexed; a row is deleted only
 when unmarked under the exclusive lock (no commit is between writing a pack and recording its version);
@@ -32,12 +34,23 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tessera.catalog import Catalog
-from tessera.catalog.lifecycle_state import Marks, PackUse, SweepCounts, move_chunks, pack_ids
+from tessera.catalog.lifecycle_state import (
+    Marks,
+    PackUse,
+    SweepCounts,
+    known_files,
+    local_pack_bytes,
+    move_chunks,
+    pack_ids,
+)
 from tessera.errors import CorruptData, TesseraError, raise_os_error
 from tessera.faults import crash_point
+from tessera.filecache import FileCache, images_dir
 from tessera.model import DIR, FILE, ChunkLocation, FileRecord
+from tessera.mounting import kernel_records, record_active
 from tessera.progress import NullProgress, Progress
 from tessera.store import PackWriter, Store, decode_chunk
 
@@ -64,6 +77,10 @@ class GcReport:
     pack_bytes_before: int = 0
     pack_bytes_after: int = 0
     dead_bytes_left: int = 0  # dead bytes in packs below the repack threshold
+    cached_files: int = 0  # whole files of the kernel mount's cache no kept version has (`tessera.filecache`)
+    cached_bytes: int = 0
+    images: int = 0  # kernel-mount images of versions no longer kept
+    cache_busy: bool = False  # the file cache was locked (a kernel mount at work): left for the next gc
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -182,6 +199,7 @@ def collect(catalog: Catalog, store: Store, roots: RootsFn, *, repack_threshold:
         crash_point("gc-after-mark")
         uses = marks.pack_use()
         if dry_run:
+            _drop_cached(store.home, roots, report, lambda ids: marks.marked_files(ids), dry_run=True)
             return _dry_run(report, marks, uses, repack_threshold, store)
         todo = [u for u in uses if u.local and u.live_chunks and u.dead_share > repack_threshold
                 and store.has_pack_file(u.id)]
@@ -201,6 +219,7 @@ def collect(catalog: Catalog, store: Store, roots: RootsFn, *, repack_threshold:
         report.pack_bytes_after = _local_pack_bytes(catalog)
         after = marks.pack_use()
         report.dead_bytes_left = sum(u.dead_bytes for u in after if u.local)
+    _drop_cached(store.home, roots, report, lambda ids: known_files(catalog, ids))
     return report
 
 
@@ -219,8 +238,7 @@ def _dry_run(report: GcReport, marks: Marks, uses: list[PackUse], threshold: flo
 
 
 def _local_pack_bytes(catalog: Catalog) -> int:
-    row = catalog.query_one("SELECT coalesce(sum(size), 0) FROM packs WHERE local = 1")
-    return int(row[0]) if row else 0
+    return local_pack_bytes(catalog)
 
 
 # -- repacking --------------------------------------------------------------------------------------
@@ -300,6 +318,36 @@ def _seal_and_move(catalog: Catalog, writer: PackWriter, group: list[str], repor
 
 
 # -- deleting files ---------------------------------------------------------------------------------
+
+def _drop_cached(home: Path, roots: RootsFn, report: GcReport, live: Callable[[list[str]], set[str]], *,
+                 dry_run: bool = False) -> None:
+    """The kernel mount's caches (`tessera.filecache`, `tessera.kernelmount`), under the file cache lock:
+    delete the image of every version no longer kept (none an active kernel mount uses: those versions
+    are roots, and active images are spared anyway), then every whole file no file record names (``live``
+    says which are named). Images go first: an image promises that all of its version's files are
+    cached. A cache locked by a kernel mount at work is left for the next gc."""
+    cache = FileCache(home, 0)
+    if not cache.root.is_dir():
+        return
+    try:
+        with cache.locked(wait=False):
+            kept = roots()
+            active = {Path(r.image).name for r in kernel_records(home) if r.image and record_active(r)}
+            idir = images_dir(home)
+            for f in sorted(idir.glob("*.erofs")) if idir.is_dir() else []:
+                if f.name.partition("-")[0] not in kept and f.name not in active:
+                    if not dry_run:
+                        f.unlink(missing_ok=True)
+                    report.images += 1
+            report.cached_files, report.cached_bytes = cache.remove_unused(live, dry_run=dry_run)
+    except BlockingIOError:
+        report.cache_busy = True
+        logger.info("gc: the file cache is in use (a kernel mount at work); its unused files stay until the next gc")
+    except OSError as exc:
+        report.errors.append(f"file cache: {exc.strerror or exc}")
+    except CorruptData as exc:  # a cache of an unknown format: not ours to clean
+        report.errors.append(str(exc))
+
 
 def _remove_unindexed(catalog: Catalog, store: Store) -> tuple[int, list[str]]:
     """Under the exclusive lock: delete pack files no row names (swept, repacked or left by a crash) and

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tessera import lifecycle
 from tessera import prune as pruning
@@ -19,13 +19,17 @@ from tessera import pull as pulling
 from tessera import reclaim
 from tessera.catalog import Catalog, DatasetInfo
 from tessera.catalog import lifecycle_state as ls
-from tessera.checkout import VerifyReport, export_version, verify_dir
+from tessera.catalog.worktree_state import record_worktree
+from tessera.checkout import CheckoutResult, VerifyReport, checkout_version, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
 from tessera.diskcache import DiskCache, cache_dir, cache_size
 from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
 from tessera.faults import crash_point
 from tessera.fsck import FsckReport, fsck
+from tessera.home import catalog_path, home_exists, init_lock, is_read_only, read_only_error, require_home
+from tessera.homeguard import check_not_home, home_below
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
+from tessera.ignore import combined_exclude
 from tessera.lazy import LazyFetcher
 from tessera.model import Entry, FileRecord, HistoryEntry
 from tessera.progress import Progress
@@ -38,10 +42,10 @@ from tessera.store import Store
 from tessera.treebuild import build_trees
 from tessera.trees import CatalogTrees
 from tessera.version import Change, Selection, Version, diff_versions, entries_of
+from tessera.worktree import Comparison, compare_dir, status_dir
 
 logger = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.db"
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -56,25 +60,45 @@ class Repo:
     """A tessera home: ``Repo()`` uses ``$TESSERA_HOME`` or ``~/.tessera`` and creates it if needed."""
 
     def __init__(self, home: str | Path | None = None, *, remote: str | None = None,
-                 settings: RepoSettings | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
+                 settings: RepoSettings | None = None, create: bool = True,
+                 chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
         """``remote``: the remote (a configured name or a URL) that push, pull and lazy reads use when
-        none is named; default: the remote marked default, or the only one. ``chunk_cache_bytes``: memory
-        for decoded chunks read only in part (whole-chunk reads are not kept)."""
+        none is named; default: the remote marked default, or the only one. ``create=False``: a home
+        that does not exist is `NoHome` (nothing is created). A home this process cannot write opens
+        read-only: reads work, writes raise `ReadOnlyHome`. ``chunk_cache_bytes``: memory for decoded
+        chunks read only in part (whole-chunk reads are not kept)."""
         self.home = Path(home).expanduser() if home is not None else default_home()
         if self.home.exists() and not self.home.is_dir():
             raise UsageError(f"tessera home {self.home} is not a directory")
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.home / CATALOG_FILE)
-        self.store = Store(self.home, self.catalog)
-        self.settings = self._load_settings(settings)
+        if not create:
+            require_home(self.home)
+        self.read_only = is_read_only(self.home)
+        if self.read_only:
+            if not home_exists(self.home):
+                raise read_only_error(self.home)
+            self.catalog = Catalog(catalog_path(self.home), read_only=True)
+            self.store = Store(self.home, self.catalog, read_only=True)
+            self.settings = self._load_settings(settings)
+        else:
+            try:
+                self.home.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create tessera home {self.home}: {exc.strerror}") from None
+            with init_lock(self.home):  # concurrent first commands: one creates, the others wait
+                self.catalog = Catalog(catalog_path(self.home))
+                self.store = Store(self.home, self.catalog)
+                self.settings = self._load_settings(settings)
         self.trees = CatalogTrees(self.catalog)
         self.transports = Transports(self.catalog, preferred=remote)
         self.chunks = ChunkReader(self.catalog, self.store, remote=self._open_lazy, cache_bytes=chunk_cache_bytes)
         # One-line messages for the user (the CLI prints them on stderr): "not here; asking origin", ...
-        self.notice: Callable[[str], None] = lambda msg: logger.warning("%s", msg)
+        self.notice: Callable[[str], None] = _log_notice
 
     def _load_settings(self, wanted: RepoSettings | None) -> RepoSettings:
+        """The store settings; written once, by the process that creates the home (under the init lock)."""
         if self.catalog.setting("chunk.avg_size") is None:
+            if self.read_only:
+                raise read_only_error(self.home)
             chosen = wanted or RepoSettings()
             with self.catalog.write():
                 for k, v in chosen.to_items().items():
@@ -230,26 +254,46 @@ class Repo:
     def commit_dir(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
                    meta_for: MetaFor | None = None, tag: str | None = None, author: str | None = None,
                    exclude: Callable[[str], bool] | None = None, progress: Progress | None = None,
-                   workers: int = 0, keep_busy: bool = False) -> CommitResult:
+                   workers: int = 0, keep_busy: bool = False, excludes: Sequence[str] = (),
+                   ignore_file: bool = True, open_at_start: set[str] | None = None) -> CommitResult:
         """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head.
 
-        A file that keeps changing while it is read fails the commit (`SourceError`), unless
-        ``keep_busy``: then it keeps its content from the dataset's head version (or is left out if
-        it is new) and is listed in ``stats.busy``. The daemon commits this way."""
+        Left out: what ``path/.tesseraignore`` (unless ``ignore_file`` is False) and the gitignore
+        lines ``excludes`` match, and whatever ``exclude(relpath)`` is true for (a directory is asked
+        as ``"dir/"``). A file that keeps changing while it is read fails the commit (`SourceError`),
+        unless ``keep_busy``: then it keeps its content from the dataset's head version (or is left out
+        if it is new) and is listed in ``stats.busy``, and so does any file read this time that some
+        process held open for writing when the snapshot started or ended, or whose stat changed after
+        it was read (``/proc`` is scanned twice; ``open_at_start`` is a scan the caller just made,
+        `tessera.openfiles.open_for_writing`, used as the first). The daemon commits this way.
+
+        The tessera home is never committed: ``path`` being the home or inside it is a `UsageError`;
+        a ``path`` containing the home leaves it out (``stats.home_skipped``)."""
         check_dataset_name(name)
+        exclude = combined_exclude(path, exclude, excludes, ignore_file=ignore_file)
         if tag is not None:
             check_tag(tag)
         if meta is not None and not isinstance(meta, dict):
             raise UsageError("version metadata must be a JSON object")
+        check_not_home(path, self.home, "a commit source", allow_containing=True)
+        inner = home_below(path, self.home)
+        if inner is not None:
+            exclude = _excluding(inner, exclude)
         opts = SnapshotOptions(self.settings.chunk, self.settings.compression_level, self.settings.pack_target,
                                workers=workers, meta_for=meta_for, exclude=exclude,
                                previous=self._previous_records(name) if keep_busy else None)
+        if keep_busy:
+            opts.open_files = _open_for_writing
+            opts.open_at_start = open_at_start
         with self.store.writing():  # until the version is recorded: gc never sees its rows unreferenced
             snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
             version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
                                             message, meta or {}, author)
+        if inner is not None:
+            snap.stats.home_skipped = str(self.home)
         if tag is not None:
             self.catalog.set_tag(name, tag, version.hash)
+        record_worktree(self.catalog, path, name, version.hash, "commit", excludes=excludes)  # for `status`
         return CommitResult(version, created, snap.stats)
 
     def _previous_records(self, name: str) -> Callable[[str], FileRecord | None]:
@@ -309,8 +353,22 @@ class Repo:
     def diff(self, a: str, b: str) -> list[Change]:
         return diff_versions(self.get(a), self.get(b))
 
-    def export(self, ref: str, target: str | Path, *, force: bool = False, progress: Progress | None = None) -> int:
-        return export_version(self.get(ref), target, force=force, progress=progress)
+    def export(self, ref: str, target: str | Path, *, force: bool = False,
+               progress: Progress | None = None) -> CheckoutResult:
+        return export_version(self.catalog, self.get(ref), target, force=force, progress=progress)
+
+    def checkout(self, ref: str, target: str | Path, *, delete: bool = False,
+                 progress: Progress | None = None) -> CheckoutResult:
+        """Make ``target`` equal to version ``ref``, writing only what differs (resumable)."""
+        return checkout_version(self.catalog, self.get(ref), target, delete=delete, progress=progress)
+
+    def status(self, directory: str | Path) -> Comparison:
+        """What changed in ``directory`` since the version it was committed as or checked out from."""
+        return status_dir(self.catalog, directory, self.get)
+
+    def diff_dir(self, ref: str, directory: str | Path, *, dir_is_new: bool = True) -> Comparison:
+        """Changes from version ``ref`` to ``directory`` (or back, ``dir_is_new=False``)."""
+        return compare_dir(self.catalog, self.get(ref), directory, dir_is_new=dir_is_new)
 
     def verify(self, ref: str, target: str | Path, *, extra_ok: bool = False,
                progress: Progress | None = None) -> VerifyReport:
@@ -384,6 +442,10 @@ class Repo:
 
     # -- forgetting and reclaiming ----------------------------------------------------------------
 
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise read_only_error(self.home)
+
     def lifecycle_settings(self) -> ls.LifecycleSettings:
         return ls.lifecycle_settings(self.catalog)
 
@@ -395,6 +457,7 @@ class Repo:
                dry_run: bool = False, measure: bool = False) -> lifecycle.ForgetReport:
         """Forget versions of dataset ``name`` by restic's keep rules, or one ``version`` (a ref of it);
         the bytes go with the next `gc`. ``measure``: also say how many bytes a gc could then reclaim."""
+        self._require_writable()
         check_dataset_name(name)
         only = None
         if version is not None:
@@ -424,10 +487,12 @@ class Repo:
 
     def remove_dataset(self, name: str) -> tuple[int, int, int]:
         """Delete dataset ``name`` (history, tags, queued pushes); the bytes go with the next `gc`."""
+        self._require_writable()
         return lifecycle.remove_dataset(self.catalog, name, lifecycle.mounted_versions(self.home))
 
     def delete_tag(self, name: str, tag: str) -> str:
         """Delete tag ``name:tag``; returns the version hash it named."""
+        self._require_writable()
         check_dataset_name(name)
         if not self.catalog.dataset_head(name)[0]:
             raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
@@ -443,6 +508,7 @@ class Repo:
         """Reclaim space: delete what no kept version reaches, repack packs whose dead share passes
         ``repack_threshold`` (default: the ``gc.repack_threshold`` setting), remove crash garbage.
         ``lock_wait``: seconds to wait for a moment without commits before giving up."""
+        self._require_writable()
         threshold = self.lifecycle_settings().repack_threshold if repack_threshold is None else repack_threshold
         return reclaim.collect(self.catalog, self.store, self.roots, repack_threshold=threshold,
                                pack_target=self.settings.pack_target, dry_run=dry_run, lock_wait=lock_wait,
@@ -484,14 +550,29 @@ class Repo:
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.catalog.stats())
-        usage = self.reclaimable()
-        out["live_bytes"] = usage.live_bytes
-        out["reclaimable_bytes"] = usage.dead_bytes
+        usage = None if self.read_only else self.reclaimable()  # marking needs TEMP tables: a writable catalog
+        out["live_bytes"] = usage.live_bytes if usage is not None else None
+        out["reclaimable_bytes"] = usage.dead_bytes if usage is not None else None
         out["home"] = str(self.home)
         out["disk_bytes"] = sum(p.stat().st_size for p in self.home.rglob("*") if p.is_file())
         out["chunk_params"] = self.settings.chunk.to_dict()
         out["compression_level"] = self.settings.compression_level
         return out
+
+
+def _log_notice(msg: str) -> None:
+    logger.log(logging.WARNING if msg.startswith("warning:") else logging.INFO, "%s", msg)
+
+
+def _excluding(rel: str, exclude: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """``exclude`` that also leaves out ``rel`` (the home, below a committed directory)."""
+    return lambda path: path.rstrip("/") == rel or (exclude is not None and exclude(path))
+
+
+def _open_for_writing(root: str) -> set[str]:
+    from tessera.openfiles import open_for_writing
+
+    return open_for_writing([root], skip_self=False)
 
 
 def load_entry_meta(path: str | Path) -> MetaFor:

@@ -5,7 +5,9 @@ Three phases:
    which files must be read at all. Unchanged trees read no file bytes.
 2. ingest: worker threads (hashing, FastCDC, xxh3 and zstd all release the GIL) read each changed file
    once: SHA-256 of the whole file, chunk ids, and new chunks compressed into per-thread packs. A file
-   that changes while being read is read again (never captured torn).
+   that changes while being read is read again. With ``keep_busy`` (the daemon), a file some process
+   holds open for writing when the snapshot starts or ends, or whose stat changed after our read,
+   keeps its previous record: a writer paused between two `write()` calls is never captured torn.
 3. seal and record: packs are fsynced and indexed, then file rows, then trees are built bottom-up.
    The caller records the version; a crash anywhere leaves only unreferenced garbage.
 """
@@ -79,6 +81,7 @@ class SnapshotStats:
     dirs: int = 0
     symlinks: int = 0
     skipped: int = 0
+    excluded: int = 0  # entries left out by exclude rules (an excluded directory counts once)
     bytes_total: int = 0
     files_read: int = 0
     bytes_read: int = 0
@@ -86,6 +89,7 @@ class SnapshotStats:
     new_chunks: int = 0
     new_bytes_stored: int = 0
     busy: list[str] = field(default_factory=list)  # kept at their previous content (still being written)
+    home_skipped: str | None = None  # the tessera home, found inside the committed directory and left out
 
 
 @dataclass(slots=True)
@@ -107,7 +111,7 @@ class _Dir:
     links: list[Entry] = field(default_factory=list)
     dirs: list["_Dir"] = field(default_factory=list)
     all_cached: bool = True
-    excluded: bool = False  # something in this directory was excluded: its tree depends on the rules
+    excluded: bool = False  # something in or below this directory was excluded: its tree depends on the rules
 
 
 @dataclass
@@ -126,10 +130,16 @@ class SnapshotOptions:
     pack_target: int = DEFAULT_PACK_TARGET
     workers: int = 0
     meta_for: MetaFor | None = None
-    exclude: Callable[[str], bool] | None = None
+    exclude: Callable[[str], bool] | None = None  # relative path ("dir/" for a directory) -> leave out?
     # For a file that keeps changing while read: its previously committed record (None: leave it out).
     # When unset, such a file fails the commit with SourceError.
     previous: Callable[[str], FileRecord | None] | None = None
+    # keep_busy: the files below a directory that some process holds open for writing (`tessera.openfiles`).
+    # Asked when the snapshot starts (unless ``open_at_start`` already holds such a scan, made just
+    # before) and once all files are read; a file read this time that was open for writing either
+    # time, or whose stat changed after our read, is busy (its ``previous`` record, or left out).
+    open_files: Callable[[str], set[str]] | None = None
+    open_at_start: set[str] | None = None
 
 
 class Snapshotter:
@@ -160,8 +170,9 @@ class Snapshotter:
                 raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
             for d in items:
                 rel = f"{node.rel}/{d.name}" if node.rel else d.name
-                if self.opts.exclude and self.opts.exclude(rel):
-                    node.excluded = True
+                if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
+                    node.excluded = True  # directories are asked with a trailing "/", as in gitignore
+                    self.stats.excluded += 1
                     continue
                 try:
                     st = d.stat(follow_symlinks=False)
@@ -226,12 +237,32 @@ class Snapshotter:
             f.st = os.lstat(f.path)
         if self.opts.previous is None:
             raise SourceError(f"{f.path} kept changing while being read ({READ_RETRIES} tries)")
+        self._keep_previous(f, "kept changing while being read")
+
+    def _keep_previous(self, f: _File, why: str) -> None:
+        """keep_busy: ``f`` is not committed as read; it keeps its previous record (or is left out)."""
+        assert self.opts.previous is not None
         f.busy = True
         f.record = self.opts.previous(f.rel)
         with self._stats_lock:
             self.stats.busy.append(f.rel)
-        logger.warning("%s is still being written: %s", f.path,
+        logger.warning("%s is still being written (%s): %s", f.path, why,
                        "keeping its previous version" if f.record else "leaving it out of this version")
+
+    def _settle(self, root: Path, files: list[_File], opened: set[str]) -> None:
+        """keep_busy, once every file is read: a file that was open for writing when the snapshot
+        started or is now, or whose stat changed since our read, may hold a torn state: keep its
+        previous content. (Files that hit the stat cache were not read: their recorded content is one
+        that was read complete earlier and their stat says it is still on disk.)"""
+        assert self.opts.open_files is not None
+        opened = opened | self.opts.open_files(str(root))
+        for f in files:
+            if f.busy or f.record is None:
+                continue
+            if f.path in opened:
+                self._keep_previous(f, "open for writing")
+            elif _changed_since(f):
+                self._keep_previous(f, "changed after it was read")
 
     def _read_file(self, f: _File, packs: PackSet) -> tuple[FileRecord, bool]:
         try:
@@ -304,6 +335,7 @@ class Snapshotter:
         cached = self.catalog.dir_rows([d.path for d in all_dirs]) if use_cache else {}
         reusable: dict[str, tuple[str, int, int]] = {}
         for d in reversed(all_dirs):  # children before parents
+            d.excluded = d.excluded or any(c.excluded for c in d.dirs)  # an exclusion below counts too
             row = cached.get(d.path)
             if (row and d.all_cached and not d.excluded and all(c.rel in reusable for c in d.dirs)
                     and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
@@ -340,10 +372,15 @@ class Snapshotter:
     # -- entry point ------------------------------------------------------------------------------
 
     def run(self, root: Path) -> Snapshot:
+        opened: set[str] = set()
+        if self.opts.open_files is not None:
+            opened = self.opts.open_at_start if self.opts.open_at_start is not None else self.opts.open_files(str(root))
         top, to_read = self._walk(root)
         packs = PackSet(self.store, self.opts.pack_target)
         try:
             self._ingest_all(to_read, packs)
+            if self.opts.open_files is not None:
+                self._settle(root, to_read, opened)
             crash_point("before-seal")
             packs.finish()
         except BaseException:
@@ -371,6 +408,16 @@ class Snapshotter:
         with self.catalog.write():
             for parent, rows in by_dir.items():
                 self.catalog.put_stat_rows(parent, rows)
+
+
+def _changed_since(f: _File) -> bool:
+    """Is ``f`` (inode, size, mtime, ctime) no longer what our read of it ended with?"""
+    try:
+        st = os.lstat(f.path)
+    except OSError:
+        return True  # gone (or replaced by something unreadable) since we read it
+    return ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            != (f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns))
 
 
 def _batches(files: list[_File]) -> list[list[_File]]:

@@ -28,7 +28,7 @@ from typing import Iterator, NamedTuple
 
 from tessera.catalog import Catalog
 from tessera.config import DEFAULT_PACK_TARGET
-from tessera.errors import CorruptData, TesseraError, raise_os_error
+from tessera.errors import CorruptData, ReadOnlyHome, TesseraError, raise_os_error
 from tessera.faults import crash_point
 from tessera.format.compress import decompress
 from tessera.format.pack import KIND_CHUNK, BlobInfo, PackBuilder, Piece, iter_blobs
@@ -213,13 +213,15 @@ class PackSet:
 
 
 class Store:
-    def __init__(self, home: Path, catalog: Catalog) -> None:
+    def __init__(self, home: Path, catalog: Catalog, *, read_only: bool = False) -> None:
         self.home = home
         self.catalog = catalog
         self.pack_dir = home / "packs"
         self.tmp_dir = home / "tmp"
-        self.pack_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only  # a read-only home: nothing is created, `writing` refuses
+        if not read_only:
+            self.pack_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, PackHandle] = {}
         self._retired: deque[PackHandle] = deque(maxlen=MAX_PACK_FDS)
         self._fd_lock = threading.Lock()
@@ -228,6 +230,9 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Held (shared) by every writer of packs; `gc` takes it exclusively, so it never deletes a
         temporary or not-yet-indexed pack of a running commit or pull."""
+        if self.read_only:
+            raise ReadOnlyHome(f"tessera home {self.home} is read-only (a read-only file system or no write "
+                               "permission): only reading commands work here")
         with self._lock_file(fcntl.LOCK_SH):
             yield
 

@@ -58,3 +58,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None =
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# -- check-logs (s3ql's habit): a test fails on a tessera WARNING or ERROR it did not declare ---------------
+
+@pytest.fixture(autouse=True)
+def check_logs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):
+    """Fail the test when code in this process logged a tessera WARNING or worse that the test did not
+    declare with ``@pytest.mark.allow_logs("regex", ...)``: an unexpected warning is a bug or a test gap."""
+    import logging
+    import re
+
+    caplog.set_level(logging.WARNING, logger="tessera")
+    yield
+    allowed = [re.compile(p) for m in request.node.iter_markers("allow_logs") for p in m.args]
+    unexpected = [f"{r.levelname} {r.name}: {r.getMessage()}" for phase in ("setup", "call")
+                  for r in caplog.get_records(phase)  # type: ignore[arg-type]
+                  if r.levelno >= logging.WARNING and r.name.startswith("tessera")
+                  and not any(p.search(r.getMessage()) for p in allowed)]
+    if unexpected:
+        pytest.fail("unexpected log records (declare them with @pytest.mark.allow_logs):\n" + "\n".join(unexpected),
+                    pytrace=False)

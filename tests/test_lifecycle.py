@@ -2,7 +2,14 @@
 (mark, sweep, repack), `du` and `stats`, with real files; SIGKILL of gc at named failpoints and at random
 moments; gc while commits go on.
 
-Remote forgetting and pruning are in test_prune.py; a mount during gc in test_fuse_lifecycle.py.
+Remote forgetting and pruning are in test_prune.py; mounts (FUSE and kernel) during gc in
+test_fuse_lifecycle.py.
+
+Cost: commands whose process boundary matters (SIGKILL, concurrent writers, the daemon, `run`) run as
+real processes; the rest run `tessera.cli.main` in this process (`tess`), which prints and exits exactly
+as the console script does, without an interpreter start per call. The soak sizes of the acceptance
+criteria (>= 30 random kills, 50 daemon changes) run with TESSERA_SOAK=1 (`make bench` does it,
+tests/bench/bench_lifecycle.py); `make test` runs the same tests smaller.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import tessera_main
 from trees import make_small_files, tree_digest, write_random
 
 import tessera
@@ -26,15 +34,22 @@ from tessera.config import RepoSettings
 from tessera.retention import Candidate, KeepPolicy, apply_policy, parse_duration
 
 PACK = 1 << 20  # 1 MiB packs: small trees still span many packs
+SOAK = os.environ.get("TESSERA_SOAK") == "1"
 
 
 def env(home: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "TESSERA_HOME": str(home), **extra}
 
 
-def tess(home: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def tess_proc(home: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """The real `tessera` console script, in its own process."""
     return subprocess.run(["tessera", *args], capture_output=True, text=True, env=env(home, **extra),
                           stdin=subprocess.DEVNULL, timeout=300)
+
+
+def tess(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tessera ARGS` in this process (tests/inprocess.py)."""
+    return tessera_main(home, *args)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -73,8 +88,8 @@ def changing_tree(src: Path, step: int, *, base: bool = True) -> None:
     """Step ``step`` of a tree that changes: a fixed part, a part rewritten every step, a file added."""
     if base and not (src / "base").exists():
         make_small_files(src / "base", 40, 2000, 30000, seed=99)
-        write_random(src / "base" / "big.bin", 2 << 20, 98)
-    write_random(src / "changing.bin", 1536 * 1024, 1000 + step)
+        write_random(src / "base" / "big.bin", 1 << 20, 98)
+    write_random(src / "changing.bin", 1 << 20, 1000 + step)
     (src / "counter.txt").write_text(f"{step}\n")
     make_small_files(src / f"step{step:02d}", 5, 1000, 20000, seed=step)
     old = src / f"step{step - 3:02d}"
@@ -232,6 +247,60 @@ def test_queued_pushes_are_kept(tmp_path: Path) -> None:
     assert out["forgotten"] == 1
 
 
+def test_forget_rm_and_gc_drop_the_worktree_records_of_what_they_remove(tmp_path: Path) -> None:
+    """`status DIR` of a directory exported from a version that was then forgotten says the directory has
+    no record (rather than failing to read a version that is gone); rm drops a dataset's records."""
+    from tessera.catalog.worktree_state import worktree
+
+    home = make_home(tmp_path / "home")
+    src = tmp_path / "src"
+    with tessera.Repo(home) as r:
+        changing_tree(src, 0, base=False)
+        old = r.commit("ds", src).ref
+        changing_tree(src, 1, base=False)
+        r.commit("ds", src)
+        r.export(old, tmp_path / "out")
+        other = r.commit("other", tmp_path / "out").ref  # the same tree: the version is shared
+        r.export(old, tmp_path / "out2")
+        assert worktree(r.catalog, tmp_path / "out") is not None
+    ok(tess(home, "status", str(tmp_path / "out2")))
+    ok(tess(home, "forget", old))
+    one_line_error(tess(home, "status", str(tmp_path / "out2")), "has no recorded version")
+    with tessera.Repo(home) as r:
+        rec = worktree(r.catalog, tmp_path / "out")  # recorded as `other` by its commit: still there
+        assert rec is not None and rec.ref == other and worktree(r.catalog, src) is not None
+    ok(tess(home, "rm", "ds", "--yes"))
+    with tessera.Repo(home) as r:
+        assert worktree(r.catalog, src) is None and worktree(r.catalog, tmp_path / "out") is not None
+        with r.catalog.write() as c:
+            c.execute("INSERT INTO worktrees VALUES (?, 'ds', ?, 'export', 0, 1, '[]')",
+                      (str(tmp_path / "gone"), "ab" * 32))
+            c.execute("INSERT INTO trees VALUES (?, ?)", ("ab" * 32, b'{"entries": []}'))
+        report = r.gc()
+        assert report.swept.worktree_rows == 1 and worktree(r.catalog, tmp_path / "gone") is None
+
+
+def test_only_active_mounts_are_roots(tmp_path: Path) -> None:
+    """The mount registry keeps a version while its mount is active: a FUSE record while its server
+    lives, a kernel record while its overlay is mounted or its mounting process works (pid 0 once
+    mounted). Stale records (dead server, a kernel mount unmounted by hand) keep nothing."""
+    from tessera.lifecycle import mounted_versions
+    from tessera.mounting import MountRecord, write_record
+
+    home = make_home(tmp_path / "home")
+    live = MountRecord("ds@" + "1" * 64, "1" * 64, str(tmp_path / "m1"), os.getpid(), time.time(), str(home))
+    materializing = MountRecord("ds@" + "2" * 64, "2" * 64, str(tmp_path / "m2"), os.getpid(), time.time(),
+                                str(home), kind="kernel")
+    unmounted = MountRecord("ds@" + "3" * 64, "3" * 64, str(tmp_path / "m3"), 0, time.time(), str(home),
+                            kind="kernel")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = MountRecord("ds@" + "4" * 64, "4" * 64, str(tmp_path / "m4"), dead.pid, time.time(), str(home))
+    for rec in (live, materializing, unmounted, gone):
+        write_record(rec)
+    assert mounted_versions(home) == {"1" * 64: [live.mountpoint], "2" * 64: [materializing.mountpoint]}
+
+
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     home = make_home(tmp_path / "home")
     src = tmp_path / "src"
@@ -340,7 +409,7 @@ GC_POINTS = ["gc-after-mark", "before-pack-rename", "after-pack-rename", "repack
 def test_sigkill_gc_at_each_failpoint(point: str, forgotten_home: tuple[Path, list[str], Path], tmp_path: Path) -> None:
     pristine, kept, _ = forgotten_home
     home = fresh_copy(pristine, tmp_path / "home")
-    proc = tess(home, "gc", "--repack-threshold", "5%", TESSERA_CRASH_AT=point)
+    proc = tess_proc(home, "gc", "--repack-threshold", "5%", TESSERA_CRASH_AT=point)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
     assert_sound_then_finish(home, tmp_path, kept)
 
@@ -353,7 +422,8 @@ def test_sigkill_gc_at_random_moments(forgotten_home: tuple[Path, list[str], Pat
     span = time.monotonic() - t0
     rng = random.Random(1234)
     killed = 0
-    for i in range(32):
+    kills = 32 if SOAK else 6  # the acceptance's >= 30 with TESSERA_SOAK=1 (`make bench`)
+    for i in range(kills):
         home = fresh_copy(pristine, tmp_path / "home")
         p = subprocess.Popen(["tessera", "gc", "--repack-threshold", "5%"], env=env(home), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
@@ -364,7 +434,7 @@ def test_sigkill_gc_at_random_moments(forgotten_home: tuple[Path, list[str], Pat
         verify_all(home, tmp_path, kept)
         if i % 4 == 0:  # a re-run finishes the job (checked on every fourth kill to keep the test short)
             assert_sound_then_finish(home, tmp_path, kept)
-    assert killed >= 16, killed  # most kills land while gc runs
+    assert killed >= kills // 2, killed  # most kills land while gc runs
 
 
 def test_gc_while_commits_go_on(tmp_path: Path) -> None:
@@ -372,8 +442,8 @@ def test_gc_while_commits_go_on(tmp_path: Path) -> None:
     processes: at the end the store is sound and every kept version reads back."""
     home = make_home(tmp_path / "home")
     src = tmp_path / "src"
-    changing_tree(src, 0)
-    ok(tess(home, "commit", "ds", str(src)))
+    changing_tree(src, 0, base=False)
+    ok(tess_proc(home, "commit", "ds", str(src)))
     stop = threading.Event()
     errors: list[str] = []
     commits = 0
@@ -382,8 +452,8 @@ def test_gc_while_commits_go_on(tmp_path: Path) -> None:
         nonlocal commits
         step = 1
         while not stop.is_set():
-            changing_tree(src, step)
-            proc = tess(home, "commit", "ds", str(src))
+            changing_tree(src, step, base=False)
+            proc = tess_proc(home, "commit", "ds", str(src))
             if proc.returncode != 0:
                 errors.append(proc.stderr)
             commits += 1
@@ -392,10 +462,12 @@ def test_gc_while_commits_go_on(tmp_path: Path) -> None:
     t = threading.Thread(target=writer)
     t.start()
     try:
-        for _ in range(5):
-            ok(tess(home, "forget", "ds", "--keep-last", "2"))
+        rounds, deadline = 0, time.monotonic() + 120
+        while (rounds < (5 if SOAK else 3) or commits < 3) and time.monotonic() < deadline:
+            ok(tess(home, "forget", "ds", "--keep-last", "2"))  # (this process, against commit processes)
             proc = tess(home, "gc", "--repack-threshold", "10%")
             assert proc.returncode == 0 or "another tessera process is writing" in proc.stderr, proc.stderr
+            rounds += 1
     finally:
         stop.set()
         t.join(120)
@@ -403,15 +475,15 @@ def test_gc_while_commits_go_on(tmp_path: Path) -> None:
     assert commits >= 3
     ok(tess(home, "gc"))
     fsck_clean(home)
-    refs = [f"ds@{e['hash']}" for e in json.loads(ok(tess(home, "log", "ds", "--json")))]
+    refs = [f"ds@{e['hash']}" for e in json.loads(ok(tess_proc(home, "log", "ds", "--json")))]
     verify_all(home, tmp_path, refs)
 
 
 # -- retention that runs itself ---------------------------------------------------------------------------
 
 def test_daemon_keep_last_five_over_fifty_changes(tmp_path: Path) -> None:
-    """A watch with keep_last = 5 over 50 changes: at most 5 versions (+ the head) remain, and the
-    background reclaim keeps the store bounded."""
+    """A watch with keep_last = 5 over 50 changes (12 without TESSERA_SOAK=1): at most 5 versions (+ the
+    head) remain, and the background reclaim keeps the store bounded."""
     from test_daemon import DaemonProc, wait_for, write_config
 
     from tessera.catalog import daemon_state as ds
@@ -433,7 +505,7 @@ def test_daemon_keep_last_five_over_fifty_changes(tmp_path: Path) -> None:
     try:
         seen = wait_for(last_version, 30)
         assert seen
-        for i in range(50):
+        for i in range(50 if SOAK else 12):
             write_random(watched / "data.bin", change, 1000 + i)
             new = wait_for(lambda: (v := last_version()) != seen and v, 30)
             assert new, f"change {i} was not committed: {daemon.text()[-2000:]}"
@@ -446,7 +518,7 @@ def test_daemon_keep_last_five_over_fifty_changes(tmp_path: Path) -> None:
             return pack_bytes(home) <= bound
 
         assert wait_for(small_enough, 60), (pack_bytes(home), bound, daemon.text()[-3000:])
-        assert "background reclaim freed" in daemon.text()
+        assert wait_for(lambda: "background reclaim freed" in daemon.text(), 60), daemon.text()[-3000:]
     finally:
         assert daemon.stop() == 0
     fsck_clean(home)
@@ -465,16 +537,16 @@ def test_run_capture_keep_last(tmp_path: Path) -> None:
     script.write_text(
         "import os, time\n"
         "os.makedirs('ckpt', exist_ok=True)\n"
-        "for i in range(8):\n"
+        "for i in range(6):\n"
         "    with open('ckpt/model.tmp', 'wb') as f:\n"
         "        f.write(os.urandom(300_000))\n"
         "    os.replace('ckpt/model.tmp', 'ckpt/model.bin')\n"
-        "    time.sleep(0.6)\n")
-    proc = subprocess.run(["tessera", "run", "--capture", "ckpt:run-1", "--every", "0.5", "--keep-last", "2", "--",
+        "    time.sleep(0.4)\n")
+    proc = subprocess.run(["tessera", "run", "--capture", "ckpt:run-1", "--every", "0.3", "--keep-last", "2", "--",
                            sys.executable, str(script)], cwd=work, capture_output=True, text=True, env=env(home),
                           stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("captured run-1@") >= 4, proc.stderr
+    assert proc.stderr.count("captured run-1@") >= 3, proc.stderr
     log = json.loads(ok(tess(home, "log", "run-1", "--json")))
     assert 1 <= len(log) <= 2 and log[0]["meta"]["capture"]["final"] is True
     assert pack_bytes(home) <= 4 * 300_000 + PACK  # the forgotten checkpoints were reclaimed

@@ -123,17 +123,12 @@ def test_recommit_of_unchanged_tree_reads_nothing(repo: tessera.Repo, tmp_path: 
     src = make_small_files(tmp_path / "src", 20_000, 1024, 8192, seed=8)
     t0 = time.perf_counter()
     first = repo.commit_dir("d", src)
-    t_first = time.perf_counter() - t0
-    t_again = float("inf")
-    for _ in range(3):  # best of three: the cost of the code, not of a noisy neighbour
-        t0 = time.perf_counter()
-        again = repo.commit_dir("d", src)
-        t_again = min(t_again, time.perf_counter() - t0)
+    again = repo.commit_dir("d", src)
+    # the counters prove it reads nothing; how fast that is belongs to `make bench` (bench_commit)
     assert first.stats.files_read == 20_000
     assert again.stats.files_read == 0 and again.stats.bytes_read == 0
     assert again.stats.stat_cache_hits == 20_000
     assert not again.created
-    assert t_again < 0.10 * t_first, (t_again, t_first)
 
 
 def test_stat_cache_notices_a_rewrite(repo: tessera.Repo, tmp_path: Path) -> None:
@@ -274,6 +269,7 @@ def test_diff(repo: tessera.Repo, tmp_path: Path) -> None:
     assert changes == [("removed", "gone.txt"), ("modified", "mod.txt"), ("added", "new/n.txt")]
 
 
+@pytest.mark.allow_logs("not a regular file, directory or symlink")
 def test_special_files_are_skipped(repo: tessera.Repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -343,6 +339,7 @@ def test_directory_cache_respects_changing_excludes(repo: tessera.Repo, tmp_path
     assert [e.path for e in v3.walk()] == ["a/skip.tmp"]
 
 
+@pytest.mark.allow_logs("is still being written")
 def test_keep_busy_keeps_previous_content_of_a_file_being_written(repo: tessera.Repo, tmp_path: Path) -> None:
     import threading
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,23 +42,24 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
     return lines[-1]
 
 
-# A child's ru_maxrss starts at its parent's peak RSS (the memory it was forked or vforked from is counted
-# until exec), so a long pytest session would inflate it: a small launcher starts `tessera` and reports.
-_LAUNCHER = ("import os, subprocess, sys\n"
-             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)\n"
-             "_, status, usage = os.wait4(p.pid, 0)\n"
-             "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+# Runs a command and reports its peak RSS. It must be the command's parent: a process forked from this
+# (big) pytest process inherits its high-water mark through exec, a grandchild of a small one does not.
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print('maxrss', usage.ru_maxrss, file=sys.stderr)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
 
 def run_measured(args: list[str], home: Path) -> tuple[int, str, int, float]:
-    """Run `tessera ARGS`: (exit code, stderr, peak RSS in KiB, seconds) of that one process."""
-    import sys
-
+    """Run `tessera ARGS`: (exit code, its stderr, its peak RSS in KiB, seconds)."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, "tessera", *args], capture_output=True, text=True,
-                          env={**os.environ, **env(home)}, stdin=subprocess.DEVNULL)
-    code, rss = (int(x) for x in proc.stdout.split())
-    return code, proc.stderr, rss, time.monotonic() - start
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, shutil.which("tessera") or "tessera", *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **env(home)}, stdin=subprocess.DEVNULL, timeout=300)
+    *err, last = proc.stderr.strip().splitlines()
+    assert last.startswith("maxrss "), proc.stderr
+    return proc.returncode, "\n".join(err), int(last.split()[1]), time.monotonic() - start
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -14,11 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import quote
 
 from sqlite_utils import Database
 
 from tessera.catalog.schema import SCHEMA_VERSION, migrations
-from tessera.errors import SchemaTooNew, TesseraError
+from tessera.errors import ReadOnlyHome, SchemaTooNew, TesseraError
 from tessera.format.pack import BlobInfo
 from tessera.model import ChunkLocation, FileRecord, HistoryEntry
 
@@ -75,19 +77,55 @@ def _chunks(seq: Sequence[Any], n: int = _BATCH) -> Iterator[Sequence[Any]]:
 _CHUNK_COLS = "id, pack, offset, stored_len, raw_len, codec"
 
 
+def db_name(name: str) -> str | bytes:
+    """How a file or directory name is stored in the stat and directory caches: as TEXT when it is
+    valid UTF-8 (always so far), else as a BLOB of its bytes (`os.fsencode` of a surrogate-escaped
+    name). TEXT and BLOB never compare equal in SQLite, so lookups use the same conversion."""
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+
+
+def name_of(value: str | bytes) -> str:
+    """The inverse of `db_name`."""
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def _connect_read_only(path: Path, timeout: float) -> sqlite3.Connection:
+    """Open an existing catalog without writing anything. ``immutable=1`` when the directory cannot
+    hold the WAL index (-shm) and none exists: SQLite then reads the database file as is (a home made
+    read-only after its last writer closed it has no WAL content left)."""
+    query = "mode=ro"
+    shm = path.with_name(path.name + "-shm")
+    if not os.access(path.parent, os.W_OK) and not shm.exists():
+        query += "&immutable=1"
+    uri = f"file:{quote(os.fsencode(path))}?{query}"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+
+
 class Catalog:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False, timeout: float = BUSY_TIMEOUT_S) -> None:
+        """``read_only``: open an existing catalog for reading only (`write` raises `ReadOnlyHome`).
+        ``timeout``: seconds to wait for a lock another process holds."""
         self.path = Path(path)
+        self.read_only = read_only
         self._lock = threading.RLock()
-        conn = sqlite3.connect(
-            str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if read_only:
+                conn = _connect_read_only(self.path, timeout)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:
+                conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
             raise TesseraError(f"catalog {self.path} is not a usable SQLite database: {exc}") from None
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        if not read_only:
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys=OFF")
         self.conn = conn
         self.db = Database(conn)
@@ -97,6 +135,7 @@ class Catalog:
 
     def _migrate(self) -> None:
         with self._lock:
+            found = None
             if "settings" in self.db.table_names():
                 found = self._setting_unlocked("schema_version")
                 if found is not None and int(found) > SCHEMA_VERSION:
@@ -104,6 +143,11 @@ class Catalog:
                         f"catalog {self.path} has schema version {found}, this tessera knows up to "
                         f"{SCHEMA_VERSION}: upgrade tessera"
                     )
+            if self.read_only:
+                if found is None or int(found) < SCHEMA_VERSION:
+                    raise ReadOnlyHome(f"catalog {self.path} needs an upgrade to schema version {SCHEMA_VERSION}, "
+                                       "but its home is read-only: open it once where it can be written")
+                return
             if not migrations.pending(self.db):
                 return
             migrations.apply(self.db)
@@ -119,6 +163,9 @@ class Catalog:
             if self.conn.in_transaction:
                 yield self.conn
                 return
+            if self.read_only:
+                raise ReadOnlyHome(f"tessera home {self.path.parent} is read-only (a read-only file system or no "
+                                   "write permission): only reading commands work here")
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
@@ -136,9 +183,6 @@ class Catalog:
         with self._lock:
             row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
             return row
-
-    _all = query
-    _one = query_one
 
     def select_in(self, sql: str, values: Sequence[Any], params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` whose ``{in}`` placeholder stands for ``IN (?, ...)`` over ``values``, asked
@@ -440,33 +484,39 @@ class Catalog:
     def stat_keys(self, directory: str) -> dict[str, tuple[tuple[int, int, int, int, int], str]]:
         """The stat cache of one directory as name -> ((dev, ino, size, mtime_ns, ctime_ns), file id),
         only rows whose file record still exists. Tuples, not dataclasses: this is the recommit hot path."""
-        rows = self._all(
+        rows = self.query(
             "SELECT s.name, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.file_id FROM stat_cache s"
             " JOIN files f ON f.id = s.file_id WHERE s.dir = ?",
-            (directory,),
+            (db_name(directory),),
         )
-        return {r[0]: (r[1:6], r[6]) for r in rows}
+        return {(r[0] if type(r[0]) is str else name_of(r[0])): (r[1:6], r[6]) for r in rows}  # hot: no call per row
 
     def dir_rows(self, paths: Sequence[str]) -> dict[str, DirRow]:
         out: dict[str, DirRow] = {}
-        for part in _chunks(list(paths)):
+        for part in _chunks([db_name(p) for p in paths]):
             q = ",".join("?" * len(part))
-            for r in self._all(
+            for r in self.query(
                 "SELECT d.path, d.dev, d.ino, d.mtime_ns, d.ctime_ns, d.tree_id, d.size, d.files FROM dir_cache d"
                 f" JOIN trees t ON t.id = d.tree_id WHERE d.path IN ({q})", part
             ):
-                out[r[0]] = DirRow(*r)
+                out[name_of(r[0])] = DirRow(name_of(r[0]), *r[1:])
         return out
 
     def put_dir_rows(self, rows: Iterable[DirRow]) -> None:
+        """Caches are optional: a read-only home keeps none (nor a stat cache, nor worktree records)."""
+        if self.read_only:
+            return
         with self.write() as c:
             c.executemany("INSERT OR REPLACE INTO dir_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                          ((r.path, r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
+                          ((db_name(r.path), r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
                            for r in rows))
 
     def put_stat_rows(self, directory: str, rows: Iterable[StatRow]) -> None:
+        if self.read_only:
+            return
+        d = db_name(directory)
         with self.write() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((directory, r.name, r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.file_id) for r in rows),
+                ((d, db_name(r.name), r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.file_id) for r in rows),
             )

@@ -141,8 +141,9 @@ def queued_pushes(catalog: Catalog) -> dict[tuple[str, str], list[str]]:
 
 def forget_versions(catalog: Catalog, dataset: str, hashes: Iterable[str], max_seq: int) -> int:
     """Delete the history entries of ``dataset`` recording these versions (only entries up to ``max_seq``:
-    one recorded since the plan was made stays), and every version no history entry records any more.
-    One transaction; returns the entries deleted."""
+    one recorded since the plan was made stays), every version no history entry records any more, and
+    the worktree records naming a forgotten version of ``dataset``. One transaction; returns the entries
+    deleted."""
     wanted = list(dict.fromkeys(hashes))
     deleted = 0
     with catalog.write() as c:
@@ -152,18 +153,21 @@ def forget_versions(catalog: Catalog, dataset: str, hashes: Iterable[str], max_s
                             (dataset, max_seq, *part))
             deleted += cur.rowcount
             c.execute(f"DELETE FROM versions WHERE hash IN ({q}) AND hash NOT IN (SELECT hash FROM history)", part)
+            c.execute(f"DELETE FROM worktrees WHERE dataset = ? AND hash IN ({q})"
+                      " AND hash NOT IN (SELECT hash FROM history WHERE dataset = ?)", (dataset, *part, dataset))
     return deleted
 
 
 def remove_dataset(catalog: Catalog, dataset: str) -> tuple[int, int, int]:
-    """Delete a dataset: its row, history, tags and queued pushes, and the versions no other dataset
-    records. Returns (history entries, tags, queued pushes) deleted."""
+    """Delete a dataset: its row, history, tags, queued pushes and worktree records, and the versions no
+    other dataset records. Returns (history entries, tags, queued pushes) deleted."""
     with catalog.write() as c:
         hashes = [r[0] for r in c.execute("SELECT DISTINCT hash FROM history WHERE dataset = ?", (dataset,))]
         entries = c.execute("DELETE FROM history WHERE dataset = ?", (dataset,)).rowcount
         tags = c.execute("DELETE FROM tags WHERE dataset = ?", (dataset,)).rowcount
         queued = c.execute("DELETE FROM push_queue WHERE dataset = ?", (dataset,)).rowcount
         c.execute("DELETE FROM watch_status WHERE dataset = ?", (dataset,))
+        c.execute("DELETE FROM worktrees WHERE dataset = ?", (dataset,))
         c.execute("DELETE FROM datasets WHERE name = ?", (dataset,))
         c.execute("DELETE FROM settings WHERE key = ?", (f"remote.problem.{dataset}",))
         for part in _parts(hashes):
@@ -199,6 +203,7 @@ class SweepCounts:
     packs: int = 0
     stat_rows: int = 0
     dir_rows: int = 0
+    worktree_rows: int = 0  # records of directories checked out from (or committed as) a removed version
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,10 @@ class Marks:
             " ON l.id = c.id WHERE c.pack = ? ORDER BY c.offset", (pack,))
         return [(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
 
+    def marked_files(self, ids: Sequence[str]) -> set[str]:
+        """Of the file ids ``ids``, those marked."""
+        return {r[0] for r in self.catalog.select_in("SELECT id FROM temp.gc_files WHERE id {in}", ids)}
+
     def dead_counts(self) -> SweepCounts:
         """What `sweep` would delete now."""
         row = self.catalog.query_one(
@@ -311,9 +320,13 @@ class Marks:
     def sweep(self) -> SweepCounts:
         """Delete, in one transaction, every tree, file record and chunk row not marked, every pack row
         left without a chunk, and the stat-cache / directory-cache rows pointing at what went (the next
-        commit must not reuse a file or tree whose bytes are gone)."""
+        commit must not reuse a file or tree whose bytes are gone), and the worktree records naming a
+        version whose root tree went (`tessera status DIR` then says the directory has no record)."""
         out = SweepCounts()
         with self.catalog.write() as c:
+            out.worktree_rows = c.execute(
+                "DELETE FROM worktrees WHERE hash IN (SELECT id FROM trees WHERE id NOT IN (SELECT id FROM temp.gc_trees))"
+            ).rowcount
             out.trees = c.execute("DELETE FROM trees WHERE id NOT IN (SELECT id FROM temp.gc_trees)").rowcount
             out.files = c.execute("DELETE FROM files WHERE id NOT IN (SELECT id FROM temp.gc_files)").rowcount
             out.chunks = c.execute("DELETE FROM chunks WHERE id NOT IN (SELECT id FROM temp.gc_chunks)").rowcount
@@ -345,6 +358,22 @@ def move_chunks(catalog: Catalog, new_pack: str, size: int, blobs: Sequence[Blob
             c.execute(f"DELETE FROM packs WHERE id IN ({q}) AND NOT EXISTS"
                       " (SELECT 1 FROM chunks c WHERE c.pack = packs.id)", part)
     return moved
+
+
+def known_files(catalog: Catalog, ids: Sequence[str]) -> set[str]:
+    """Of the file ids (SHA-256) ``ids``, those the catalog has a record of."""
+    return {r[0] for r in catalog.select_in("SELECT id FROM files WHERE id {in}", ids)}
+
+
+def chunk_stored_sizes(catalog: Catalog) -> dict[bytes, int]:
+    """Chunk id -> stored bytes, for every chunk of the catalog (`tessera du`)."""
+    return {bytes(r[0]): int(r[1]) for r in catalog.query("SELECT id, stored_len FROM chunks")}
+
+
+def local_pack_bytes(catalog: Catalog) -> int:
+    """Bytes of the packs held in this home."""
+    row = catalog.query_one("SELECT coalesce(sum(size), 0) FROM packs WHERE local = 1")
+    return int(row[0]) if row else 0
 
 
 def pack_ids(catalog: Catalog) -> set[str]:

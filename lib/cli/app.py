@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 class LazyGroup(click.Group):
     """Imports the command modules only when a command is looked up (keeps --help fast)."""
 
-    modules = ("tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote", "tessera.cli.daemon",
-               "tessera.cli.lifecycle")
+    modules = ("tessera.cli.core", "tessera.cli.worktree", "tessera.cli.mount", "tessera.cli.cache",
+               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.lifecycle", "tessera.cli.help")
     _loaded = False
 
     def _load(self) -> None:
@@ -44,7 +45,7 @@ class LazyGroup(click.Group):
 @click.option("--home", envvar="TESSERA_HOME", type=click.Path(file_okay=False),
               help="Repository home (default: $TESSERA_HOME or ~/.tessera).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-@click.version_option(package_name="tessera", prog_name="tessera")
+@click.version_option(None, "-V", "--version", package_name="tessera", prog_name="tessera")
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     """tessera: versioned datasets for machine learning.
@@ -56,6 +57,12 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     Refs:  NAME          latest version of a dataset
            NAME@3f2a9c   any unique hash prefix (>= 6 hex characters)
            NAME:TAG      a tag set with `tessera tag`
+
+    \b
+    Examples:
+      tessera commit coco ./data -m "first cut"
+      tessera log
+      tessera help quickstart
     """
     import logging
 
@@ -64,14 +71,16 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     ctx.obj = {"home": home}
 
 
-def open_repo(ctx: click.Context | None = None) -> "Repo":
+def open_repo(ctx: click.Context | None = None, *, create: bool = False) -> "Repo":
+    """The home's `Repo`. Only commands that write pass ``create=True``: a read command pointed at a
+    home that does not exist fails with `NoHome` and creates nothing."""
     from tessera.repo import Repo
 
     ctx = ctx or click.get_current_context()
     root = ctx.find_root()
     cached = root.obj.get("repo") if root.obj else None
     if cached is None:
-        cached = Repo(root.obj.get("home") if root.obj else None)
+        cached = Repo(root.obj.get("home") if root.obj else None, create=create)
         cached.notice = lambda msg: click.echo(f"tessera: {msg}", err=True)
         root.obj["repo"] = cached
         root.call_on_close(cached.close)
@@ -84,8 +93,33 @@ def progress_bar() -> Any:
     return terminal_progress()
 
 
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False))
+    """JSON on stdout, UTF-8. A name that is not valid UTF-8 (held as surrogate escapes) is written as
+    ``\\udcXX`` escapes, as in tree objects: the output stays valid UTF-8 and `json.loads` gives the name back."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+    click.echo(_LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON on stdout).")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``plural(1, "file")`` -> "1 file", ``plural(2, "file")`` -> "2 files"."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def human_rate(nbytes: float, seconds: float) -> str:
+    """Bytes and time as "12.0 MiB in 0.50 s (24.0 MiB/s)"."""
+    rate = f" ({human_size(nbytes / seconds)}/s)" if seconds > 0 and nbytes else ""
+    return f"{human_size(nbytes)} in {seconds:.2f} s{rate}"
+
+
+def note(message: str) -> None:
+    """A message for people (stderr): notices like "no datasets", warnings, summaries."""
+    click.echo(message, err=True)
 
 
 def human_size(n: float) -> str:

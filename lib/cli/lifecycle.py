@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import click
 
-from tessera.cli.app import cli, emit_json, human_size, human_time, open_repo, progress_bar
+from tessera.cli.app import cli, emit_json, human_size, human_time, json_option, note, open_repo, plural, progress_bar
+from tessera.cli.complete import complete_dataset, complete_ref
 
 
 def _policy(last: int, hourly: int, daily: int, weekly: int, monthly: int, yearly: int, within: str | None,
@@ -32,7 +34,7 @@ _count = click.IntRange(min=0)
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.option("--keep-last", "last", type=_count, default=0, metavar="N", help="Keep the N newest versions.")
 @click.option("--keep-hourly", "hourly", type=_count, default=0, metavar="N",
               help="Keep the newest version of each of the last N hours that have one.")
@@ -47,24 +49,26 @@ _count = click.IntRange(min=0)
 @click.option("--keep-within", "within", metavar="DURATION",
               help="Keep every version at most DURATION older than the newest (90m, 12h, 30d, 2w, 1y).")
 @click.option("--keep-tag", "tags", multiple=True, metavar="TAG", help="Keep versions with this tag (repeatable).")
-@click.option("-n", "--dry-run", is_flag=True, help="Show what would be forgotten and the bytes a gc would then free.")
+@click.option("--dry-run", is_flag=True, help="Show what would be forgotten and the bytes a gc would then free.")
 @click.option("-r", "--remote", "remote_name", metavar="REMOTE",
               help="Forget on this remote instead (tombstones every home honours; `tessera prune` deletes the data).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def forget(ref: str, last: int, hourly: int, daily: int, weekly: int, monthly: int, yearly: int, within: str | None,
            tags: tuple[str, ...], dry_run: bool, remote_name: str | None, as_json: bool) -> None:
-    """Forget versions of dataset NAME by keep rules (restic's), or one version NAME@HASH.
+    """Forget versions of NAME by keep rules, or one version NAME@HASH.
+
+    The keep rules are restic's. A version is kept if any rule keeps it. Always kept, whatever the
+    rules: the dataset's head, tagged versions, versions a mount of this home serves (FUSE or kernel
+    path) and versions waiting to be pushed (on a remote: its newest version and tagged ones); the
+    output says which rule kept each. Forgetting deletes history entries only; `tessera gc` (or
+    `tessera prune --remote`) reclaims the bytes.
 
     \b
-    tessera forget coco --keep-last 3 --keep-daily 7     # and `tessera gc` frees the bytes
-    tessera forget coco@3f2a9c                           # one version
-    tessera forget coco --keep-within 30d --dry-run      # what would go, bytes freed
-    tessera forget --remote origin coco --keep-last 10   # on a shared remote (then `tessera prune`)
-
-    A version is kept if any rule keeps it. Always kept, whatever the rules: the dataset's head, tagged
-    versions, versions a mount of this home serves and versions waiting to be pushed (on a remote: its
-    newest version and tagged ones); the output says which rule kept each. Forgetting deletes history
-    entries only; `tessera gc` (or `tessera prune --remote`) reclaims the bytes.
+    Examples:
+      tessera forget coco --keep-last 3 --keep-daily 7     # and `tessera gc` frees the bytes
+      tessera forget coco@3f2a9c                           # one version
+      tessera forget coco --keep-within 30d --dry-run      # what would go, bytes freed
+      tessera forget --remote origin coco --keep-last 10   # on a shared remote (then `tessera prune`)
     """
     from tessera.errors import UsageError
     from tessera.ids import parse_ref
@@ -112,12 +116,19 @@ def _report_forget(dataset: str, rule: str, fates: Any, forgotten: Any, dry_run:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_dataset)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (needed when stdin is not a terminal).")
-def rm(name: str, yes: bool) -> None:
-    """Delete dataset NAME: its history, tags and queued pushes. `tessera gc` then frees its bytes.
+@json_option
+def rm(name: str, yes: bool, as_json: bool) -> None:
+    """Delete dataset NAME: its history, tags and queued pushes.
 
-    Versions another dataset also records keep their bytes. Refused while a version of NAME is mounted.
+    `tessera gc` then frees its bytes. Versions another dataset also records keep their bytes. Refused
+    while a version of NAME is mounted.
+
+    \b
+    Examples:
+      tessera rm scratch            # asks first on a terminal
+      tessera rm scratch --yes      # in scripts
     """
     from tessera.errors import NotFound, UsageError
     from tessera.ids import check_dataset_name
@@ -133,8 +144,13 @@ def rm(name: str, yes: bool) -> None:
         if not click.confirm(f"delete dataset {name} and its {count} versions?", default=False):
             raise UsageError(f"{name} was not deleted")
     entries, tags, queued = repo.remove_dataset(name)
-    click.echo(f"removed dataset {name}: {entries} history entries, {tags} tags, {queued} queued pushes; "
-               "`tessera gc` reclaims its bytes")
+    if as_json:
+        emit_json({"dataset": name, "versions": count, "history_entries": entries, "tags": tags,
+                   "queued_pushes": queued})
+    else:
+        click.echo(f"removed dataset {name}: {plural(entries, 'history entry', 'history entries')}, "
+                   f"{plural(tags, 'tag')}, {plural(queued, 'queued push', 'queued pushes')}; "
+                   "`tessera gc` reclaims its bytes")
     _warn_if_watched(name)
 
 
@@ -148,36 +164,47 @@ def _warn_if_watched(name: str) -> None:
     except TesseraError:
         return
     for w in watched:
-        click.echo(f"tessera: note: the daemon still watches {w.path} into {name} (tessera unwatch {w.path})", err=True)
+        note(f"note: the daemon still watches {w.path} into {name} (tessera unwatch {w.path})")
 
 
 @cli.command()
-@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be deleted and freed.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted and freed.")
 @click.option("--repack-threshold", metavar="SHARE",
               help="Repack packs whose dead share passes this (default: the gc.repack_threshold setting, 20%).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def gc(dry_run: bool, repack_threshold: str | None, as_json: bool) -> None:
-    """Reclaim space: delete what no kept version reaches, repack mostly dead packs, remove crash garbage.
+    """Reclaim the space of forgotten versions and crash leftovers.
 
     Roots are every version with a history entry, tag or queued push, and every mounted version. Trees,
     file records and chunks nothing reaches are deleted; packs with no live chunk are deleted; packs whose
     dead share passes the threshold are rewritten into new packs (made durable and indexed before the old
-    ones go). Safe to run while commits, mounts and reads go on, and to interrupt at any point.
+    ones go); temporary files and packs no catalog row names (what a crash leaves) are removed; the
+    kernel mount's cached files and images of versions no longer kept are removed. Safe to run while
+    commits, mounts and reads go on, and to interrupt at any point.
+
+    \b
+    Examples:
+      tessera gc
+      tessera gc --dry-run                  # what would be deleted, repacked and freed
+      tessera gc --repack-threshold 5% --json
     """
     from tessera.catalog.lifecycle_state import parse_setting
 
+    t0 = time.monotonic()
     threshold = parse_setting("gc.repack_threshold", repack_threshold) if repack_threshold is not None else None
     r = open_repo().gc(repack_threshold=threshold, dry_run=dry_run, progress=None if as_json else progress_bar())
+    seconds = time.monotonic() - t0
     if as_json:
         emit_json({"dry_run": r.dry_run, "roots": r.roots, "live": {"trees": r.live_trees, "files": r.live_files,
                                                                      "chunks": r.live_chunks},
                    "deleted": {"trees": r.swept.trees, "files": r.swept.files, "chunks": r.swept.chunks,
                                "packs": r.packs_deleted, "stat_cache": r.swept.stat_rows,
-                               "dir_cache": r.swept.dir_rows},
+                               "dir_cache": r.swept.dir_rows, "worktrees": r.swept.worktree_rows,
+                               "cached_files": r.cached_files, "cached_bytes": r.cached_bytes, "images": r.images},
                    "repacked": r.repacked, "packs_written": r.packs_written, "repack_written_bytes": r.repack_written,
                    "pack_bytes_before": r.pack_bytes_before, "pack_bytes_after": r.pack_bytes_after,
                    "freed_bytes": r.freed, "dead_bytes_left": r.dead_bytes_left, "removed": r.garbage,
-                   "errors": r.errors})
+                   "file_cache_busy": r.cache_busy, "errors": r.errors, "seconds": round(seconds, 3)})
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{r.roots} versions kept: {r.live_trees} trees, {r.live_files} files, {r.live_chunks} chunks live")
@@ -187,27 +214,40 @@ def gc(dry_run: bool, repack_threshold: str | None, as_json: bool) -> None:
         for g in r.garbage:
             if g.startswith("tmp/"):
                 click.echo(f"removed {g}")
+    if r.cached_files or r.images:
+        click.echo(f"{verb} {plural(r.cached_files, 'cached file')} ({human_size(r.cached_bytes)}) and "
+                   f"{plural(r.images, 'mount image')} of versions no longer kept (kernel mount cache)")
+    if r.cache_busy:
+        note("note: the kernel mount cache is in use (a mount at work); its unused files stay until "
+             "the next gc")
     for e in r.errors:
-        click.echo(f"tessera: warning: {e}", err=True)
+        note(f"warning: {e}")
     freed = "would free" if dry_run else "freed"
     click.echo(f"packs {human_size(r.pack_bytes_before)} -> {human_size(r.pack_bytes_after)} ({freed} "
-               f"{human_size(r.freed)}); {human_size(r.dead_bytes_left)} dead left in packs below the repack threshold")
+               f"{human_size(r.freed)}) in {seconds:.2f} s; {human_size(r.dead_bytes_left)} dead left in packs "
+               "below the repack threshold")
 
 
 @cli.command()
 @click.option("-r", "--remote", "remote_name", metavar="REMOTE", help="Remote name or URL (default: the default remote).")
-@click.option("-n", "--dry-run", is_flag=True, help="Mark and report; write and delete nothing.")
+@click.option("--dry-run", is_flag=True, help="Mark and report; write and delete nothing.")
 @click.option("--wait", is_flag=True, help="After planning, wait out the margin and sweep the new plan too.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def prune(remote_name: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
-    """Delete from a remote what no kept version, tag or in-flight push needs (this home: `tessera gc`).
+    """Delete from a remote what no kept version or push needs.
 
-    Safe while other homes push, with no lock: each run sweeps the plans made at least prune.margin ago
+    What no kept version, tag or in-flight push needs (in this home: `tessera gc`). Safe while other homes push, with no lock: each run sweeps the plans made at least prune.margin ago
     (deleting only what is still unreachable, unchanged since planned and announced by no push session),
     then plans what is unreachable now. So data forgotten with `tessera forget --remote` goes after two
     runs a margin apart (or one with --wait). Refused when the local clock is off by more than
     prune.max_clock_skew or when the remote does not allow deleting. Packs still partly in use are
     reported with their dead bytes (repacking remote packs is not implemented yet).
+
+    \b
+    Examples:
+      tessera prune --remote origin
+      tessera prune --remote origin --dry-run
+      tessera prune -r origin --wait --json   # plan, wait out prune.margin, sweep
     """
     r = open_repo().prune(remote_name, dry_run=dry_run, wait=wait, progress=None if as_json else progress_bar())
     if as_json:
@@ -242,13 +282,20 @@ def prune(remote_name: str | None, dry_run: bool, wait: bool, as_json: bool) -> 
 
 
 @cli.command()
-@click.argument("ref", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("ref", required=False, shell_complete=complete_ref)
+@json_option
 def du(ref: str | None, as_json: bool) -> None:
-    """Where the bytes are: per dataset, or per version of NAME (or one version NAME@HASH).
+    """Where the bytes are: per dataset, or per version of NAME.
 
-    For each: its size (file bytes), the stored bytes only it holds (what forgetting it frees, for a
-    dataset what `tessera rm` frees) and the stored bytes it shares with other kept versions.
+    With NAME@HASH, one version. For each: its size (file bytes), the stored bytes only it holds (what
+    forgetting it frees, for a dataset what `tessera rm` frees) and the stored bytes it shares with
+    other kept versions.
+
+    \b
+    Examples:
+      tessera du
+      tessera du coco
+      tessera du coco@3f2a9c --json
     """
     versions, datasets = open_repo().du(ref)
     if as_json:
@@ -261,6 +308,9 @@ def du(ref: str | None, as_json: bool) -> None:
                        for v in versions])
         return
     if ref is None:
+        if not datasets:
+            note("no datasets")
+            return
         click.echo(f"{'dataset':20} {'versions':>8} {'stored':>10} {'only it':>10} {'shared':>10}")
         for d in datasets:
             click.echo(f"{d.dataset:20} {d.versions:>8} {human_size(d.stored):>10} {human_size(d.unique):>10} "
@@ -276,9 +326,11 @@ def du(ref: str | None, as_json: bool) -> None:
 @cli.command("config")
 @click.argument("key", required=False)
 @click.argument("value", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def config_cmd(key: str | None, value: str | None, as_json: bool) -> None:
-    """Show or set this home's lifecycle settings (KEY alone shows one, KEY VALUE sets it).
+    """Show or set this home's lifecycle settings.
+
+    KEY alone shows one, KEY VALUE sets it.
 
     \b
     gc.repack_threshold   20%   repack packs whose dead share passes this
@@ -287,6 +339,12 @@ def config_cmd(key: str | None, value: str | None, as_json: bool) -> None:
     prune.sweep_window    10m   how long a sweep may delete after it starts
     prune.max_clock_skew  5m    prune refuses when the local clock is further off than this
     push.session_expiry   1h    a push session that stops beating is dead after this
+
+    \b
+    Examples:
+      tessera config
+      tessera config gc.repack_threshold 30%
+      tessera config prune.margin --json
     """
     from tessera.catalog.lifecycle_state import SETTING_KEYS, lifecycle_setting_items, set_lifecycle_setting
     from tessera.errors import UsageError

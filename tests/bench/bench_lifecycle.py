@@ -7,6 +7,9 @@ process, what it deleted and freed; then a second gc with nothing to do (the cos
 counting fault proxy of tests/fault_proxy.py), ``forget --remote --keep-last 2``, then ``prune`` and
 ``prune --wait`` (plan, then sweep): every HTTP request counted by method, divided by the 8 versions
 forgotten.
+(3) Soaks: the acceptance criteria at full size, run as tests with TESSERA_SOAK=1 (`make test` runs
+them smaller): SIGKILL of gc at 32 random moments, two homes forgetting/pruning and pushing for 20
+rounds, the daemon's keep_last = 5 over 50 changes. A failure fails the benchmark run.
 
 Sizes: BENCH_SCALE (default 1.0), or BENCH_GC_FILES (100000). Run: ``make bench`` or
 ``python tests/bench/bench_lifecycle.py``.
@@ -134,8 +137,26 @@ def bench_s3() -> str:
     return table(title, ["step", "seconds", "requests", "by method", "per forgotten version"], rows)
 
 
+SOAKS = ["tests/test_lifecycle.py::test_sigkill_gc_at_random_moments",
+         "tests/test_prune.py::test_two_homes_forget_and_prune_while_pushing",
+         "tests/test_lifecycle.py::test_daemon_keep_last_five_over_fifty_changes"]
+
+
+def bench_soak() -> str:
+    root = HERE.parent.parent
+    rows = []
+    for test in SOAKS:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                              cwd=root, capture_output=True, text=True, env={**os.environ, "TESSERA_SOAK": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"soak {test} failed:\n{proc.stdout[-3000:]}")
+        rows.append([test.split("::")[1], f"{time.perf_counter() - t0:.0f}", "passed"])
+    return table("Lifecycle soaks (TESSERA_SOAK=1: acceptance sizes)", ["test", "seconds", "result"], rows)
+
+
 def main() -> str:
-    return bench_local() + "\n" + bench_s3()
+    return bench_local() + "\n" + bench_s3() + "\n" + bench_soak()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 A quiet directory whose checkpoint writer merely paused between two `write()` calls is not finished:
 the daemon and `tessera run` ask this before committing and wait (up to their max wait) while a file
-is still open for writing. Processes we may not inspect are skipped; elsewhere this finds nothing.
+is still open for writing, and a ``keep_busy`` commit (`tessera.snapshot`) asks it when it starts and
+when it ends, keeping such files at their previous content. Processes we may not inspect are skipped;
+elsewhere this finds nothing.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import os
 _O_ACCMODE = 0o3
 
 
-def open_for_writing(roots: list[str], pids: list[int] | None = None) -> set[str]:
-    """Paths below any of ``roots`` that some process (of ``pids``, default all) holds open for writing."""
+def open_for_writing(roots: list[str], pids: list[int] | None = None, *, skip_self: bool = True) -> set[str]:
+    """Paths below any of ``roots`` that some process (of ``pids``, default all; this one only when not
+    ``skip_self``) holds open for writing."""
     prefixes = tuple(r.rstrip("/") + "/" for r in roots)
     found: set[str] = set()
     if pids is None:
@@ -20,7 +23,7 @@ def open_for_writing(roots: list[str], pids: list[int] | None = None) -> set[str
             pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
         except OSError:
             return found
-    me = os.getpid()
+    me = os.getpid() if skip_self else -1
     for pid in pids:
         if pid == me:
             continue
