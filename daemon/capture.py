@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tessera.daemon.config import check_not_home, ignore_matcher
+from tessera.daemon.upkeep import apply_keep, maybe_reclaim
 from tessera.openfiles import open_for_writing, process_tree
 from tessera.errors import BadRef, MountError, SourceError, TesseraError, UsageError
 from tessera.ids import check_dataset_name, parse_ref
+from tessera.retention import KeepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,8 @@ class Run:
     """One `tessera run`: validate, mount inputs, run, capture, return the command's exit code."""
 
     def __init__(self, repo: Any, command: list[str], captures: list[CaptureSpec], inputs: list[InputSpec],
-                 every: float = DEFAULT_EVERY, report: Callable[[str], None] | None = None) -> None:
+                 every: float = DEFAULT_EVERY, report: Callable[[str], None] | None = None,
+                 keep: KeepPolicy | None = None) -> None:
         if not command:
             raise UsageError("no command given: tessera run [OPTIONS] -- COMMAND [ARGS...]")
         if every <= 0:
@@ -121,6 +124,7 @@ class Run:
         self._last_row: dict[str, int] = {}  # dataset -> history seq of this run's newest version
         self._ignored = ignore_matcher(())
         self._proc: subprocess.Popen[bytes] | None = None
+        self.keep = keep  # `--keep-last N`: applied to each captured dataset after each new version
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -259,6 +263,8 @@ class Run:
                 self._last_row[c.dataset] = newest[0].seq
             self.versions[c.dataset] = res.version.ref
             self.report(f"captured {res.version.ref}" + (" (final)" if final else ""))
+            if self.keep is not None and apply_keep(self.repo, c.dataset, self.keep):
+                maybe_reclaim(self.repo)
         return bool(res.created)
 
     def _final_snapshot(self, c: CaptureSpec, lineage: dict[str, Any]) -> None:

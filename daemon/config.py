@@ -11,6 +11,9 @@
     quiet_seconds = 5             # commit once nothing changed for this long ...
     max_wait_seconds = 60         # ... or this long after the first change, even if writes go on
     ignore = ["*.log", "cache"]   # globs: a bare name matches at any depth, "a/b/*" the relative path
+    keep_last = 24                # optional keep rules, applied after each new version (`tessera forget`):
+    keep_daily = 7                # keep_last/hourly/daily/weekly/monthly/yearly = N, keep_within = "30d",
+                                  # keep_tags = ["release"]
 
 Errors name the file and line. `tessera watch` / `unwatch` edit the file textually (comments survive),
 atomically (temporary file + rename) and under a lock file, so a running daemon only ever sees a
@@ -29,10 +32,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tessera.errors import BadRef, ConfigError
+from tessera.errors import BadRef, ConfigError, UsageError
 from tessera.homeguard import relation_to_home
 from tessera.ids import check_dataset_name
 from tessera.ignore import IgnoreRules
+from tessera.retention import KeepPolicy, format_duration, parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ DEFAULT_MAX_WAIT = 60.0
 _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
 _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
-_WATCH_KEYS = {"path", "dataset", "remote", "quiet_seconds", "max_wait_seconds", "ignore"}
+_KEEP_COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+_KEEP_KEYS = {*_KEEP_COUNTS, "keep_within", "keep_tags"}
+_WATCH_KEYS = {"path", "dataset", "remote", "quiet_seconds", "max_wait_seconds", "ignore"} | _KEEP_KEYS
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class WatchConfig:
     max_wait_seconds: float = DEFAULT_MAX_WAIT
     ignore: tuple[str, ...] = ()
     line: int | None = field(default=None, compare=False)
+    keep: KeepPolicy | None = None  # retention applied after each new version
 
     def where(self, source: str) -> str:
         return f"{source}:{self.line}" if self.line else source
@@ -241,7 +248,36 @@ def _parse_watch(item: Any, path: Path, block: _Block) -> WatchConfig:
     if not isinstance(ignore, list) or not all(isinstance(g, str) and g for g in ignore):
         raise ConfigError(f"{at('ignore')}: ignore must be a list of glob strings")
     return WatchConfig(normalize_dir(item["path"], path.parent), item["dataset"], remote, quiet, max_wait,
-                       tuple(ignore), block.line)
+                       tuple(ignore), block.line, _parse_keep(item, at))
+
+
+def _parse_keep(item: dict[str, Any], at: Callable[[str], str]) -> KeepPolicy | None:
+    """A watch's keep rules (``keep_last = 5`` ...), or None when it has none."""
+    if not _KEEP_KEYS & set(item):
+        return None
+    counts = {}
+    for key in _KEEP_COUNTS:
+        n = item.get(key, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{at(key)}: {key} must be a whole number >= 0, got {n!r}")
+        counts[key.removeprefix("keep_")] = n
+    within = item.get("keep_within")
+    seconds = None
+    if within is not None:
+        if not isinstance(within, str):
+            raise ConfigError(f"{at('keep_within')}: keep_within must be a duration string like \"30d\"")
+        try:
+            seconds = parse_duration(within, "keep_within")
+        except UsageError as exc:
+            raise ConfigError(f"{at('keep_within')}: {exc}") from None
+    tags = item.get("keep_tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise ConfigError(f"{at('keep_tags')}: keep_tags must be a list of tag names")
+    policy = KeepPolicy(within=seconds, tags=tuple(tags), **counts)
+    if policy.empty:
+        raise ConfigError(f"{at(next(k for k in _KEEP_KEYS if k in item))}: the keep rules keep nothing by rule; "
+                          "give keep_last >= 1 (or leave the keep_* settings out to keep every version)")
+    return policy
 
 
 # -- checks shared by `tessera watch` and the daemon ------------------------------------------------
@@ -335,6 +371,13 @@ def render_watch(w: WatchConfig) -> str:
     out.append(f"max_wait_seconds = {_toml_num(w.max_wait_seconds)}")
     if w.ignore:
         out.append(f"ignore = [{', '.join(_toml_str(g) for g in w.ignore)}]")
+    if w.keep is not None:
+        out.extend(f"keep_{n} = {getattr(w.keep, n)}" for n in ("last", "hourly", "daily", "weekly", "monthly",
+                                                                  "yearly") if getattr(w.keep, n))
+        if w.keep.within is not None:
+            out.append(f"keep_within = {_toml_str(format_duration(w.keep.within))}")
+        if w.keep.tags:
+            out.append(f"keep_tags = [{', '.join(_toml_str(t) for t in w.keep.tags)}]")
     return "\n".join(out) + "\n"
 
 

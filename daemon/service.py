@@ -38,6 +38,7 @@ from tessera.daemon.config import (
     load_config,
 )
 from tessera.openfiles import open_for_writing
+from tessera.daemon.upkeep import Reclaimer, apply_keep
 from tessera.errors import ConfigError, NotFound, RemoteError, TesseraError, UsageError
 from tessera.ignore import DirIgnore
 from tessera.faults import crash_point
@@ -280,6 +281,8 @@ class Daemon:
                 ds.retry_pushes_now(self.repo.catalog)
                 self.worker = PushWorker(self.home, config.settings, self.push, self._stop)
                 self.worker.start()
+                self.reclaimer = Reclaimer(self.home)
+                self.reclaimer.start()
                 logger.info("daemon started (pid %d), %d watches from %s", os.getpid(), len(config.watches),
                             self.config_path)
                 self.ready.set()
@@ -287,6 +290,7 @@ class Daemon:
                     self._loop()
                 finally:
                     self._stop.set()
+                    self.reclaimer.stop()
                     self.watcher.stop()
                     self.worker.wake.set()
                     self.worker.join(timeout=10)
@@ -493,6 +497,8 @@ class Daemon:
                                cfg.remote, res.created)
         w.error = w.written_error = None
         self.commits += 1
+        if res.created and cfg.keep is not None:
+            self._apply_keep(w)
         s = res.stats
         if res.created:
             logger.info("%s: new version %s (%d files, %d read%s)", cfg.path, res.version.ref, s.files, s.files_read,
@@ -501,6 +507,14 @@ class Daemon:
                 self.worker.wake.set()
         else:
             logger.info("%s: unchanged (%s)", cfg.path, res.version.ref[:len(cfg.dataset) + 13])
+
+    def _apply_keep(self, w: _Watch) -> None:
+        """The watch's keep rules, right after its new version; dead bytes are reclaimed in the background."""
+        try:
+            if apply_keep(self.repo, w.cfg.dataset, w.cfg.keep):
+                self.reclaimer.poke()
+        except TesseraError as exc:
+            self._set_error(w, f"keep rules not applied: {exc}")
 
     def _empty_and_new(self, w: _Watch) -> bool:
         if self.repo.catalog.dataset_head(w.cfg.dataset)[1] is not None:

@@ -18,6 +18,7 @@ SIGTERM, SIGINT and SIGHUP are handled by libfuse: the loop stops and the mount 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -109,19 +110,35 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
 
     answer = _Once(ready)
     tune_process()
+    # From resolving the ref until the registry names the mount (a FUSE mount's record, or the record a
+    # kernel mount writes before it caches any file), hold the store's shared write lock: a gc
+    # (exclusive) either ran before and the ref no longer resolves, or sees the mount as a root.
+    registering = contextlib.ExitStack()
     try:
         repo = Repo(home, create=False, chunk_cache_bytes=cache_size)
+
+        def hold() -> None:
+            if not repo.read_only:  # a read-only home is never collected
+                registering.enter_context(repo.store.writing())
+
+        hold()
         version = repo.get(ref)
         if path != "fuse":
             from tessera.kernelmount import kernel_or_none
 
-            krec = kernel_or_none(repo, version, mountpoint, path, notify=notify or logger.info, progress=progress)
+            krec = kernel_or_none(repo, version, mountpoint, path, notify=notify or logger.info, progress=progress,
+                                  on_recorded=registering.close)
             if krec is not None:
+                registering.close()
                 repo.close()
                 answer(ready_line(ref=version.ref, kind=KERNEL))
                 return
+            registering.close()
+            hold()  # the kernel path was not taken (or failed after recording itself): resolve again
+            version = repo.get(version.ref)
         binding = load_fuse()
     except TesseraError as exc:
+        registering.close()
         answer(ready_line(exc))
         raise
     vfs = VersionFS(version)
@@ -139,6 +156,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         gc.freeze()  # startup objects never need scanning again; collect rarely (the hot paths make no cycles)
         gc.set_threshold(50_000, 20, 20)
         write_record(record)
+        registering.close()
         logger.info("mounted %s at %s (%s, %s)", version.ref, mountpoint, binding.description,
                     "threads" if threads else "single-threaded")
         answer(ready_line(ref=version.ref))
@@ -172,6 +190,7 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
                     answer(ready_line(code=MountError.exit_code))  # the reason is libfuse's last line in the log
                     raise MountError(f"libfuse could not mount {mountpoint} (status {exc})") from None
     finally:
+        registering.close()
         remove_record(repo.home, mountpoint, pid=os.getpid())
         vfs.close()
         repo.close()

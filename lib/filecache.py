@@ -133,14 +133,15 @@ class FileCache:
                                   "upgrade tessera or remove that directory")
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the cache lock (re-entrant in this process; exclusive across processes)."""
+    def locked(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold the cache lock (re-entrant in this process; exclusive across processes). ``wait=False``:
+        raise `BlockingIOError` at once when another process holds it."""
         with self._mutex:
             if self._lock_depth == 0:
                 self.ensure()
                 fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -386,6 +387,26 @@ class FileCache:
                 freed += size
             logger.info("file cache: evicted %s", _human(freed))
             return freed
+
+    def remove_unused(self, live: Callable[[list[str]], set[str]], *, dry_run: bool = False) -> tuple[int, int]:
+        """Under the lock: delete every file whose SHA-256 ``live`` leaves out (`tessera gc`: no file
+        record of the home names it any more). The caller drops the images of such files' versions
+        first. Returns (files, bytes) deleted (would be, with ``dry_run``)."""
+        with self.locked():
+            found = [(sha, st.st_size) for sha, st in self.iter_files()]
+            keep = live([sha for sha, _ in found])
+            files = size = 0
+            for sha, n in found:
+                if sha in keep:
+                    continue
+                if not dry_run:
+                    _unlink(self.path(sha))
+                files += 1
+                size += n
+            if files:
+                logger.info("file cache: %s %d files (%s) no version uses", "would remove" if dry_run else "removed",
+                            files, _human(size))
+            return files, size
 
     # -- checking -----------------------------------------------------------------------------------
 

@@ -348,17 +348,3 @@ def check_file_cache(home: "str | Path", report: FsckReport, progress: Progress)
             drop_all_images(home)
     report.errors.extend(errors)
 
-
-def remove_garbage(store: Store, catalog: Catalog) -> list[str]:
-    """Delete temp files and unindexed packs (what a crash can leave); returns what was removed."""
-    with store.collecting():
-        removed = []
-        known = {p.id for p in catalog.packs()}
-        for name in _pack_files(store):
-            if name[:-5] not in known:
-                store.pack_path(name[:-5]).unlink()
-                removed.append(f"packs/{name[:2]}/{name}")
-        for f in store.tmp_dir.iterdir():
-            f.unlink()
-            removed.append(f"tmp/{f.name}")
-        return removed

@@ -413,8 +413,11 @@ def open_cache(repo: "Repo", settings: FileCacheSettings | None = None) -> FileC
 # -- mount / unmount --------------------------------------------------------------------------------
 
 def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress: Progress | None = None,
-                 settings: FileCacheSettings | None = None, choice: Choice | None = None) -> "MountRecord":
-    """Materialize, build the image, mount; on any failure nothing stays mounted and the record goes."""
+                 settings: FileCacheSettings | None = None, choice: Choice | None = None,
+                 on_recorded: Callable[[], object] | None = None) -> "MountRecord":
+    """Materialize, build the image, mount; on any failure nothing stays mounted and the record goes.
+    ``on_recorded`` runs once the registry names the version (from then on `tessera gc` and `forget`
+    keep it: the mount server holds the store's write lock until then)."""
 
     why = probe(repo.home)
     if why is not None:
@@ -428,6 +431,8 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
                       kind=KIND, image=str(image), staging=str(staging))
     with cache.locked():
         write_record(rec)
+        if on_recorded is not None:
+            on_recorded()
         mounted: list[str] = []
         try:
             if not image.exists():
@@ -473,7 +478,8 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
 
 
 def kernel_or_none(repo: "Repo", version: "Version", mountpoint: str, path: str, *,
-                   notify: Callable[[str], None], progress: Progress | None = None) -> MountRecord | None:
+                   notify: Callable[[str], None], progress: Progress | None = None,
+                   on_recorded: Callable[[], object] | None = None) -> MountRecord | None:
     """What the mount server asks first (`tessera.fuse.mount.serve`): mount ``version`` with the kernel
     path when ``path`` is ``kernel``, or ``auto`` and `choose` says so; None means "use FUSE" (after
     telling ``notify`` why, in one line, when the machine could have done it)."""
@@ -494,7 +500,8 @@ def kernel_or_none(repo: "Repo", version: "Version", mountpoint: str, path: str,
             notify(f"mounting with FUSE: {choice.why}")
             return None
     try:
-        return mount_kernel(repo, version, mountpoint, progress=progress, settings=settings, choice=choice)
+        return mount_kernel(repo, version, mountpoint, progress=progress, settings=settings, choice=choice,
+                            on_recorded=on_recorded)
     except (MountError, DiskFull) as exc:
         if path == "kernel":
             raise

@@ -41,12 +41,14 @@ from tessera.remote.wire import (
     decode_meta_pack,
     decode_tag,
     get_object,
+    history_key_of_tombstone,
     history_prefix,
     index_key,
     meta_key,
     pack_key,
     parse_history_key,
     tags_prefix,
+    tombstone_prefix,
     version_key,
 )
 from tessera.remotes import Remote
@@ -76,7 +78,8 @@ def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str) 
     (the others are imported) and reported in ``problems``; the problem is remembered, so using the
     dataset warns (`remembered_problem`) until a later fetch reads every entry."""
     check_dataset_name(dataset)
-    keys = [info.key for info in t.list(history_prefix(dataset))]
+    forgotten = {history_key_of_tombstone(info.key) for info in t.list(tombstone_prefix(dataset))}
+    keys = [info.key for info in t.list(history_prefix(dataset)) if info.key not in forgotten]
     out = FetchResult(len(keys))
     if not keys:
         return out
@@ -231,7 +234,7 @@ def _download_pack(catalog: Catalog, store: Store, t: Transport, remote: Remote,
         try:
             t.get_file(pack_key(pack), str(tmp), progress=progress.advance)
         except NotFound:
-            raise CorruptData(f"{t.url}: {pack_key(pack)} is missing") from None
+            raise CorruptData(f"{t.url}: pack {pack} is missing from the remote (pruned or never pushed)") from None
         check_downloaded_pack(tmp, pack, catalog.pack_chunks(pack), f"{t.url}/{pack_key(pack)}")
         final = store.pack_path(pack)
         final.parent.mkdir(exist_ok=True)
@@ -278,7 +281,10 @@ class RemoteDataset:
 def remote_datasets(t: Transport) -> list[RemoteDataset]:
     """The datasets a remote holds (from its history keys): name, newest version, version count."""
     found: dict[str, tuple[str, set[str]]] = {}
+    forgotten = {history_key_of_tombstone(info.key) for info in t.list("tombstones/")}
     for info in t.list("history/"):
+        if info.key in forgotten:
+            continue
         parsed = parse_history_key(info.key)
         if parsed is None:
             logger.warning("%s: ignoring unexpected key %s", t.url, info.key)

@@ -6,6 +6,10 @@ object, the history entries, the tags. What the remote holds is known from the c
 (``remote_objects``, ``remote_meta``), never by listing the bucket, and each key is recorded right after
 its upload: a push interrupted at any point, re-run, uploads only what is still missing. Key names and
 object encodings are `tessera.remote.wire`'s.
+
+On a remote somebody forgot or pruned on (layout 2), a push that has something to send also skips the
+history entries a tombstone forgot, announces what it relies on in a session, and respects prune plans
+(`tessera.sessions`): it trusts its record of the remote for nothing a plan names.
 """
 from __future__ import annotations
 
@@ -35,15 +39,18 @@ from tessera.remote.wire import (
     meta_key,
     pack_key,
     tag_key,
+    tombstone_prefix,
     version_key,
 )
 from tessera.remotes import Remote
+from tessera.sessions import Plans, PushSession, remote_layout
 from tessera.store import Store
 from tessera.trees import Closure, version_closure
 
 logger = logging.getLogger(__name__)
 
 UPLOAD_WORKERS = 4
+SESSION_EXPIRY = 3600.0
 
 
 @dataclass
@@ -56,6 +63,8 @@ class PushResult:
     meta_packs: int = 0
     objects: int = 0  # every object written (packs, indexes, meta, version, history, tags)
     versions: int = 0  # versions this push sent (not already on the remote)
+    forgotten: int = 0  # versions not sent: the remote forgot every history entry of them (tombstones)
+    resent: int = 0  # objects this home thought the remote had, found gone after a prune: sent again
     packs_needed: int = 0  # data packs those versions need (the rest of them were on the remote already)
 
     def add(self, other: PushResult) -> None:
@@ -65,6 +74,8 @@ class PushResult:
         self.meta_packs += other.meta_packs
         self.objects += other.objects
         self.versions += other.versions
+        self.forgotten += other.forgotten
+        self.resent += other.resent
         self.packs_needed += other.packs_needed
 
     @property
@@ -72,6 +83,8 @@ class PushResult:
         return self.objects > 0
 
     def summary(self) -> str:
+        if not self.uploaded and self.forgotten and not self.versions:
+            return f"{self.remote} forgot {self.ref} (`tessera forget --remote`): not pushed again"
         if not self.uploaded:
             return f"{self.remote} already has {self.ref}"
         return (f"pushed {self.ref} to {self.remote}: {self.packs} packs ({self.pack_bytes / (1 << 20):.1f} MiB), "
@@ -82,14 +95,30 @@ class Pusher:
     """Pushes versions of this home to one remote (one transport, shared by the upload threads)."""
 
     def __init__(self, catalog: Catalog, store: Store, remote: Remote, transport: Transport,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, *, session_expiry: float = SESSION_EXPIRY) -> None:
         self.cat = catalog
         self.store = store
         self.remote = remote
         self.t = transport
         self.progress = progress or NullProgress()
+        self.session_expiry = session_expiry
         self._lock = threading.Lock()
         self._counted: set[str] = set()
+        self._layout: int | None = None
+        self._session: PushSession | None = None
+        self._tombstones: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        """End the push session, if one was opened (call when done pushing)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> Pusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def push(self, dataset: str, hash: str) -> PushResult:
         """Upload ``dataset@hash`` (every history entry this home has for it) and what it needs."""
@@ -97,16 +126,72 @@ class Pusher:
         history = [(history_key(e), e) for e in self.cat.history_for(dataset, hash)]
         done = rs.known_keys(self.cat, self.remote.name, [version_key(hash)] + [k for k, _ in history])
         if len(done) < 1 + len(history):
+            guarded = self._layout_of_remote() >= 2
+            if guarded:
+                forgotten = self._forgotten(dataset)
+                history = [h for h in history if h[0] not in forgotten]
+                if not history:
+                    res.forgotten += 1
+                    return res
             closure = version_closure(self.cat, hash)
+            if guarded:
+                res.resent += self._guard(hash, closure)
             self._push_packs(res.ref, closure, res)
             meta = self._push_meta(closure, res)
             crash_point("push-before-version")
+            if self._session is not None:
+                self._session.check_alive()
             self._push_version(hash, closure, meta, res)
             crash_point("push-before-history")
             self._push_history([h for h in history if h[0] not in done], res)
             res.versions += 1
         self._push_tags(dataset, hash, res)
         return res
+
+    # what a forget or prune on the remote asks of a push (layout 2)
+
+    def _layout_of_remote(self) -> int:
+        if self._layout is None:
+            self._layout = remote_layout(self.cat, self.t, self.remote)
+        return self._layout
+
+    def _forgotten(self, dataset: str) -> set[str]:
+        """History keys of ``dataset`` the remote has tombstones for (a forgotten entry is never sent again)."""
+        found = self._tombstones.get(dataset)
+        if found is None:
+            found = {"history/" + info.key.removeprefix("tombstones/") for info in self.t.list(tombstone_prefix(dataset))}
+            self._tombstones[dataset] = found
+        return found
+
+    def _guard(self, hash: str, closure: Closure) -> int:
+        """Announce what this version relies on, then make sure no prune plan took any of it: wait for a
+        running sweep, HEAD what a plan names, forget from the catalog what is gone (it is sent again).
+        Returns how many objects were found gone."""
+        metas = self._meta_have(closure)
+        keys = {k for p in closure.packs for k in (pack_key(p), index_key(p))}
+        keys |= {meta_key(m) for kind in metas.values() for m in kind.values()} | {version_key(hash)}
+        if self._session is None:
+            self._session = PushSession(self.t, self.session_expiry)
+        self._session.announce(keys)
+        plans = Plans.load(self.cat, self.t, self.remote)
+        named = plans.settle(keys)
+        cached = sorted(rs.known_keys(self.cat, self.remote.name, sorted(named)))
+        present: set[str] = set()
+        gone: list[str] = []
+        lock = threading.Lock()
+
+        def check(key: str) -> None:
+            found = self.t.head(key) is not None
+            with lock:
+                (present.add(key) if found else gone.append(key))
+
+        run_parallel(8, [partial(check, k) for k in cached])
+        if gone:
+            logger.info("%s no longer has %d objects a prune plan named; sending them again", self.remote.name,
+                        len(gone))
+            rs.forget_keys(self.cat, self.remote.name, gone)
+        plans.finish(present)
+        return len(gone)
 
     # data packs and their indexes, in parallel
 
@@ -150,11 +235,15 @@ class Pusher:
 
     # metadata packs: only trees and file records the remote lacks, children first
 
-    def _push_meta(self, closure: Closure, res: PushResult) -> set[str]:
+    def _meta_have(self, closure: Closure) -> dict[int, dict[str, str]]:
+        """For the trees and file records of ``closure``, the metadata pack on the remote holding each."""
         trees = [bid for kind, bid in closure.blobs if kind == KIND_TREE]
         files = [bid for kind, bid in closure.blobs if kind == KIND_FILE]
-        have = {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
+        return {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
                 KIND_FILE: rs.meta_locations(self.cat, self.remote.name, KIND_FILE, files)}
+
+    def _push_meta(self, closure: Closure, res: PushResult) -> set[str]:
+        have = self._meta_have(closure)
         builder = MetaPackBuilder()
         for kind, bid in closure.blobs:
             if bid in have[kind]:
@@ -176,6 +265,8 @@ class Pusher:
 
     def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]], res: PushResult) -> None:
         pack, data = builder.finish()
+        if self._session is not None:
+            self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
         self.t.put(meta_key(pack), data)
         rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs)
         for kind, bid in builder.blobs:

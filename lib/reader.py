@@ -99,15 +99,17 @@ class ChunkReader:
     def segment(self, loc: ChunkLocation, lo: int, hi: int) -> Segment:
         """Bytes ``[lo, hi)`` of a chunk: a `FileRange` for a verified raw chunk of a local pack, else
         bytes (a chunk used only in part is kept decoded in the LRU for the next read of it)."""
-        if loc.codec == RAW:
-            handle = self.store.pack_handle(loc.pack)
-            if handle is not None:
-                if loc.id not in self._verified:
-                    stored = self._verify_raw(handle, loc)  # just read and checked: hand over, do not read again
-                    return stored if lo == 0 and hi == len(stored) else stored[lo:hi]
-                return FileRange(handle, loc.offset + lo, hi - lo)
         data = self._decoded.get(loc.id)
         if data is None:
+            if loc.codec == RAW:
+                handle = self.store.pack_handle(loc.pack)
+                if handle is None and self._is_local(loc.pack) and (moved := self._relocated(loc)) is not None:
+                    return self.segment(moved, lo, hi)  # gc repacked it: same chunk, another pack
+                if handle is not None:
+                    if loc.id not in self._verified:
+                        stored = self._verify_raw(handle, loc)  # just read and checked: do not read it again
+                        return stored if lo == 0 and hi == len(stored) else stored[lo:hi]
+                    return FileRange(handle, loc.offset + lo, hi - lo)
             data = self._load(loc)
             if lo == 0 and hi == len(data):
                 return data  # all of it goes to the caller (and the kernel's page cache): not kept here
@@ -149,6 +151,8 @@ class ChunkReader:
         """Decode and verify one chunk, once: from its local pack, else from the remote holding it."""
         try:
             handle = self.store.pack_handle(loc.pack)
+            if handle is None and self._is_local(loc.pack) and (moved := self._relocated(loc)) is not None:
+                loc, handle = moved, self.store.pack_handle(moved.pack)  # gc repacked it
             if handle is not None:
                 return decode_chunk(loc, self.store.read_stored(loc, handle))
             if self._is_local(loc.pack):
@@ -160,6 +164,14 @@ class ChunkReader:
         except CorruptData:
             self.errors += 1
             raise
+
+    def _relocated(self, loc: ChunkLocation) -> ChunkLocation | None:
+        """Where the catalog says the chunk is now, when that is elsewhere: `tessera gc` repacks live
+        chunks into new packs and deletes the old one while readers hold locations into it."""
+        current = self.catalog.chunk(loc.id)
+        if current is None or (current.pack, current.offset) == (loc.pack, loc.offset):
+            return None
+        return current
 
     def _verify_raw(self, handle: PackHandle, loc: ChunkLocation) -> bytes:
         """Read a raw chunk whole and check its xxh3-128 once; afterwards its ranges are served as is."""

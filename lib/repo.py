@@ -13,15 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from tessera import lifecycle
+from tessera import prune as pruning
 from tessera import pull as pulling
+from tessera import reclaim
 from tessera.catalog import Catalog, DatasetInfo
+from tessera.catalog import lifecycle_state as ls
 from tessera.catalog.worktree_state import record_worktree
 from tessera.checkout import CheckoutResult, VerifyReport, checkout_version, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
 from tessera.diskcache import DiskCache, cache_dir, cache_size
 from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
 from tessera.faults import crash_point
-from tessera.fsck import FsckReport, fsck, remove_garbage
+from tessera.fsck import FsckReport, fsck
 from tessera.home import catalog_path, home_exists, init_lock, is_read_only, read_only_error, require_home
 from tessera.homeguard import check_not_home, home_below
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
@@ -32,6 +36,7 @@ from tessera.progress import Progress
 from tessera.push import Pusher, PushResult
 from tessera.reader import ChunkReader
 from tessera.remotes import Remote, Transports, remote_or_none
+from tessera.retention import KeepPolicy
 from tessera.snapshot import MetaFor, SnapshotOptions, SnapshotStats, snapshot_dir
 from tessera.store import Store
 from tessera.treebuild import build_trees
@@ -157,7 +162,8 @@ class Repo:
             raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
         if not self.catalog.dataset_head(name)[0]:
             self.notice(f"{name} is not in this home; asking {rem.name} ({rem.url})")
-        found = pulling.fetch_dataset(self.catalog, self.transports.get(rem.url), rem, name)
+        with self.store.writing():  # metadata rows are recorded before their versions: gc waits
+            found = pulling.fetch_dataset(self.catalog, self.transports.get(rem.url), rem, name)
         if not self.catalog.dataset_head(name)[0]:
             if found.problems:  # nothing of it could be read: the first reason is the answer
                 raise CorruptData(found.problems[0])
@@ -284,11 +290,12 @@ class Repo:
         if keep_busy:
             opts.open_files = _open_for_writing
             opts.open_at_start = open_at_start
-        snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
+        with self.store.writing():  # until the version is recorded: gc never sees its rows unreferenced
+            snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
+            version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
+                                            message, meta or {}, author)
         if inner is not None:
             snap.stats.home_skipped = str(self.home)
-        version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
-                                        message, meta or {}, author)
         if tag is not None:
             self.catalog.set_tag(name, tag, version.hash)
         record_worktree(self.catalog, path, name, version.hash, "commit", excludes=excludes)  # for `status`
@@ -323,16 +330,17 @@ class Repo:
         copying any bytes: only new trees are written."""
         check_dataset_name(name)
         entries = entries_of(source)
-        for e in entries:
-            if e.is_file and (e.sha256 is None or self.catalog.file(e.sha256) is None):
-                raise NotFound(f"{e.path!r}: its bytes are not in this store")
-        built = build_trees(entries)
-        meta = dict(meta or {})
-        if isinstance(source, (Version, Selection)):
-            src = source if isinstance(source, Version) else source.source
-            if src is not None:
-                meta.setdefault("derived_from", src.ref)
-        version, _ = self._record(name, built.root_id, built.trees, built.files, built.size, message, meta, None)
+        with self.store.writing():  # gc must not take the file records this version is about to name
+            for e in entries:
+                if e.is_file and (e.sha256 is None or self.catalog.file(e.sha256) is None):
+                    raise NotFound(f"{e.path!r}: its bytes are not in this store")
+            built = build_trees(entries)
+            meta = dict(meta or {})
+            if isinstance(source, (Version, Selection)):
+                src = source if isinstance(source, Version) else source.source
+                if src is not None:
+                    meta.setdefault("derived_from", src.ref)
+            version, _ = self._record(name, built.root_id, built.trees, built.files, built.size, message, meta, None)
         return version
 
     def _record(self, name: str, root_id: str, trees: list[tuple[str, bytes]], files: int, size: int,
@@ -380,32 +388,33 @@ class Repo:
         up what was uploaded; its ``ref`` is the version named (for ``NAME``: the latest). Raises
         `RemoteError` subclasses when the remote fails."""
         r = parse_ref(ref)
-        pusher = self._pusher(remote, progress)
-        head = self.resolve_local(r)
-        if r.prefix or r.tag:
-            return pusher.push(head.dataset, head.hash)
-        total = PushResult(f"{head.dataset}@{head.hash}", pusher.remote.name)
-        for h in self.catalog.dataset_hashes(r.dataset):
-            if h != head.hash:
-                total.add(pusher.push(r.dataset, h))
-        total.add(pusher.push(head.dataset, head.hash))
-        return total
+        with self._pusher(remote, progress) as pusher:
+            head = self.resolve_local(r)
+            if r.prefix or r.tag:
+                return pusher.push(head.dataset, head.hash)
+            total = PushResult(f"{head.dataset}@{head.hash}", pusher.remote.name)
+            for h in self.catalog.dataset_hashes(r.dataset):
+                if h != head.hash:
+                    total.add(pusher.push(r.dataset, h))
+            total.add(pusher.push(head.dataset, head.hash))
+            return total
 
     def push_all(self, name: str | None = None, remote: str | None = None, *,
                  progress: Progress | None = None) -> list[PushResult]:
         """Every version of dataset ``name`` (of every dataset when None), oldest first."""
         names = [check_dataset_name(name)] if name else [d.name for d in self.catalog.datasets()]
-        pusher = self._pusher(remote, progress)
         out: list[PushResult] = []
-        for ds in names:
-            if not self.catalog.dataset_head(ds)[0]:
-                raise NotFound(f"unknown dataset {ds!r}")
-            out.extend(pusher.push(ds, h) for h in self.catalog.dataset_hashes(ds))
+        with self._pusher(remote, progress) as pusher:
+            for ds in names:
+                if not self.catalog.dataset_head(ds)[0]:
+                    raise NotFound(f"unknown dataset {ds!r}")
+                out.extend(pusher.push(ds, h) for h in self.catalog.dataset_hashes(ds))
         return out
 
     def _pusher(self, remote: str | None, progress: Progress | None) -> Pusher:
         rem = self.transports.remote(remote)
-        return Pusher(self.catalog, self.store, rem, self.transports.get(rem.url), progress)
+        return Pusher(self.catalog, self.store, rem, self.transports.get(rem.url), progress,
+                      session_expiry=self.lifecycle_settings().session_expiry)
 
     def pull(self, ref: str, remote: str | None = None, *, metadata_only: bool = False,
              progress: Progress | None = None) -> Version:
@@ -436,13 +445,119 @@ class Repo:
         return fsck(self.catalog, self.store, progress, repair=repair, require_local=require_local,
                     read_remote=self.transports.for_pack if read_remote else None)
 
-    def gc(self) -> list[str]:
+    # -- forgetting and reclaiming ----------------------------------------------------------------
+
+    def _require_writable(self) -> None:
         if self.read_only:
             raise read_only_error(self.home)
-        return remove_garbage(self.store, self.catalog)
+
+    def lifecycle_settings(self) -> ls.LifecycleSettings:
+        return ls.lifecycle_settings(self.catalog)
+
+    def roots(self) -> set[str]:
+        """Every version this home keeps, and every version one of its mounts serves."""
+        return ls.root_versions(self.catalog) | set(lifecycle.mounted_versions(self.home))
+
+    def forget(self, name: str, policy: KeepPolicy | None = None, *, version: str | None = None,
+               dry_run: bool = False, measure: bool = False) -> lifecycle.ForgetReport:
+        """Forget versions of dataset ``name`` by restic's keep rules, or one ``version`` (a ref of it);
+        the bytes go with the next `gc`. ``measure``: also say how many bytes a gc could then reclaim."""
+        self._require_writable()
+        check_dataset_name(name)
+        only = None
+        if version is not None:
+            entry = self.resolve_local(version)
+            if entry.dataset != name:
+                raise UsageError(f"{version} is not a version of {name}")
+            only = entry.hash
+        report = lifecycle.plan_forget(self.catalog, name, policy=policy, only=only,
+                                       mounted=lifecycle.mounted_versions(self.home))
+        report.dry_run = dry_run
+        gone = {f.hash for f in report.forgotten}
+        if measure or dry_run:
+            before = reclaim.measure(self.catalog, self.roots).dead_bytes if gone else 0
+        if not dry_run:
+            lifecycle.apply_forget(self.catalog, report)
+        if (measure or dry_run) and gone:
+            still = self._still_kept(name, gone)
+            after = reclaim.measure(self.catalog, (lambda: self.roots() - (gone - still)) if dry_run else self.roots)
+            report.freed_bytes = max(0, after.dead_bytes - before)
+        elif measure or dry_run:
+            report.freed_bytes = 0
+        return report
+
+    def _still_kept(self, name: str, hashes: set[str]) -> set[str]:
+        """Of ``hashes``, those another dataset records too (forgetting them here keeps their bytes)."""
+        return {h for h in hashes if any(d != name for d in self.catalog.datasets_of(h))}
+
+    def remove_dataset(self, name: str) -> tuple[int, int, int]:
+        """Delete dataset ``name`` (history, tags, queued pushes); the bytes go with the next `gc`."""
+        self._require_writable()
+        return lifecycle.remove_dataset(self.catalog, name, lifecycle.mounted_versions(self.home))
+
+    def delete_tag(self, name: str, tag: str) -> str:
+        """Delete tag ``name:tag``; returns the version hash it named."""
+        self._require_writable()
+        check_dataset_name(name)
+        if not self.catalog.dataset_head(name)[0]:
+            raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
+        found = ls.delete_tag(self.catalog, name, check_tag(tag))
+        if found is None:
+            tags = sorted({t for names in self.catalog.tags(name).values() for t in names})
+            raise NotFound(f"dataset {name!r} has no tag {tag!r}" + (f" (tags: {', '.join(tags[:8])})" if tags
+                                                                     else " (it has no tags)"))
+        return found
+
+    def gc(self, *, repack_threshold: float | None = None, dry_run: bool = False, lock_wait: float = reclaim.LOCK_WAIT,
+           progress: Progress | None = None) -> reclaim.GcReport:
+        """Reclaim space: delete what no kept version reaches, repack packs whose dead share passes
+        ``repack_threshold`` (default: the ``gc.repack_threshold`` setting), remove crash garbage.
+        ``lock_wait``: seconds to wait for a moment without commits before giving up."""
+        self._require_writable()
+        threshold = self.lifecycle_settings().repack_threshold if repack_threshold is None else repack_threshold
+        return reclaim.collect(self.catalog, self.store, self.roots, repack_threshold=threshold,
+                               pack_target=self.settings.pack_target, dry_run=dry_run, lock_wait=lock_wait,
+                               progress=progress)
+
+    def reclaimable(self) -> reclaim.Usage:
+        """Bytes of the local packs no kept version uses (a full mark; changes nothing)."""
+        return reclaim.measure(self.catalog, self.roots)
+
+    def du(self, ref: str | None = None) -> tuple[list[lifecycle.VersionUsage], list[lifecycle.DatasetUsage]]:
+        """Where the bytes are: per version (of ``ref``'s dataset, or only ``ref`` when it names a version)
+        its size, the stored bytes only it holds and those it shares; per dataset the same."""
+        name = hash_ = None
+        if ref is not None:
+            r = parse_ref(ref)
+            name = r.dataset
+            if not self.catalog.dataset_head(name)[0]:
+                raise NotFound(f"unknown dataset {name!r}" + self._known_datasets_hint())
+            if r.prefix or r.tag:
+                hash_ = self.resolve_local(r).hash
+        return lifecycle.disk_usage(self.catalog, self.roots(), name, hash_)
+
+    def forget_remote(self, name: str, policy: KeepPolicy | None = None, *, version: str | None = None,
+                      remote: str | None = None, dry_run: bool = False) -> pruning.RemoteForgetReport:
+        """Forget versions of ``name`` on a remote (tombstones every home honours); `prune` then deletes
+        their data. ``version``: a hash prefix of one version."""
+        check_dataset_name(name)
+        rem = self.transports.remote(remote)
+        return pruning.forget_remote(self.catalog, self.transports.get(rem.url), rem, name, policy=policy,
+                                     only=version, dry_run=dry_run, author=default_author())
+
+    def prune(self, remote: str | None = None, *, dry_run: bool = False, wait: bool = False,
+              progress: Progress | None = None) -> pruning.PruneReport:
+        """Delete from a remote what no kept version, tag or live push session needs (two marks a margin
+        apart; see `tessera.prune`)."""
+        rem = self.transports.remote(remote)
+        return pruning.prune_remote(self.catalog, self.transports.get(rem.url), rem, self.lifecycle_settings(),
+                                    dry_run=dry_run, wait=wait, progress=progress, host=default_author())
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.catalog.stats())
+        usage = None if self.read_only else self.reclaimable()  # marking needs TEMP tables: a writable catalog
+        out["live_bytes"] = usage.live_bytes if usage is not None else None
+        out["reclaimable_bytes"] = usage.dead_bytes if usage is not None else None
         out["home"] = str(self.home)
         out["disk_bytes"] = sum(p.stat().st_size for p in self.home.rglob("*") if p.is_file())
         out["chunk_params"] = self.settings.chunk.to_dict()

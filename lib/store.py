@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -236,12 +237,23 @@ class Store:
             yield
 
     @contextmanager
-    def collecting(self) -> Iterator[None]:
+    def collecting(self, wait: float = 0.0) -> Iterator[None]:
+        """Exclusive: no commit, pull or repack is between writing a pack and recording what uses it.
+        ``wait``: keep trying that many seconds (polling, so writers are never queued behind us)."""
+        fd = os.open(self.home / "write.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            with self._lock_file(fcntl.LOCK_EX | fcntl.LOCK_NB):
-                yield
-        except BlockingIOError:
-            raise TesseraError("another tessera process is writing to this home; run gc later") from None
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TesseraError("another tessera process is writing to this home; run gc later") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _lock_file(self, mode: int) -> Iterator[None]:

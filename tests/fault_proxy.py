@@ -10,10 +10,12 @@ thing and no fault hides in a pooled keep-alive connection.
         proxy.drop_responses(1)      # forward the next request, then RST instead of answering
         proxy.cut_responses(1, keep=4096, stall=0.0)  # answer, but hang up after 4 KiB of the body
         proxy.delay_responses(2.0, count=1)  # hold the next response back 2 s
+        proxy.skew_clock(3600)       # every response's Date header says the server's clock is 1 h ahead
         proxy.down(); proxy.up()     # refuse connections (listener closed), then listen again
 """
 from __future__ import annotations
 
+import email.utils
 import logging
 import select
 import socket
@@ -55,6 +57,7 @@ class _Faults:
     cut_stall: float = 0.0
     delay: float = 0.0
     delay_count: int | None = 0  # None: every response
+    skew: float = 0.0  # seconds added to the Date header of every response
 
 
 class FaultProxy:
@@ -145,6 +148,12 @@ class FaultProxy:
         """Hold back the next ``count`` responses (all of them if None) by ``seconds``."""
         with self._lock:
             self._faults.delay, self._faults.delay_count = seconds, count
+
+    def skew_clock(self, seconds: float) -> None:
+        """Make the server's clock look ``seconds`` ahead (negative: behind) of ours: the ``Date`` header
+        of every response is rewritten (what a client compares its clock with)."""
+        with self._lock:
+            self._faults.skew = seconds
 
     def clear(self) -> None:
         """Stop injecting faults (does not bring a downed proxy up)."""
@@ -256,7 +265,13 @@ class FaultProxy:
                 chunks.append(piece)
         response = b"".join(chunks)
         resp_head, sep, resp_body = response.partition(b"\r\n\r\n")
-        return _with_header(resp_head + sep, b"Connection", b"close") + resp_body
+        head = _with_header(resp_head + sep, b"Connection", b"close")
+        with self._lock:
+            skew = self._faults.skew
+        if skew:
+            date = email.utils.formatdate(time.time() + skew, usegmt=True).encode()
+            head = _with_header(head, b"Date", date)
+        return head + resp_body
 
 
 def _read_request(conn: socket.socket, reader: BinaryIO) -> tuple[bytes, bytes] | None:

@@ -221,6 +221,12 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
     j("restore", ref, str(out), "--delete")
     j("verify", ref, str(out))
     j("fsck")
+    scratch = j("commit", "scratch", str(src / "sub"))["ref"]  # type: ignore[index]
+    j("du")
+    j("du", scratch)
+    j("config", "gc.repack_threshold", "30%")
+    j("forget", "ds", "--keep-last", "1", "--dry-run")
+    j("rm", "scratch", "--yes")
     j("gc")
     j("stats")
     lock = str(tmp_path / "project" / "tessera.lock")
@@ -248,6 +254,7 @@ def test_every_json_output_parses(home: Path, tmp_path: Path, cli, s3_bucket: st
     assert pushed["packs"] >= 1 and pushed["packs_already_there"] == 0  # type: ignore[index]
     assert j("push", "ds")["objects"] == 0  # type: ignore[index]
     j("push", "--all")
+    j("prune", "-r", "origin", "--dry-run")
     j("datasets", "--remote", "origin")
     other = tmp_path / "home2"
     j("remote", "add", "origin", s3_bucket, home_dir=other)

@@ -114,3 +114,19 @@ def forget_key(catalog: Catalog, remote: str, key: str) -> None:
     """The remote no longer holds ``key`` (found missing): push must upload it again."""
     with catalog.write() as c:
         c.execute("DELETE FROM remote_objects WHERE remote = ? AND key = ?", (remote, key))
+
+
+def forget_keys(catalog: Catalog, remote: str, keys: Iterable[str]) -> None:
+    """The remote may no longer hold these keys (a prune plan named them): forget them, and where a key
+    is a metadata pack (``meta/<id>``), which trees and file records it held, so push sends them again."""
+    keys = list(keys)
+    metas = [k[len("meta/"):] for k in keys if k.startswith("meta/")]
+    with catalog.write() as c:
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            c.execute(f"DELETE FROM remote_objects WHERE remote = ? AND key IN ({','.join('?' * len(part))})",
+                      (remote, *part))
+        for i in range(0, len(metas), 500):
+            part = metas[i:i + 500]
+            c.execute(f"DELETE FROM remote_meta WHERE remote = ? AND pack IN ({','.join('?' * len(part))})",
+                      (remote, *part))

@@ -18,7 +18,8 @@ class LazyGroup(click.Group):
     """Imports the command modules only when a command is looked up (keeps --help fast)."""
 
     modules = ("tessera.cli.core", "tessera.cli.worktree", "tessera.cli.mount", "tessera.cli.cache",
-               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.lock", "tessera.cli.help")
+               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.lock", "tessera.cli.lifecycle",
+               "tessera.cli.help")
     _loaded = False
 
     def _load(self) -> None:

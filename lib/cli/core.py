@@ -1,4 +1,4 @@
-"""Local commands: init, commit, datasets, log, tags, ls, show, diff, cat, tag, export, verify, fsck, gc, stats."""
+"""Local commands: init, commit, datasets, log, tags, ls, show, diff, cat, tag, export, verify, fsck, stats."""
 from __future__ import annotations
 
 import json
@@ -457,16 +457,36 @@ def cat(ref: str, path: str) -> None:
 
 @cli.command()
 @click.argument("ref", shell_complete=complete_ref)
-@click.argument("tag")
+@click.argument("tag", required=False)
+@click.option("--delete", "delete", is_flag=True, help="Delete tag NAME:TAG, given as REF (its version stays).")
 @json_option
-def tag(ref: str, tag: str, as_json: bool) -> None:
-    """Name version REF as NAME:TAG (moves the tag if it exists).
+def tag(ref: str, tag: str | None, delete: bool, as_json: bool) -> None:
+    """Name version REF as NAME:TAG, or delete a tag.
+
+    Setting a tag that exists moves it. `tag --delete NAME:TAG` deletes one (the version stays; a
+    tagged version is never forgotten, an untagged one may be).
 
     \b
     Examples:
       tessera tag coco@3f2a9c v1
       tessera tag coco best --json
+      tessera tag --delete coco:v1
     """
+    from tessera.errors import UsageError
+    from tessera.ids import parse_ref
+
+    if delete:
+        r = parse_ref(ref)
+        if tag is not None or not r.tag:
+            raise UsageError("give the tag to delete as NAME:TAG, like `tessera tag --delete coco:v1`")
+        hash_ = open_repo().delete_tag(r.dataset, r.tag)
+        if as_json:
+            emit_json({"dataset": r.dataset, "tag": r.tag, "hash": hash_, "deleted": True})
+            return
+        click.echo(f"deleted tag {r.dataset}:{r.tag} (it named {r.dataset}@{hash_[:12]})")
+        return
+    if tag is None:
+        raise UsageError("give a tag: tessera tag REF TAG (or --delete NAME:TAG)")
     v = open_repo(create=True).tag(ref, tag)
     if as_json:
         emit_json({"dataset": v.name, "tag": tag, "hash": v.hash, "ref": v.ref})
@@ -605,44 +625,12 @@ def fsck(repair: bool, read_remote: bool, require_local: bool, as_json: bool) ->
         click.echo(f"ok: {summary}")
 
 
-def _bytes_under(*dirs: Path) -> int:
-    total = 0
-    for d in dirs:
-        if d.is_dir():
-            total += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-    return total
-
-
-@cli.command()
-@json_option
-def gc(as_json: bool) -> None:
-    """Remove what a crash can leave behind (temp files, stray packs).
-
-    Only packs no catalog row points to and files in the store's tmp/; never a byte of a version.
-
-    \b
-    Examples:
-      tessera gc
-    """
-    t0 = time.monotonic()
-    repo = open_repo()
-    where = (repo.home / "packs", repo.home / "tmp")
-    before = _bytes_under(*where)
-    removed = repo.gc()
-    freed = before - _bytes_under(*where)
-    seconds = time.monotonic() - t0
-    if as_json:
-        emit_json({"removed": removed, "bytes": freed, "seconds": round(seconds, 3)})
-        return
-    for r in removed:
-        click.echo(f"removed {r}")
-    click.echo(f"{plural(len(removed), 'item')} removed, {human_size(freed)} freed in {seconds:.2f} s")
-
-
 @cli.command()
 @json_option
 def stats(as_json: bool) -> None:
     """Store size: versions, chunks, bytes raw, stored and on disk.
+
+    Also the bytes of the packs no kept version uses (what `tessera gc` reclaims).
 
     \b
     Examples:
@@ -661,3 +649,7 @@ def stats(as_json: bool) -> None:
                f"{human_size(s['stored_bytes'])} stored")
     click.echo(f"packs         {s['packs']}, {human_size(s['pack_bytes'])}")
     click.echo(f"on disk       {human_size(s['disk_bytes'])}")
+    if s["reclaimable_bytes"] is None:
+        click.echo("reclaimable   not measured (a read-only home)")
+    else:
+        click.echo(f"reclaimable   {human_size(s['reclaimable_bytes'])} in packs no kept version uses (`tessera gc`)")

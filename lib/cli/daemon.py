@@ -275,28 +275,36 @@ def status(directory: str | None, config: str | None, as_json: bool) -> None:
                    "input (repeatable); a bare REF is only recorded.")
 @click.option("--every", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How often --capture directories are snapshotted while the command runs.")
+@click.option("--keep-last", "keep_last", type=click.IntRange(min=1), metavar="N",
+              help="After each captured version, forget all but the N newest versions of its dataset (dead "
+                   "bytes are reclaimed past the gc.auto_dead_bytes setting).")
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple[str, ...], every: float,
-        as_json: bool, command: tuple[str, ...]) -> None:
+        keep_last: int | None, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND, capturing its outputs as versions.
 
     Output directories are captured with their lineage. Each captured version records the command, its exit code, the input versions (full hashes), the
     git commit of the working directory and start/end times (`tessera show` prints them, `tessera log`
     marks them [captured]). Exits with the command's exit code. With --json, a JSON summary
-    (exit code, captured versions) follows the command's own output on stdout.
+    (exit code, captured versions) follows the command's own output on stdout. With --keep-last N,
+    each captured dataset keeps only its N newest versions.
 
     \b
     Examples:
       tessera run --capture ./ckpt:run-42 --input coco@3f2a9c:/mnt/coco -- python train.py
       tessera run --capture-once ./out:eval-7 --json -- python eval.py
+      tessera run --capture ./ckpt:run-42 --keep-last 5 -- python train.py
     """
     from tessera.daemon.capture import Run, parse_capture, parse_input
 
     specs = [parse_capture(c) for c in captures] + [parse_capture(c, once=True) for c in captures_once]
+    from tessera.retention import KeepPolicy
+
     repo = open_repo(create=bool(captures or captures_once))  # only --capture writes to the home
     job = Run(repo, list(command), specs, [parse_input(i) for i in inputs], every,
-              report=lambda msg: click.echo(f"tessera: {msg}", err=True))
+              report=lambda msg: click.echo(f"tessera: {msg}", err=True),
+              keep=KeepPolicy(last=keep_last) if keep_last else None)
     code = job.run()
     if as_json:
         emit_json({"exit_code": code, "versions": job.versions, "run_id": job.run_id})

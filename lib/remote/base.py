@@ -13,12 +13,14 @@ backends. Every backend raises only `TesseraError` subclasses:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from tessera.errors import UsageError
@@ -36,6 +38,9 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None = None
+    modified: float | None = field(default=None, compare=False)
+    """When the object was last written, by the remote's clock (seconds since the epoch), if known; not
+    part of equality (two listings of one object are equal)."""
 
 
 class ObjectReader(ABC):
@@ -112,6 +117,21 @@ class Transport(ABC):
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
 
+    def put_conditional(self, key: str, data: bytes, *, if_match: str | None = None) -> str:
+        """Create ``key`` only if it does not exist (``if_match`` None: ``If-None-Match: *``), or replace
+        it only if its etag is still ``if_match`` (``If-Match``). Returns the new object's etag (the MD5 of
+        ``data``). Raises `PreconditionFailed` when the condition does not hold, `NotFound` when
+        ``if_match`` names an object that is gone. Backends that cannot replace conditionally refuse
+        ``if_match`` with `UsageError`."""
+        if if_match is not None:
+            raise UsageError(f"{self.url} cannot replace objects conditionally")
+        self.put(key, data, if_none_match=True)
+        return md5_hex(data)
+
+    def server_time(self) -> float:
+        """The remote's clock now (seconds since the epoch): the clock its ``modified`` times use."""
+        return time.time()
+
     def close(self) -> None:
         """Release connections. The transport must not be used afterwards."""
 
@@ -123,6 +143,12 @@ class Transport(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def md5_hex(data: bytes) -> str:
+    """The etag of an object written in one request: the MD5 of its bytes (S3's rule; memory and file
+    remotes use it too, so conditional writes compare alike everywhere)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def check_key(key: str) -> str:

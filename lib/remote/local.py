@@ -7,6 +7,7 @@ partial object and exactly one of several racing conditional writers wins.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -27,11 +28,13 @@ from tessera.remote.base import (
     check_range,
     copy_stream,
     fsync_path,
+    md5_hex,
 )
 
 logger = logging.getLogger(__name__)
 
 TMP_DIR = ".tessera-tmp"
+LOCK_FILE = "conditional.lock"  # in TMP_DIR: serialises conditional replaces and deletes
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
@@ -64,10 +67,39 @@ class LocalTransport(Transport):
         finally:
             _unlink_quietly(tmp)
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """An flock serialising conditional replaces with deletes (tessera processes sharing the directory
+        all take it), so a check-then-replace cannot interleave with a delete."""
+        tmp_dir = os.path.join(self.root, TMP_DIR)
+        os.makedirs(tmp_dir, exist_ok=True)
+        fd = os.open(os.path.join(tmp_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     # -- writes --------------------------------------------------------------------------------
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
         self._write(key, lambda f: f.write(data), if_none_match=if_none_match)
+
+    def put_conditional(self, key: str, data: bytes, *, if_match: str | None = None) -> str:
+        if if_match is None:
+            self._write(key, lambda f: f.write(data), if_none_match=True)
+            return md5_hex(data)
+        path = self._path(key)
+        with _os_errors(self.url, key, writing=True), self._exclusive():
+            try:
+                with open(path, "rb") as f:
+                    current = f.read()
+            except FileNotFoundError:
+                raise NotFound(f"{self.url}/{key} does not exist") from None
+            if md5_hex(current) != if_match:
+                raise PreconditionFailed(f"{self.url}/{key} changed")
+            self._write(key, lambda f: f.write(data), if_none_match=False)
+        return md5_hex(data)
 
     def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         with open(path, "rb") as src:  # a missing source is the caller's OSError, not a remote error
@@ -145,7 +177,7 @@ class LocalTransport(Transport):
                 st = os.stat(path)
         except NotFound:
             return None
-        return ObjectInfo(key, st.st_size) if _is_file(st.st_mode) else None
+        return ObjectInfo(key, st.st_size, modified=st.st_mtime) if _is_file(st.st_mode) else None
 
     def list(self, prefix: str = "", *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         base = prefix.rpartition("/")[0]
@@ -160,10 +192,23 @@ class LocalTransport(Transport):
     def delete(self, key: str) -> None:
         path = self._path(key)
         with _os_errors(self.url, key, writing=True):
-            try:
-                os.unlink(path)
-            except (FileNotFoundError, NotADirectoryError):
-                pass
+            if not os.path.lexists(path):
+                self._check_writable()
+                return
+            with self._exclusive():
+                try:
+                    os.unlink(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+
+    def _check_writable(self) -> None:
+        """Deleting a missing key changes nothing, but must still fail where deleting is not allowed
+        (a read-only file system), as S3 refuses a DELETE it does not permit whether or not the key exists."""
+        probe = self.root
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise AccessDenied(f"access denied to {self.url}: read-only file system")
 
 
 class _FileReader(ObjectReader):
@@ -204,7 +249,8 @@ def _walk(directory: str, rel: str) -> Iterator[ObjectInfo]:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(entry.path, key)
         elif entry.is_file(follow_symlinks=False):
-            yield ObjectInfo(key, entry.stat(follow_symlinks=False).st_size)
+            st = entry.stat(follow_symlinks=False)
+            yield ObjectInfo(key, st.st_size, modified=st.st_mtime)
 
 
 def _is_file(mode: int) -> bool:

@@ -5,9 +5,9 @@ share its objects. `reset()` empties one or all buckets.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
+import time
 from bisect import bisect_right
 from collections.abc import Iterator
 
@@ -20,6 +20,7 @@ from tessera.remote.base import (
     atomic_output,
     check_key,
     check_range,
+    md5_hex,
     report,
 )
 
@@ -32,6 +33,7 @@ class _Bucket:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.objects: dict[str, bytes] = {}
+        self.modified: dict[str, float] = {}
 
 
 _buckets: dict[str, _Bucket] = {}
@@ -50,6 +52,7 @@ def reset(name: str | None = None) -> None:
     for bucket in targets:
         with bucket.lock:
             bucket.objects.clear()
+            bucket.modified.clear()
 
 
 class MemoryTransport(Transport):
@@ -70,6 +73,23 @@ class MemoryTransport(Transport):
             if if_none_match and full in self._bucket.objects:
                 raise PreconditionFailed(f"{self.url}/{key} already exists")
             self._bucket.objects[full] = data
+            self._bucket.modified[full] = time.time()
+
+    def put_conditional(self, key: str, data: bytes, *, if_match: str | None = None) -> str:
+        full = self._full(key)
+        data = bytes(data)
+        with self._bucket.lock:
+            current = self._bucket.objects.get(full)
+            if if_match is None and current is not None:
+                raise PreconditionFailed(f"{self.url}/{key} already exists")
+            if if_match is not None:
+                if current is None:
+                    raise NotFound(f"{self.url}/{key} does not exist")
+                if md5_hex(current) != if_match:
+                    raise PreconditionFailed(f"{self.url}/{key} changed")
+            self._bucket.objects[full] = data
+            self._bucket.modified[full] = time.time()
+        return md5_hex(data)
 
     def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         with open(path, "rb") as f:
@@ -103,21 +123,23 @@ class MemoryTransport(Transport):
         full = self._full(key)
         with self._bucket.lock:
             data = self._bucket.objects.get(full)
-        return None if data is None else _info(key, data)
+            when = self._bucket.modified.get(full)
+        return None if data is None else _info(key, data, when)
 
     def list(self, prefix: str = "", *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         with self._bucket.lock:
-            items = [(k[len(self._prefix):], v) for k, v in self._bucket.objects.items()
+            items = [(k[len(self._prefix):], v, self._bucket.modified.get(k)) for k, v in self._bucket.objects.items()
                      if k.startswith(self._prefix + prefix)]
         items.sort(key=lambda item: item[0])
-        begin = bisect_right([k for k, _ in items], start_after) if start_after else 0
-        for key, data in items[begin:]:
-            yield _info(key, data)
+        begin = bisect_right([k for k, _, _ in items], start_after) if start_after else 0
+        for key, data, when in items[begin:]:
+            yield _info(key, data, when)
 
     def delete(self, key: str) -> None:
         full = self._full(key)
         with self._bucket.lock:
             self._bucket.objects.pop(full, None)
+            self._bucket.modified.pop(full, None)
 
 
 class BytesReader(ObjectReader):
@@ -141,5 +163,5 @@ class BytesReader(ObjectReader):
             self._view = None
 
 
-def _info(key: str, data: bytes) -> ObjectInfo:
-    return ObjectInfo(key, len(data), hashlib.md5(data, usedforsecurity=False).hexdigest())
+def _info(key: str, data: bytes, modified: float | None = None) -> ObjectInfo:
+    return ObjectInfo(key, len(data), md5_hex(data), modified)

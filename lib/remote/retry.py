@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from tessera.errors import PreconditionFailed, RemoteError, TransientRemoteError
-from tessera.remote.base import ObjectInfo, ObjectReader, Progress, Transport
+from tessera.remote.base import ObjectInfo, ObjectReader, Progress, Transport, md5_hex
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,30 @@ class Retrying(Transport):
             if not had_fault or not self._holds(key, data):
                 raise
             logger.info("%s: conditional put %s had landed before a transient fault", self.url, key)
+
+    def put_conditional(self, key: str, data: bytes, *, if_match: str | None = None) -> str:
+        """Retried like a conditional `put`: a faulted attempt may have landed before the fault, and then
+        the condition fails on the next one although the object is ours."""
+        had_fault = False
+
+        def attempt() -> str:
+            nonlocal had_fault
+            try:
+                return self.inner.put_conditional(key, data, if_match=if_match)
+            except TransientRemoteError:
+                had_fault = True
+                raise
+
+        try:
+            return self._call(f"put {key}", attempt)
+        except PreconditionFailed:
+            if not had_fault or not self._holds(key, data):
+                raise
+            logger.info("%s: conditional put %s had landed before a transient fault", self.url, key)
+            return md5_hex(data)
+
+    def server_time(self) -> float:
+        return self._call("server time", self.inner.server_time)
 
     def _holds(self, key: str, data: bytes) -> bool:
         info = self.head(key)

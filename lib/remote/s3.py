@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -118,9 +119,27 @@ class S3Transport(Transport):
             self._client.upload_file(path, self.bucket, self._key(key),
                                      Config=self._transfer_config, Callback=progress)
 
+    def put_conditional(self, key: str, data: bytes, *, if_match: str | None = None) -> str:
+        extra = {"IfMatch": f'"{if_match}"'} if if_match is not None else {"IfNoneMatch": "*"}
+        with self._boundary("put", key):
+            response = self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data), **extra)
+        return _etag(response.get("ETag")) or ""
+
     def delete(self, key: str) -> None:
         with self._boundary("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def server_time(self) -> float:
+        """The ``Date`` of a HEAD of the bucket: the clock S3 stamps ``LastModified`` with."""
+        from email.utils import parsedate_to_datetime
+
+        with self._boundary("head_bucket", ""):
+            response = self._client.head_bucket(Bucket=self.bucket)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return parsedate_to_datetime(date).timestamp() if date else time.time()
+        except (TypeError, ValueError):
+            raise RemoteError(f"{self.url}: the server sent an unreadable Date header {date!r}") from None
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -179,7 +198,8 @@ class S3Transport(Transport):
         except NotFound:
             self._check_bucket()  # a HEAD 404 cannot tell a missing key from a missing bucket
             return None
-        return ObjectInfo(key, int(response["ContentLength"]), _etag(response.get("ETag")))
+        return ObjectInfo(key, int(response["ContentLength"]), _etag(response.get("ETag")),
+                          _timestamp(response.get("LastModified")))
 
     def list(self, prefix: str = "", *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._root + prefix,
@@ -190,7 +210,8 @@ class S3Transport(Transport):
             with self._boundary("list", prefix):
                 page = self._client.list_objects_v2(**request)
             for obj in page.get("Contents", ()):
-                yield ObjectInfo(obj["Key"][len(self._root):], int(obj["Size"]), _etag(obj.get("ETag")))
+                yield ObjectInfo(obj["Key"][len(self._root):], int(obj["Size"]), _etag(obj.get("ETag")),
+                                 _timestamp(obj.get("LastModified")))
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
@@ -343,6 +364,14 @@ def _transfer_config(part_size: int, max_concurrency: int) -> Any:
 
 def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else None
+
+
+def _timestamp(value: Any) -> float | None:
+    """A boto3 ``LastModified`` (an aware datetime) as seconds since the epoch."""
+    try:
+        return float(value.timestamp()) if value is not None else None
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
 
 
 def _env(name: str) -> str | None:

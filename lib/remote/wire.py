@@ -89,7 +89,7 @@ def get_object(t: Transport, key: str, limit: int, *, required_by: str | None = 
     except NotFound:
         if required_by is None:
             raise
-        raise CorruptData(f"{t.url}: {required_by} needs {key}, which is missing") from None
+        raise CorruptData(f"{t.url}: {required_by} needs {key}, which is missing (pruned or never pushed)") from None
     if len(data) > limit:
         raise CorruptData(f"{t.url}/{key} is larger than any object of its kind ({limit} bytes): refused")
     return data
@@ -301,3 +301,191 @@ class MetaPackBuilder:
     def finish(self) -> tuple[str, bytes]:
         """(pack id, pack bytes)."""
         return self._pack.id, b"".join(self._parts)
+
+
+# -- lifecycle: layout, tombstones, push sessions, prune plans (remote layout 2) ---------------------------
+
+LAYOUT_KEY = "layout"
+LAYOUT = 2
+"""The remote layout this tessera writes. Layout 1 (no ``layout`` object) is what the first tessera wrote:
+packs, indexes, metadata packs, versions, history and tags. Layout 2 adds tombstones (forgotten history
+entries), push sessions and prune plans; layout-1 readers still read it (they see no forgotten entry,
+whose history object is deleted)."""
+
+TOMBSTONES = "tombstones/"
+SESSIONS = "sessions/"
+PLANS = "prune/plans/"
+SWEEPING = "prune/sweeping/"
+DONE = "prune/done/"
+SESSION_MAX = 64 << 20
+PLAN_MAX = 256 << 20
+SWEEPABLE_PREFIXES = ("packs/", "index/", "meta/", "versions/")
+"""The only kinds of object a prune deletes (history is forgotten by tombstones, never by a sweep)."""
+
+_SWEEPABLE = re.compile(r"^(packs|index|meta|versions)/[0-9a-f]{64}$")
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+_PLAN_NAME = re.compile(r"^\d{16}-[0-9a-f]{16}$")
+
+
+def encode_layout() -> bytes:
+    return _dumps({"format": FORMAT, "layout": LAYOUT})
+
+
+def decode_layout(data: bytes, where: str) -> int:
+    obj = _loads(data, where)
+    n = obj.get("layout")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise CorruptData(f"{where} is malformed: bad layout number")
+    return n
+
+
+def is_sweepable_key(key: str) -> bool:
+    return bool(_SWEEPABLE.match(key))
+
+
+def tombstone_prefix(dataset: str) -> str:
+    return f"{TOMBSTONES}{dataset}/"
+
+
+def tombstone_key(history: str) -> str:
+    """The tombstone of history entry ``history/<dataset>/<name>``: ``tombstones/<dataset>/<name>``."""
+    return TOMBSTONES + history.removeprefix("history/")
+
+
+def history_key_of_tombstone(key: str) -> str:
+    return "history/" + key.removeprefix(TOMBSTONES)
+
+
+def encode_tombstone(history: str, hash: str, when: float, author: str) -> bytes:
+    return _dumps({"format": FORMAT, "entry": history, "hash": hash, "time": when, "author": author})
+
+
+def decode_tombstone(key: str, data: bytes, where: str) -> str:
+    """The history key a tombstone forgets (it must be the one its own key names)."""
+    obj = _loads(data, where)
+    entry = history_key_of_tombstone(key)
+    _need(obj.get("entry") == entry and parse_history_key(entry) is not None, where, "names another entry")
+    return entry
+
+
+@dataclass(frozen=True)
+class SessionObject:
+    """``sessions/<id>``: a push (or prune) in flight and every object it relies on. It is alive while
+    its ``LastModified`` (rewritten as a heartbeat) is less than ``expiry`` seconds old."""
+
+    id: str
+    kind: str
+    host: str
+    started: float
+    expiry: float
+    keys: tuple[str, ...]
+
+    def to_bytes(self) -> bytes:
+        return _dumps({"format": FORMAT, "id": self.id, "kind": self.kind, "host": self.host, "started": self.started,
+                       "expiry": self.expiry, "keys": sorted(self.keys)})
+
+    @classmethod
+    def from_bytes(cls, key: str, data: bytes, where: str) -> SessionObject:
+        obj = _loads(data, where)
+        sid = key.removeprefix(SESSIONS)
+        _need(obj.get("id") == sid and bool(_SESSION_ID.match(sid)), where, "its id disagrees with its key")
+        _need(obj.get("kind") in ("push", "prune") and isinstance(obj.get("host"), str), where, "bad kind or host")
+        for name in ("started", "expiry"):
+            v = obj.get(name)
+            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, where, f"bad {name}")
+        keys = obj.get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) and is_sweepable_key(k) for k in keys):
+            raise CorruptData(f"{where} is malformed: bad key list")
+        return cls(sid, obj["kind"], obj["host"], float(obj["started"]), float(obj["expiry"]), tuple(keys))
+
+
+def session_key(session_id: str) -> str:
+    return f"{SESSIONS}{session_id}"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One object a plan found unreachable, as it was then (a changed object is not swept)."""
+
+    key: str
+    size: int
+    etag: str | None
+    modified: float | None
+
+
+@dataclass(frozen=True)
+class PlanObject:
+    """``prune/plans/<name>``: what one mark found unreachable. Swept no sooner than ``margin`` seconds
+    after the plan's own ``LastModified``, and only within ``window`` seconds of the sweep's start."""
+
+    name: str
+    created: float
+    margin: float
+    window: float
+    candidates: tuple[Planned, ...]
+    partial: tuple[tuple[str, int, int], ...] = ()  # (pack, size, dead bytes): live packs a repack could shrink
+
+    def to_bytes(self) -> bytes:
+        return _dumps({"format": FORMAT, "name": self.name, "created": self.created, "margin": self.margin,
+                       "window": self.window,
+                       "candidates": [[c.key, c.size, c.etag, c.modified] for c in self.candidates],
+                       "partial": [list(p) for p in self.partial]})
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes, where: str) -> PlanObject:
+        obj = _loads(data, where)
+        _need(obj.get("name") == name and bool(_PLAN_NAME.match(name)), where, "its name disagrees with its key")
+        for field_ in ("created", "margin", "window"):
+            v = obj.get(field_)
+            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, where, f"bad {field_}")
+        cands = obj.get("candidates")
+        if not isinstance(cands, list):
+            raise CorruptData(f"{where} is malformed: no candidate list")
+        out = []
+        for row in cands:
+            ok = (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and is_sweepable_key(row[0])
+                  and _is_count(row[1]) and (row[2] is None or isinstance(row[2], str))
+                  and (row[3] is None or (isinstance(row[3], (int, float)) and not isinstance(row[3], bool))))
+            _need(ok, where, f"bad candidate {str(row)[:80]}")
+            out.append(Planned(row[0], row[1], row[2], None if row[3] is None else float(row[3])))
+        partial = obj.get("partial", [])
+        _need(isinstance(partial, list) and all(
+            isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and bool(HEX64.match(p[0]))
+            and _is_count(p[1]) and _is_count(p[2]) for p in partial), where, "bad partial list")
+        return cls(name, float(obj["created"]), float(obj["margin"]), float(obj["window"]), tuple(out),
+                   tuple((p[0], p[1], p[2]) for p in partial))
+
+
+def plan_name(when: float, salt: str) -> str:
+    return f"{int(round(when * 1e6)):016d}-{salt[:16]}"
+
+
+def is_plan_name(name: str) -> bool:
+    return bool(_PLAN_NAME.match(name))
+
+
+def plan_key(name: str) -> str:
+    return f"{PLANS}{name}"
+
+
+def sweeping_key(name: str) -> str:
+    return f"{SWEEPING}{name}"
+
+
+def done_key(name: str) -> str:
+    return f"{DONE}{name}"
+
+
+def encode_sweep_mark(plan: str, when: float, host: str, deleted: Sequence[str] = (), spared: int = 0) -> bytes:
+    return _dumps({"format": FORMAT, "plan": plan, "time": when, "host": host, "deleted": sorted(deleted),
+                   "spared": spared})
+
+
+def decode_sweep_mark(name: str, data: bytes, where: str) -> tuple[list[str], int]:
+    """(keys deleted, objects spared) of a ``prune/sweeping/<name>`` or ``prune/done/<name>`` object."""
+    obj = _loads(data, where)
+    _need(obj.get("plan") == name, where, "names another plan")
+    deleted = obj.get("deleted", [])
+    _need(isinstance(deleted, list) and all(isinstance(k, str) for k in deleted), where, "bad deleted list")
+    _need(_is_count(obj.get("spared", 0)), where, "bad spared count")
+    return list(deleted), int(obj.get("spared", 0))
