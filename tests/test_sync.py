@@ -520,3 +520,42 @@ def test_lazy_mount_reads_from_s3_and_survives_an_outage(pushed, tmp_path: Path,
     finally:
         fault_proxy.up()
         cli("umount", str(mnt), env=env(home), check=True)
+
+
+def test_diverged_tag_is_kept_said_and_taken_with_from_remote(tmp_path: Path, source: Path, cli) -> None:
+    """A pull keeps a local tag that names another version than the remote's tag, warns naming both,
+    and `tag --from-remote` takes theirs; refusals are one line and change nothing."""
+    url = "file://" + str(tmp_path / "remote")
+    home_a = make_home(tmp_path / "a")
+    v0 = commit(cli, home_a, "ds", source, "-m", "first")
+    cli("tag", v0, "best", env=env(home_a), check=True)
+    cli("push", "ds", "--remote", url, env=env(home_a), check=True)
+    home_b = fresh_home(tmp_path, cli, url)
+    cli("pull", "ds", env=env(home_b), check=True)
+    work = tmp_path / "work"
+    shutil.copytree(source, work)
+    (work / "extra.txt").write_text("only in b\n")
+    v1 = commit(cli, home_b, "ds", work, "-m", "mine")
+    cli("tag", v1, "best", env=env(home_b), check=True)
+
+    pulled = cli("pull", "ds", env=env(home_b), check=True)
+    h0, h1 = v0.split("@")[1], v1.split("@")[1]
+    assert f"tag ds:best is {h1[:12]} here but {h0[:12]} on origin" in pulled.stderr, pulled.stderr
+    assert "tessera tag --from-remote ds:best" in pulled.stderr
+
+    def best() -> str:
+        tags = json.loads(cli("tags", "ds", "--json", env=env(home_b), check=True).stdout)
+        return next(t["hash"] for t in tags if t["tag"] == "best")
+
+    assert best() == h1  # ours kept
+    for args, code, words in ((("tag", "--from-remote", "ds:nope"), 3, "has no tag ds:nope"),
+                              (("tag", "--from-remote", "ds", "best"), 2, "NAME:TAG"),
+                              (("tag", "--from-remote", "ds:best", "-r", "nosuch"), 3, "unknown remote"),
+                              (("tag", "--delete", "--from-remote", "ds:best"), 2, "do not go together"),
+                              (("tag", v1, "x", "-r", "origin"), 2, "--from-remote")):
+        one_line_error(cli(*args, env=env(home_b)), code, words)
+    assert best() == h1
+    out = cli("tag", "--from-remote", "ds:best", env=env(home_b), check=True).stdout
+    assert out.strip() == f"ds:best -> {v0} (was {h1[:12]})", out
+    assert best() == h0
+    assert cli("pull", "ds", env=env(home_b), check=True).stderr.count("warning") == 0

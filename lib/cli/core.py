@@ -459,22 +459,45 @@ def cat(ref: str, path: str) -> None:
 @click.argument("ref", shell_complete=complete_ref)
 @click.argument("tag", required=False)
 @click.option("--delete", "delete", is_flag=True, help="Delete tag NAME:TAG, given as REF (its version stays).")
+@click.option("--from-remote", "from_remote", is_flag=True,
+              help="Set tag NAME:TAG, given as REF, to the version the remote's tag names.")
+@click.option("-r", "--remote", "remote_name", metavar="REMOTE", help="With --from-remote: the remote (default: the default).")
 @json_option
-def tag(ref: str, tag: str | None, delete: bool, as_json: bool) -> None:
+def tag(ref: str, tag: str | None, delete: bool, from_remote: bool, remote_name: str | None, as_json: bool) -> None:
     """Name version REF as NAME:TAG, or delete a tag.
 
     Setting a tag that exists moves it. `tag --delete NAME:TAG` deletes one (the version stays; a
-    tagged version is never forgotten, an untagged one may be).
+    tagged version is never forgotten, an untagged one may be). A pull keeps a local tag that names
+    another version than the remote's, and says so: `tag --from-remote NAME:TAG` takes theirs.
 
     \b
     Examples:
       tessera tag coco@3f2a9c v1
       tessera tag coco best --json
       tessera tag --delete coco:v1
+      tessera tag --from-remote coco:v1 -r origin
     """
     from tessera.errors import UsageError
     from tessera.ids import parse_ref
 
+    if delete and from_remote:
+        raise UsageError("--delete and --from-remote do not go together")
+    if remote_name is not None and not from_remote:
+        raise UsageError("--remote goes with --from-remote")
+    if from_remote:
+        r = parse_ref(ref)
+        if tag is not None or not r.tag:
+            raise UsageError("give the tag to take as NAME:TAG, like `tessera tag --from-remote coco:v1`")
+        repo = open_repo(create=True)
+        before = repo.tags(r.dataset)
+        old = next((h for h, ts in before.items() if r.tag in ts), None)
+        v = repo.take_remote_tag(r.dataset, r.tag, remote_name)
+        if as_json:
+            emit_json({"dataset": v.name, "tag": r.tag, "hash": v.hash, "ref": v.ref, "was": old})
+            return
+        was = f" (was {old[:12]})" if old and old != v.hash else (" (unchanged)" if old == v.hash else "")
+        click.echo(f"{v.name}:{r.tag} -> {v.ref}{was}")
+        return
     if delete:
         r = parse_ref(ref)
         if tag is not None or not r.tag:
