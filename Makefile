@@ -31,7 +31,7 @@ demo: deps
 	bash tests/demo.sh
 
 test: deps typecheck
-	pytest -q $(PYTEST_ARGS) tests
+	pytest -q --durations=20 $(PYTEST_ARGS) tests
 
 # mypy --strict over lib/, fuse/ and daemon/ as the package `tessera` (a tree of symlinks: setuptools maps
 # tessera = lib, tessera.fuse = fuse, tessera.daemon = daemon; mypy cannot read that mapping).
