@@ -31,6 +31,8 @@ RANKS = [
     # what reads and writes versions
     "tessera.version", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
     "tessera.push", "tessera.pull",
+    # a commit spread over workers (the plan, the worker task, combining); Ray itself, imported only when used
+    "tessera.distributed", "tessera.raycluster",
     # the facade
     "tessera.repo",
     # adapters on top: FUSE, the daemon, the command line
