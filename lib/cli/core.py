@@ -56,27 +56,60 @@ def init(ctx: click.Context, chunk_min: str, chunk_avg: str, chunk_max: str, com
               help="JSON file mapping relative paths to per-file metadata objects (part of the hash).")
 @click.option("-t", "--tag", help="Also tag the version (NAME:TAG).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print what was read and stored.")
+@click.option("--memory", metavar="SIZE", help="Memory budget of the commit (default: $TESSERA_COMMIT_MEMORY, "
+              "else the home's commit.memory setting, else 256M); past half of it, read files are recorded.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Spread the commit over a Ray cluster (ADDRESS, else $RAY_ADDRESS, else one started here); "
+                   "workers upload packs straight to the remote. Needs `pip install 'tessera[ray]'`.")
+@click.option("--tasks", type=int, metavar="N", help="With --ray: how many tasks (default: the cluster's CPUs).")
+@click.option("-r", "--remote", "remote_name", metavar="REMOTE",
+              help="With --ray: the remote the version lands on (default: the default remote).")
 def commit(name: str, directory: str, message: str, meta_json: str | None, entry_meta: str | None,
-           tag: str | None, show_stats: bool) -> None:
+           tag: str | None, show_stats: bool, memory: str | None, ray_address: str | None, tasks: int | None,
+           remote_name: str | None) -> None:
     """Snapshot DIRECTORY as a new version of dataset NAME.
 
     Prints NAME@<64-hex hash> as the last line. Committing unchanged content creates nothing and
     prints the existing version. Unchanged files are recognised by the stat cache and not re-read.
     Creates the home if it does not exist. The home itself (or anything inside it) is refused as
     DIRECTORY; a DIRECTORY that contains the home is committed without it (a line on stderr says so).
+    Memory stays within --memory whatever the number of files.
+
+    With --ray (give it last, or as --ray=ADDRESS), Ray tasks chunk, hash and pack subtrees of
+    DIRECTORY balanced by bytes and upload them straight to the remote; DIRECTORY must be at the same
+    path on every worker. The version (same hash as a plain commit) is pushed to the remote and
+    recorded here with its data on the remote only: it mounts and exports lazily, `tessera pull`
+    makes it local.
     """
+    from tessera.errors import UsageError
     from tessera.repo import load_entry_meta
 
     repo = open_repo(create=True)
     meta = _json_arg(meta_json, "--meta")
-    meta_for = load_entry_meta(entry_meta) if entry_meta else None
-    res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
-                          progress=progress_bar())
+    budget = parse_size(memory) if memory is not None else None
+    if ray_address is None:
+        if tasks is not None or remote_name is not None:
+            raise UsageError("--tasks and --remote go with --ray")
+        meta_for = load_entry_meta(entry_meta) if entry_meta else None
+        res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
+                              progress=progress_bar(), memory=budget)
+    else:
+        if entry_meta:
+            raise UsageError("--entry-meta is not supported with --ray")
+        from tessera.raycluster import RayExecutor
+
+        repo.transports.remote(remote_name)  # no remote: say so before joining a cluster
+        executor = RayExecutor(ray_address or None, tasks)
+        try:
+            res = repo.commit_distributed(name, directory, executor, remote=remote_name, message=message, meta=meta,
+                                          tag=tag, memory=budget, progress=progress_bar())
+        finally:
+            executor.close()
     s = res.stats
     if show_stats:
         click.echo(f"files {s.files}, read {s.files_read} ({human_size(s.bytes_read)}), stat cache hits "
-                   f"{s.stat_cache_hits}, new chunks {s.new_chunks} ({human_size(s.new_bytes_stored)} stored)",
-                   err=True)
+                   f"{s.stat_cache_hits}, new chunks {s.new_chunks} ({human_size(s.new_bytes_stored)} stored), "
+                   f"trees built {s.trees_built}, checkpoints {s.checkpoints}", err=True)
     if s.skipped:
         click.echo(f"skipped {s.skipped} special files (sockets, fifos, devices)", err=True)
     if s.home_skipped:
