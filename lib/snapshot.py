@@ -89,7 +89,7 @@ DEFAULT_MEMORY = 256 * 1024 * 1024  # `commit.memory`: what a commit may hold be
 MIN_MEMORY = 16 * 1024 * 1024
 MEMORY_SETTING = "commit.memory"
 MEMORY_ENV = "TESSERA_COMMIT_MEMORY"
-_FILE_COST = 1200  # bytes a file read and waiting for its checkpoint holds (measured: record, stat, names)
+_FILE_COST = 1700  # bytes a file read and waiting for its checkpoint holds (measured: record, stat, names)
 _DIR_COST = 600  # a directory completed and waiting for its checkpoint (its dir-cache row)
 
 
@@ -457,6 +457,7 @@ class Snapshotter:
                                              b.id, b.size, b.files) for d, b in dirs)
         self._waiting = 0
         self.stats.checkpoints += 1
+        crash_point("after-checkpoint")
 
     def _save_stat_cache(self, files: list[_File]) -> None:
         """Remember what was read; stat-cache hits are already there, unchanged."""
