@@ -119,3 +119,23 @@ def test_memory_budget_errors_are_one_line(tmp_path: Path) -> None:
         "use at least 16M", p.stderr
     p = tessera_capped(tmp_path / "home", None, "commit", "ds", str(tmp_path / "src"), TESSERA_COMMIT_MEMORY="lots")
     assert p.returncode == 2 and "bad size 'lots'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.allow_logs("is still being written")
+def test_keep_busy_rules_hold_across_checkpoints(tmp_path: Path) -> None:
+    """The daemon's torn-file rules in a commit that checkpoints: a file open for writing is checked at
+    the checkpoint after its read, kept out of the version and out of the stat cache."""
+    src = make_flat_files(tmp_path / "src", 20_000, per_dir=500, size=100)
+    with tessera.Repo(tmp_path / "home") as repo:
+        with open(src / "d00000" / "new.bin", "wb") as fn:
+            fn.write(b"half")
+            fn.flush()
+            v1 = repo.commit_dir("k", src, keep_busy=True, memory=16 << 20)
+        assert v1.stats.checkpoints >= 3 and v1.stats.busy == ["d00000/new.bin"], v1.stats
+        assert "d00000/new.bin" not in {e.path for e in v1.version.walk("d00000")}
+        assert v1.version.files == 20_000
+        v2 = repo.commit_dir("k", src, keep_busy=True, memory=16 << 20)
+        assert v2.stats.busy == [] and v2.stats.files_read == 1
+        assert v2.version.read_bytes("d00000/new.bin") == b"half"
+        plain = tessera.Repo(tmp_path / "plain").commit_dir("k", src).version.hash
+        assert v2.version.hash == plain

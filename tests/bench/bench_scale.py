@@ -74,7 +74,7 @@ def scale_rows() -> list[list[object]]:
         t_re, rss_re, _ = peak_rss_of(["tessera", "commit", "bench", str(src)], env=env)
         t_fsck, rss_fsck, _ = peak_rss_of(["tessera", "fsck"], env=env)
         t0 = time.perf_counter()
-        subprocess.run(["find", str(src), "-type", "f"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["find", f"{src}/", "-type", "f"], check=True, stdout=subprocess.DEVNULL)
         native = time.perf_counter() - t0
         try:
             first, second, rss_mount = mount_find(home, ref, root / "mnt")
