@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import fnmatch
 import os
 import re
 import tomllib
@@ -33,16 +32,13 @@ from typing import Any, Callable, Iterator
 from tessera.errors import BadRef, ConfigError
 from tessera.homeguard import relation_to_home
 from tessera.ids import check_dataset_name
+from tessera.ignore import IgnoreRules
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "daemon.toml"
 DEFAULT_QUIET = 5.0
 DEFAULT_MAX_WAIT = 60.0
-
-# Editor swap files, partial downloads and the `write tmp + rename` pattern: never worth a version.
-TEMP_PATTERNS = ("*.tmp", "*.temp", "*.swp", "*.swo", "*.swx", "*~", ".#*", "#*#", "*.part", "*.partial",
-                 "*.crdownload", ".~lock.*#", ".nfs*", ".*.tmp.*")
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
@@ -286,37 +282,11 @@ def check_watch_dir(directory: str) -> str:
     return path
 
 
-# -- ignore globs -----------------------------------------------------------------------------------
-
-class IgnoreRules:
-    """Compiled ignore globs. A pattern without ``/`` matches a name at any depth (``*.log``,
-    ``cache``); one with ``/`` matches the path relative to the watched directory (``raw/*.csv``;
-    ``*`` also crosses ``/``). Editor and download temporaries are always ignored."""
-
-    def __init__(self, patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> None:
-        names = [p.strip("/") for p in patterns if "/" not in p.strip("/")] + (list(TEMP_PATTERNS) if temp_files else [])
-        paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
-        self._name = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in names)) if names else None
-        self._path = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in paths)) if paths else None
-
-    def excludes(self, rel: str) -> bool:
-        """For a walk that never descends into an excluded directory: only this entry is checked."""
-        if self._name is not None and self._name.match(rel.rpartition("/")[2]):
-            return True
-        return self._path is not None and self._path.match(rel) is not None
-
-    def __call__(self, rel: str) -> bool:
-        """``rel`` or any directory above it is ignored (for event paths)."""
-        parts = rel.split("/")
-        if self._name is not None and any(self._name.match(p) for p in parts):
-            return True
-        if self._path is not None:
-            return any(self._path.match("/".join(parts[:i + 1])) for i in range(len(parts)))
-        return False
-
+# -- ignore globs (the matcher lives in tessera.ignore, shared with commit and status) -----------------
 
 def ignore_matcher(patterns: tuple[str, ...] | list[str], *, temp_files: bool = True) -> IgnoreRules:
-    return IgnoreRules(patterns, temp_files=temp_files)
+    """Watch globs (plus the temporary-file patterns) as a matcher; `tessera.ignore.IgnoreRules`."""
+    return IgnoreRules(tuple(patterns), temp_files=temp_files)
 
 
 # -- editing ----------------------------------------------------------------------------------------

@@ -35,12 +35,11 @@ from tessera.daemon.config import (
     DaemonSettings,
     WatchConfig,
     check_config_against_home,
-    IgnoreRules,
-    ignore_matcher,
     load_config,
 )
 from tessera.openfiles import open_for_writing
 from tessera.errors import ConfigError, NotFound, RemoteError, TesseraError, UsageError
+from tessera.ignore import DirIgnore
 from tessera.faults import crash_point
 
 logger = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def read_daemon_info(home: Path) -> DaemonInfo | None:
 @dataclass
 class _Watch:
     cfg: WatchConfig
-    ignored: IgnoreRules
+    ignored: DirIgnore  # watch globs, temporary files and the directory's .tesseraignore
     active: bool = False
     pending_since: float | None = None  # monotonic time of the first change not yet committed
     last_change: float | None = None
@@ -367,9 +366,9 @@ class Daemon:
             for key, cfg in wanted.items():
                 cur = self._watches.get(key)
                 if cur is None:
-                    self._watches[key] = _Watch(cfg, ignore_matcher(cfg.ignore))
+                    self._watches[key] = _Watch(cfg, DirIgnore(key, cfg.ignore))
                 elif cur.cfg != cfg:
-                    cur.cfg, cur.ignored = cfg, ignore_matcher(cfg.ignore)
+                    cur.cfg, cur.ignored = cfg, DirIgnore(key, cfg.ignore)
                     if cur.active:  # new ignore globs: reschedule with the new filter
                         unschedule.append(key)
                         cur.active = False

@@ -1,4 +1,6 @@
-"""The mount server: serves one version at one mountpoint until unmounted or signalled.
+"""The mount server: serves one version at one mountpoint until unmounted or signalled — or, when the
+kernel path is chosen (``--path auto|kernel``, `tessera.kernelmount`), makes an EROFS + overlayfs mount,
+reports it, and exits (no server is needed in the read path).
 
 Started by `tessera.mounting.mount_ref` as ``python -m tessera.fuse.mount --home H --ref R
 --mountpoint M --ready-fd FD`` (detached), or run in-process by ``tessera mount --foreground``.
@@ -24,13 +26,16 @@ from typing import Callable
 
 from tessera.errors import MountError, TesseraError
 from tessera.mounting import (
+    KERNEL,
     MountRecord,
+    ReadyPipe,
     find_kernel_mount,
     parse_server_args,
     ready_line,
     remove_record,
     write_record,
 )
+from tessera.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +91,12 @@ def tune_process() -> None:
 
 
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
-          debug: bool = False, ready: Callable[[str], None] | None = None) -> None:
+          debug: bool = False, ready: Callable[[str], None] | None = None, path: str = "fuse",
+          notify: Callable[[str], None] | None = None, progress: Progress | None = None) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
-    once the mount answers; ``ready("error <code> <message>")`` if it could not be made."""
+    once the mount answers; ``ready("error <code> <message>")`` if it could not be made. With ``path``
+    ``auto`` or ``kernel`` the kernel path is tried first: when it mounts, ``ready("ok <name@hash>
+    kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached)."""
     from tessera.fuse._binding import load_binding
     from tessera.fuse.operations import make_operations
     from tessera.repo import Repo
@@ -97,9 +105,17 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
     answer = _Once(ready)
     tune_process()
     try:
-        binding = load_binding()
         repo = Repo(home, create=False, chunk_cache_bytes=cache_size)
         version = repo.get(ref)
+        if path != "fuse":
+            from tessera.kernelmount import kernel_or_none
+
+            krec = kernel_or_none(repo, version, mountpoint, path, notify=notify or logger.info, progress=progress)
+            if krec is not None:
+                repo.close()
+                answer(ready_line(ref=version.ref, kind=KERNEL))
+                return
+        binding = load_binding()
     except TesseraError as exc:
         answer(ready_line(exc))
         raise
@@ -166,25 +182,15 @@ def _log_of_stderr() -> str:
         return ""
 
 
-def pipe_writer(fd: int) -> Callable[[str], None]:
-    def write(msg: str) -> None:
-        try:
-            os.write(fd, (msg.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return write
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_server_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.opts.debug else logging.INFO,
                         format="%(asctime)s tessera-mount[%(process)d] %(levelname)s: %(message)s")
-    ready = pipe_writer(args.ready_fd) if args.ready_fd is not None else None
+    pipe = ReadyPipe(args.ready_fd)
     try:
         serve(args.home, args.ref, args.mountpoint, cache_size=args.opts.cache_size, no_open=args.opts.no_open,
-              threads=args.opts.threads, debug=args.opts.debug, ready=ready)
+              threads=args.opts.threads, debug=args.opts.debug, ready=pipe.answer, path=args.opts.path,
+              notify=pipe.note, progress=pipe)
     except TesseraError as exc:
         logger.error("%s", exc)
         return exc.exit_code

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
 from tessera.errors import UsageError
 from tessera.format.chunker import ChunkParams
@@ -72,3 +73,48 @@ class RepoSettings:
                             get("chunk.max_size", d.chunk.max_size),
                             get("chunk.normalization", d.chunk.normalization))
         return cls(chunk, get("compression.level", d.compression_level), get("pack.target_size", d.pack_target))
+
+
+@dataclass(frozen=True)
+class FileCacheSettings:
+    """Local settings of the whole-file cache and of the kernel mount's automatic choice: catalog keys
+    ``filecache.*`` (`tessera cache budget` sets the first), each overridden by an environment
+    variable. Sizes take K/M/G/T suffixes.
+
+    ``tessera mount`` without ``--kernel``/``--fuse`` takes the kernel path only when what the version
+    still lacks in the cache is at most ``auto_max_bytes`` and is estimated (from the rates measured
+    by earlier materializations) to take at most ``auto_max_seconds``; otherwise it mounts with FUSE.
+    """
+
+    max_size: int = 64 << 30  # bytes of whole files kept (images come on top)
+    auto_max_bytes: int = 512 << 20
+    auto_max_seconds: float = 5.0
+
+    KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "max_size": ("filecache.max_size", "TESSERA_FILE_CACHE_SIZE"),
+        "auto_max_bytes": ("filecache.auto_max_bytes", "TESSERA_KERNEL_AUTO_BYTES"),
+        "auto_max_seconds": ("filecache.auto_max_seconds", "TESSERA_KERNEL_AUTO_SECONDS"),
+    }
+
+    @classmethod
+    def load(cls, setting: Callable[[str], str | None]) -> "FileCacheSettings":
+        """From catalog settings (``setting(key)``), overridden by the environment; a malformed value
+        keeps the default."""
+        d = cls()
+        values: dict[str, float] = {}
+        for name, (key, env) in cls.KEYS.items():
+            raw = os.environ.get(env) or setting(key)
+            values[name] = _number(raw, float(getattr(d, name)))
+        return cls(int(values["max_size"]), int(values["auto_max_bytes"]), float(values["auto_max_seconds"]))
+
+
+def _number(text: str | None, default: float) -> float:
+    """'64G', '512M', '1048576', '2.5' -> a number (K/M/G/T are powers of 1024)."""
+    if text is None or not text.strip():
+        return default
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        return default

@@ -119,7 +119,7 @@ def _measure(root: str, rel: str, exclude: Callable[[str], bool] | None) -> _Mea
     prefix = f"{rel}/" if rel else ""
     for d in _scandir(top):
         crel = prefix + d.name
-        if exclude is not None and exclude(crel):
+        if _excluded(exclude, crel, d):
             continue
         st = d.stat(follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
@@ -142,7 +142,7 @@ def _du(path: str, rel: str, exclude: Callable[[str], bool] | None) -> tuple[int
         p, r = stack.pop()
         for d in _scandir(p):
             crel = f"{r}/{d.name}"
-            if exclude is not None and exclude(crel):
+            if _excluded(exclude, crel, d):
                 continue
             st = d.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
@@ -151,6 +151,11 @@ def _du(path: str, rel: str, exclude: Callable[[str], bool] | None) -> tuple[int
                 total += st.st_size
                 files += 1
     return total, files
+
+
+def _excluded(exclude: Callable[[str], bool] | None, rel: str, d: os.DirEntry[str]) -> bool:
+    """Asked as the snapshot asks (`tessera.ignore`): a directory with a trailing ``/``."""
+    return exclude is not None and exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel)
 
 
 def _scandir(path: str) -> list[os.DirEntry[str]]:
@@ -270,15 +275,15 @@ def _commit_unit(job: WorkerJob, unit: Unit, transport: Transport) -> UnitResult
 
 def _unit_exclude(job: WorkerJob, unit: Unit) -> Callable[[str], bool] | None:
     """The user's exclude rules, seen from the unit's directory; a unit that is not recursive also
-    leaves out its subdirectories (other units commit them)."""
-    user, base, root = job.exclude, unit.rel, job.root
+    leaves out its subdirectories (other units commit them). Directories are asked with a trailing
+    ``/`` (`tessera.ignore`)."""
+    user, base = job.exclude, unit.rel
 
     def exclude(rel: str) -> bool:
         full = f"{base}/{rel}" if base else rel
         if user is not None and user(full):
             return True
-        return not unit.recursive and "/" not in rel and os.path.isdir(os.path.join(root, full)) \
-            and not os.path.islink(os.path.join(root, full))
+        return not unit.recursive and rel.endswith("/") and "/" not in rel[:-1]
 
     return exclude if (user is not None or not unit.recursive) else None
 
@@ -321,7 +326,7 @@ def result_key(unit: Unit) -> str:
 
 def add_stats(total: SnapshotStats, part: SnapshotStats) -> None:
     for name in ("files", "dirs", "symlinks", "skipped", "bytes_total", "files_read", "bytes_read",
-                 "stat_cache_hits", "new_chunks", "new_bytes_stored", "checkpoints", "trees_built"):
+                 "stat_cache_hits", "new_chunks", "new_bytes_stored", "checkpoints", "trees_built", "excluded"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
 
 

@@ -19,6 +19,7 @@ import logging
 import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
@@ -49,6 +50,7 @@ class FsckReport:
     garbage: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # versions that read lazily from a remote, repairs made
     repaired: int = 0
+    cached_files: int = 0  # whole files checked in the kernel mount's file cache
 
     @property
     def ok(self) -> bool:
@@ -89,6 +91,7 @@ def fsck(catalog: Catalog, store: Store, progress: Progress | None = None, *, re
         report.notes.append(f"repair: forgot {len(bad_rows)} remote chunk locations that failed their check")
         bad_rows = []
     check_versions(catalog, report, {x.id for x in bad_rows}, require_local, progress, file_memo)
+    check_file_cache(store.home, report, progress)
     return report
 
 
@@ -337,6 +340,23 @@ def _committed_here(catalog: Catalog, vh: str) -> bool:
             if not rs.remotes_holding(catalog, history_key(e)):
                 return True
     return False
+
+
+def check_file_cache(home: "str | Path", report: FsckReport, progress: Progress) -> None:
+    """Hash every file of the kernel mount's whole-file cache (`tessera.filecache`). A file that fails
+    is an error, and is removed together with every mount image (an image promises that all of its
+    version's files are cached): the next kernel mount writes them again."""
+    from tessera.filecache import FileCache, drop_all_images
+
+    cache = FileCache(home, 0)
+    if not cache.root.is_dir():
+        return
+    errors: list[str] = []
+    with cache.locked():
+        report.cached_files = cache.verify_files(errors, progress)
+        if errors:
+            drop_all_images(home)
+    report.errors.extend(errors)
 
 
 def remove_garbage(store: Store, catalog: Catalog) -> list[str]:

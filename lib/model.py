@@ -162,7 +162,7 @@ class Entry:
         return kind_bits | self.mode
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": self.path, "kind": self.kind, "mode": oct(self.mode), "size": self.size}
+        out: dict[str, Any] = {"path": self.path, "kind": self.kind, "mode": self.mode, "size": self.size}
         if self.sha256:
             out["sha256"] = self.sha256
         if self.target is not None:

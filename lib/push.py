@@ -56,6 +56,7 @@ class PushResult:
     meta_packs: int = 0
     objects: int = 0  # every object written (packs, indexes, meta, version, history, tags)
     versions: int = 0  # versions this push sent (not already on the remote)
+    packs_needed: int = 0  # data packs those versions need (the rest of them were on the remote already)
 
     def add(self, other: PushResult) -> None:
         self.packs += other.packs
@@ -64,6 +65,7 @@ class PushResult:
         self.meta_packs += other.meta_packs
         self.objects += other.objects
         self.versions += other.versions
+        self.packs_needed += other.packs_needed
 
     @property
     def uploaded(self) -> bool:
@@ -87,6 +89,7 @@ class Pusher:
         self.t = transport
         self.progress = progress or NullProgress()
         self._lock = threading.Lock()
+        self._counted: set[str] = set()
 
     def push(self, dataset: str, hash: str) -> PushResult:
         """Upload ``dataset@hash`` (every history entry this home has for it) and what it needs."""
@@ -109,6 +112,8 @@ class Pusher:
 
     def _push_packs(self, ref: str, closure: Closure, res: PushResult) -> None:
         packs = sorted(closure.packs)
+        res.packs_needed += len(closure.packs - self._counted)  # each pack once across this pusher's versions
+        self._counted |= closure.packs
         known = rs.known_keys(self.cat, self.remote.name, [pack_key(p) for p in packs] + [index_key(p) for p in packs])
         todo = [(p, pack_key(p) not in known, index_key(p) not in known) for p in packs
                 if pack_key(p) not in known or index_key(p) not in known]

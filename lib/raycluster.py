@@ -37,6 +37,8 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, tasks: int | None = None, *, cpus: float = 1,
                  max_retries: int = MAX_RETRIES) -> None:
+        if tasks is not None and tasks < 1:
+            raise UsageError("the number of tasks must be at least 1")
         ray = _ray()
         self._started = False
         if not ray.is_initialized():
@@ -46,8 +48,6 @@ class RayExecutor:
                 where = address or "a local cluster"
                 raise TesseraError(f"cannot start or join Ray at {where}: {str(exc).splitlines()[0]}") from None
             self._started = True
-        if tasks is not None and tasks < 1:
-            raise UsageError("the number of tasks must be at least 1")
         self.tasks = tasks or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
         self.cpus = cpus
         self.max_retries = max_retries

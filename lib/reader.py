@@ -93,6 +93,10 @@ class ChunkReader:
             raise CorruptData(f"chunk {chunk_id.hex()} is not in the store")
         return loc
 
+    def is_local(self, pack: str) -> bool:
+        """Whether ``pack`` is a local pack file (else its chunks are read from a remote)."""
+        return self._is_local(pack)
+
     def read_chunk(self, loc: ChunkLocation) -> bytes:
         data = self._decoded.get(loc.id)
         return data if data is not None else self._load(loc)

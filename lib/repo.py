@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from tessera import distributed as dist
 from tessera import pull as pulling
 from tessera.catalog import Catalog, DatasetInfo
-from tessera.checkout import VerifyReport, export_version, verify_dir
+from tessera.catalog.worktree_state import record_worktree
+from tessera.checkout import CheckoutResult, VerifyReport, checkout_version, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
-from tessera import distributed as dist
 from tessera.diskcache import DiskCache, cache_dir, cache_size
 from tessera.errors import AmbiguousRef, CorruptData, NotFound, UsageError
 from tessera.faults import crash_point
@@ -25,6 +26,7 @@ from tessera.fsck import FsckReport, fsck, remove_garbage
 from tessera.home import catalog_path, home_exists, init_lock, is_read_only, read_only_error, require_home
 from tessera.homeguard import check_not_home, home_below
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
+from tessera.ignore import combined_exclude
 from tessera.lazy import LazyFetcher
 from tessera.model import Entry, FileRecord, HistoryEntry
 from tessera.progress import Progress
@@ -36,6 +38,7 @@ from tessera.store import Store
 from tessera.treebuild import build_trees
 from tessera.trees import CatalogTrees
 from tessera.version import Change, Selection, Version, diff_versions, entries_of
+from tessera.worktree import Comparison, compare_dir, status_dir
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +249,16 @@ class Repo:
     def commit_dir(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
                    meta_for: MetaFor | None = None, tag: str | None = None, author: str | None = None,
                    exclude: Callable[[str], bool] | None = None, progress: Progress | None = None,
-                   workers: int = 0, keep_busy: bool = False,
-                   open_at_start: set[str] | None = None, memory: int | None = None) -> CommitResult:
+                   workers: int = 0, keep_busy: bool = False, excludes: Sequence[str] = (),
+                   ignore_file: bool = True, open_at_start: set[str] | None = None,
+                   memory: int | None = None) -> CommitResult:
         """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head.
 
-        A file that keeps changing while it is read fails the commit (`SourceError`), unless
-        ``keep_busy``: then it keeps its content from the dataset's head version (or is left out if
-        it is new) and is listed in ``stats.busy``, and so does any file read this time that some
+        Left out: what ``path/.tesseraignore`` (unless ``ignore_file`` is False) and the gitignore
+        lines ``excludes`` match, and whatever ``exclude(relpath)`` is true for (a directory is asked
+        as ``"dir/"``). A file that keeps changing while it is read fails the commit (`SourceError`),
+        unless ``keep_busy``: then it keeps its content from the dataset's head version (or is left out
+        if it is new) and is listed in ``stats.busy``, and so does any file read this time that some
         process held open for writing when the snapshot started or ended, or whose stat changed after
         it was read (``/proc`` is scanned twice; ``open_at_start`` is a scan the caller just made,
         `tessera.openfiles.open_for_writing`, used as the first). The daemon commits this way.
@@ -265,6 +271,7 @@ class Repo:
         sealed up to half of it; past that the commit checkpoints (seals its packs and writes what it read),
         so peak memory does not grow with the number of files."""
         check_dataset_name(name)
+        exclude = combined_exclude(path, exclude, excludes, ignore_file=ignore_file)
         if tag is not None:
             check_tag(tag)
         if meta is not None and not isinstance(meta, dict):
@@ -288,6 +295,7 @@ class Repo:
                                             message, meta or {}, author)
         if tag is not None:
             self.catalog.set_tag(name, tag, version.hash)
+        record_worktree(self.catalog, path, name, version.hash, "commit", excludes=excludes)  # for `status`
         return CommitResult(version, created, snap.stats)
 
     def _previous_records(self, name: str) -> Callable[[str], FileRecord | None]:
@@ -323,14 +331,17 @@ class Repo:
     def commit_distributed(self, name: str, path: str | Path, executor: dist.Executor, *, remote: str | None = None,
                            message: str = "", meta: dict[str, Any] | None = None, tag: str | None = None,
                            author: str | None = None, exclude: Callable[[str], bool] | None = None,
-                           memory: int | None = None, progress: Progress | None = None) -> CommitResult:
+                           excludes: Sequence[str] = (), ignore_file: bool = True, memory: int | None = None,
+                           progress: Progress | None = None) -> CommitResult:
         """Commit ``path`` (a directory every worker sees at that path) with ``executor``'s workers: they
         chunk, hash and pack subtrees balanced by bytes and upload the packs and their indexes straight
         to ``remote`` (default: the default remote); this home records the version with its packs on the
         remote only (like a metadata pull: browse, mount and export read lazily; `tessera pull` makes
         it local), builds the top trees and pushes the version (metadata, version object, history). The
-        version hash is the one a plain commit of the same directory gives."""
+        version hash is the one a plain commit of the same directory gives (the same exclude rules:
+        ``.tesseraignore``, ``excludes``, ``exclude``, as in `commit_dir`)."""
         check_dataset_name(name)
+        exclude = combined_exclude(path, exclude, excludes, ignore_file=ignore_file)
         if tag is not None:
             check_tag(tag)
         if meta is not None and not isinstance(meta, dict):
@@ -360,7 +371,9 @@ class Repo:
                     results[dist.result_key(res.unit)] = dist.UnitResult(res.unit, res.tree, res.entries, [], [], [],
                                                                          res.stats)
             top, made = dist.combine(plan, results)
-            stats.dirs += sum(len(children) for children in plan.split.values())
+            split_dirs = sum(len(children) for children in plan.split.values())
+            stats.dirs += split_dirs  # left out by their parent's unit (each is a unit of its own)
+            stats.excluded -= split_dirs
             self.catalog.add_trees((t.id, t.data) for t in made)
             version, created = self._record(name, top.id, [], top.files, top.size, message, meta or {}, author)
         if tag is not None:
@@ -368,6 +381,7 @@ class Repo:
         if inner is not None:
             stats.home_skipped = str(self.home)
         self._pusher(rem.name, progress).push(name, version.hash)
+        record_worktree(self.catalog, root, name, version.hash, "commit", excludes=excludes)  # for `status`
         return CommitResult(version, created, stats)
 
     def commit_version(self, name: str, source: Version | Selection | Iterable[Entry], *, message: str = "",
@@ -403,8 +417,22 @@ class Repo:
     def diff(self, a: str, b: str) -> list[Change]:
         return diff_versions(self.get(a), self.get(b))
 
-    def export(self, ref: str, target: str | Path, *, force: bool = False, progress: Progress | None = None) -> int:
-        return export_version(self.get(ref), target, force=force, progress=progress)
+    def export(self, ref: str, target: str | Path, *, force: bool = False,
+               progress: Progress | None = None) -> CheckoutResult:
+        return export_version(self.catalog, self.get(ref), target, force=force, progress=progress)
+
+    def checkout(self, ref: str, target: str | Path, *, delete: bool = False,
+                 progress: Progress | None = None) -> CheckoutResult:
+        """Make ``target`` equal to version ``ref``, writing only what differs (resumable)."""
+        return checkout_version(self.catalog, self.get(ref), target, delete=delete, progress=progress)
+
+    def status(self, directory: str | Path) -> Comparison:
+        """What changed in ``directory`` since the version it was committed as or checked out from."""
+        return status_dir(self.catalog, directory, self.get)
+
+    def diff_dir(self, ref: str, directory: str | Path, *, dir_is_new: bool = True) -> Comparison:
+        """Changes from version ``ref`` to ``directory`` (or back, ``dir_is_new=False``)."""
+        return compare_dir(self.catalog, self.get(ref), directory, dir_is_new=dir_is_new)
 
     def verify(self, ref: str, target: str | Path, *, extra_ok: bool = False,
                progress: Progress | None = None) -> VerifyReport:
@@ -495,7 +523,7 @@ def _log_notice(msg: str) -> None:
 
 def _excluding(rel: str, exclude: Callable[[str], bool] | None) -> Callable[[str], bool]:
     """``exclude`` that also leaves out ``rel`` (the home, below a committed directory)."""
-    return lambda path: path == rel or (exclude is not None and exclude(path))
+    return lambda path: path.rstrip("/") == rel or (exclude is not None and exclude(path))
 
 
 def _open_for_writing(root: str) -> set[str]:

@@ -99,6 +99,7 @@ class SnapshotStats:
     dirs: int = 0
     symlinks: int = 0
     skipped: int = 0
+    excluded: int = 0  # entries left out by exclude rules (an excluded directory counts once)
     bytes_total: int = 0
     files_read: int = 0
     bytes_read: int = 0
@@ -130,7 +131,7 @@ class _Dir:
         self.pending = 1  # files being read + subdirectories not done + 1 until scanned
         self.files_below = 0  # files in completed subdirectories
         self.reusable = row is not None  # no file read, nothing excluded, every subdirectory reused
-        self.excluded = False  # something in this directory was excluded: its tree depends on the rules
+        self.excluded = False  # something in or below this directory was excluded: its tree depends on the rules
 
     @property
     def name(self) -> str:
@@ -168,7 +169,7 @@ class SnapshotOptions:
     pack_target: int = DEFAULT_PACK_TARGET
     workers: int = 0
     meta_for: MetaFor | None = None
-    exclude: Callable[[str], bool] | None = None
+    exclude: Callable[[str], bool] | None = None  # relative path ("dir/" for a directory) -> leave out?
     # For a file that keeps changing while read: its previously committed record (None: leave it out).
     # When unset, such a file fails the commit with SourceError.
     previous: Callable[[str], FileRecord | None] | None = None
@@ -241,8 +242,9 @@ class Snapshotter:
         subdirs: list[tuple[str, str, os.stat_result]] = []
         for d in items:
             rel = prefix + d.name
-            if self.opts.exclude and self.opts.exclude(rel):
-                node.excluded = True
+            if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
+                node.excluded = True  # directories are asked with a trailing "/", as in gitignore
+                self.stats.excluded += 1
                 continue
             try:
                 st = d.stat(follow_symlinks=False)
@@ -316,6 +318,9 @@ class Snapshotter:
             parent.entries.append(TreeEntry(node.name, DIR, 0o755, built.size, built.id, None, self._meta(node.rel)))
             parent.files_below += built.files
             if built.data:
+                parent.reusable = False
+            if node.excluded:  # an exclusion below counts too: no dir-cache row above it, none reused
+                parent.excluded = True
                 parent.reusable = False
             parent.pending -= 1
             node = parent

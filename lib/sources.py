@@ -35,6 +35,9 @@ class ChunkSource(Protocol):
     def locations(self, chunk_ids: Sequence[bytes]) -> dict[bytes, ChunkLocation]:
         """Where each chunk is; ids not found are absent."""
 
+    def is_local(self, pack: str) -> bool:
+        """Whether the pack's bytes are here (else reads of it go to a remote)."""
+
     def read_chunk(self, loc: ChunkLocation) -> bytes:
         """The chunk's raw bytes, verified against its id (`CorruptData`, `RemoteError` otherwise)."""
 

@@ -10,8 +10,18 @@ cleanup() {
   rm -rf "$DEMO"
 }
 trap cleanup EXIT
-say() { printf '\n\033[1;34m== %s\033[0m\n' "$*"; }
-run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+# Colours only on a terminal (and not with NO_COLOR set): a pipe or a log file gets plain text.
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then BOLD=$'\033[1;34m' DIM=$'\033[2m' OFF=$'\033[0m'; else BOLD="" DIM="" OFF=""; fi
+# Print a command so it can be copied and pasted: words that need quotes get them.
+quote() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:@=+,%-]+$ ]]; then out+=("$a"); else out+=("${a@Q}"); fi
+  done
+  printf '%s' "${out[*]}"
+}
+say() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$OFF"; }
+run() { printf '%s$ %s%s\n' "$DIM" "$(quote "$@")" "$OFF"; "$@"; }
 
 say "1. A dataset: 300 small 'images' and a label file"
 python3 - "$DEMO/data" <<'PY'
@@ -34,10 +44,14 @@ run tessera ls "pets@${V1:0:8}" | head -5
 say "2. Change a few files: only the changes are stored"
 echo "train/0000.jpg,7" >> "$DEMO/data/labels.csv"
 head -c 50000 /dev/urandom > "$DEMO/data/val/extra.jpg"
+run tessera status "$DEMO/data"   # what changed since the commit (the stat cache: no file re-read)
 run tessera commit pets "$DEMO/data" -m "relabel, one more val image" --stats
 run tessera diff "pets@${V1:0:8}" pets
 run tessera tag "pets@${V1:0:8}" v1
 run tessera commit pets "$DEMO/data"   # unchanged: reports the existing version, reads nothing
+run tessera checkout pets:v1 "$DEMO/copy"   # materialize v1 ...
+run tessera checkout pets "$DEMO/copy"      # ... then move it to the newest version: writes only the 2 changed files
+run tessera log --oneline
 run tessera stats
 
 say "3. Mount a version read-only and train on it with an unmodified PyTorch DataLoader"

@@ -45,7 +45,7 @@ def test_log_ls_show_cat_diff_tag_json(committed, cli, tmp_path: Path) -> None:
     log = json.loads(cli("log", "ds", "--json", check=True).stdout)
     assert log[0]["hash"] == h and log[0]["message"] == "first" and log[0]["files"] == 2
     assert cli("ls", f"ds@{h[:8]}", check=True).stdout.split() == ["a.txt", "sub/"]
-    assert cli("ls", "ds", "-r", check=True).stdout.split() == ["a.txt", "sub/", "sub/b.txt"]
+    assert cli("ls", "ds", "-R", check=True).stdout.split() == ["a.txt", "sub/", "sub/b.txt"]
     listing = json.loads(cli("ls", "ds", "sub", "--json", check=True).stdout)
     assert listing[0]["path"] == "sub/b.txt" and len(listing[0]["sha256"]) == 64
     assert cli("cat", "ds", "sub/b.txt", check=True).stdout == "beta\n"
@@ -75,7 +75,7 @@ def test_export_verify_cycle(committed, cli, tmp_path: Path) -> None:
     (out / "sub" / "b.txt").write_text("tampered\n")
     bad = cli("verify", ref, str(out))
     assert "modified: sub/b.txt" in bad.stdout
-    one_line_error(bad, 1, "1 paths differ")
+    one_line_error(bad, 1, "1 path differs")
     one_line_error(cli("export", ref, str(out)), 2, "not empty", "--force")
     assert cli("export", ref, str(out), "--force").returncode == 0
     assert cli("verify", ref, str(out)).returncode == 0

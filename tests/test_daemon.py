@@ -368,6 +368,31 @@ def test_burst_of_5000_files_makes_few_versions(home: Path, tmp_path: Path, daem
     assert last.files == 5000
 
 
+def test_daemon_honours_tesseraignore(home: Path, tmp_path: Path, cli, daemons) -> None:
+    """The watched directory's .tesseraignore (gitignore syntax) shapes every daemon version, and a
+    change to it is picked up without a restart; changes to ignored files commit nothing."""
+    data = tmp_path / "data"
+    (data / "cache").mkdir(parents=True)
+    (data / ".tesseraignore").write_text("*.log\ncache/\n")
+    (data / "a.txt").write_text("a")
+    (data / "x.log").write_text("ignored")
+    (data / "cache" / "blob").write_text("ignored")
+    cli("watch", str(data), "ign", "--quiet", str(QUIET), check=True)
+    d = daemons(home)
+    assert wait_for(lambda: history(home, "ign"), 10), d.text()
+    with tessera.Repo(home) as r:
+        assert sorted(e.path for e in r.get("ign").walk()) == [".tesseraignore", "a.txt"]
+    (data / "more.log").write_text("still ignored")
+    (data / "cache" / "blob2").write_text("still ignored")
+    time.sleep(QUIET + 1.5)
+    assert len(history(home, "ign")) == 1, d.text()  # no event worth a commit
+    (data / ".tesseraignore").write_text("cache/\n")  # logs are wanted from now on
+    assert wait_for(lambda: len(history(home, "ign")) == 2, QUIET + 5), d.text()
+    with tessera.Repo(home) as r:
+        assert sorted(e.path for e in r.get("ign").walk()) == [".tesseraignore", "a.txt", "more.log", "x.log"]
+    assert cli("status", str(data), check=True).stdout == ""  # the daemon's commit is DIR's version
+
+
 def test_config_changes_apply_without_restart(home: Path, tmp_path: Path, cli, daemons) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -68,3 +68,72 @@ def test_no_layering_violations() -> None:
                     path.parent.name == "cli", f"{path} imports {n}"
                 if top in ("boto3", "botocore"):
                     assert path.name == "s3.py", f"{path} imports {n}"
+
+
+# -- the README and quickstart shell commands, run verbatim -------------------------------------------
+
+INSTALL = re.compile(r"^(pip|pip3|make)\s")
+MOUNTPOINT = re.compile(r"/mnt/([A-Za-z0-9._-]+)")
+
+
+def shell_lines(md: Path) -> list[str]:
+    """Every line of the ```bash blocks: commands, and the comment lines the walk acts on."""
+    lines: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", md.read_text(), re.S):
+        lines.extend(ln for ln in block.splitlines() if ln.strip())
+    return lines
+
+
+@pytest.mark.fuse
+@pytest.mark.s3
+@pytest.mark.parametrize("doc", ["README.md", "docs/quickstart.md"])
+def test_shell_commands_run_verbatim(doc: str, tmp_path: Path, s3_env: str, s3_client, monkeypatch) -> None:
+    """Each command line of the document's bash blocks runs as written, in order, in a fresh scratch
+    directory and home, and must exit 0. Only `/mnt/NAME` is replaced (by a directory under the
+    scratch dir); `pip install`/`make` lines are how the reader got tessera and are skipped; a
+    `# on another machine` comment switches to a second, empty home; s3://bucket is the moto server."""
+    import os
+    import subprocess
+
+    from fuse_probe import fuse_unavailable_reason
+
+    why = fuse_unavailable_reason()
+    if why is not None:
+        pytest.skip(f"FUSE unavailable here: {why}")
+    lines = shell_lines(DOCS.parent / doc)
+    assert len(lines) > 10
+    work = tmp_path / "work"
+    (work / "data" / "train").mkdir(parents=True)
+    (work / "data" / "labels.csv").write_text("file,label\n")
+    (work / "data" / "train" / "x.jpg").write_bytes(os.urandom(50_000))
+    (work / "data" / "train" / "y.jpg").write_bytes(os.urandom(70_000))
+    try:
+        s3_client.create_bucket(Bucket="bucket")
+    except s3_client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    env = {**os.environ, "TESSERA_HOME": str(tmp_path / "home")}
+    mounts: set[Path] = set()
+    ran = 0
+    try:
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                if "another machine" in stripped:
+                    env["TESSERA_HOME"] = str(tmp_path / "home-other-machine")
+                continue
+            if INSTALL.match(stripped):
+                continue
+            cmd = MOUNTPOINT.sub(lambda m: str(tmp_path / f"mnt-{m.group(1)}"), line)
+            mounts.update(tmp_path / f"mnt-{m}" for m in MOUNTPOINT.findall(line))
+            proc = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=120)
+            assert proc.returncode == 0, f"{doc}: `{line.strip()}` exited {proc.returncode}:\n{proc.stderr}"
+            assert "Traceback" not in proc.stderr, proc.stderr
+            ran += 1
+    finally:
+        for mp in mounts:
+            subprocess.run(["tessera", "umount", str(mp)], env=env, capture_output=True, stdin=subprocess.DEVNULL)
+        for key in [o["Key"] for o in s3_client.list_objects_v2(Bucket="bucket").get("Contents", [])]:
+            s3_client.delete_object(Bucket="bucket", Key=key)
+        s3_client.delete_bucket(Bucket="bucket")
+    assert ran >= 10

@@ -1,4 +1,5 @@
-"""Layer 5: real FUSE mounts through the `tessera` CLI (and `Version.mount`).
+"""Layer 5: real FUSE mounts through the `tessera` CLI (and `Version.mount`), forced with ``--fuse``
+(the kernel path, EROFS + overlayfs, has the same checks in test_kernel_mount.py).
 
 Skipped only when `fuse_probe` proves this machine cannot mount FUSE at all (the reason is printed);
 set TESSERA_REQUIRE_FUSE=1 to make that a failure instead. Mounts are made once per module where the
@@ -50,7 +51,7 @@ def tessera_cli(home: Path, *args: str, timeout: float = 120) -> subprocess.Comp
 
 def mount(home: Path, ref: str, mp: Path, *extra: str) -> None:
     mp.mkdir(parents=True, exist_ok=True)
-    p = tessera_cli(home, "mount", ref, str(mp), *extra)
+    p = tessera_cli(home, "mount", "--fuse", ref, str(mp), *extra)
     assert p.returncode == 0, p.stderr
     assert is_mounted(str(mp))
 
@@ -309,7 +310,7 @@ def test_python_api_context_manager(env: dict) -> None:
     mp = env["base"] / "py"
     mp.mkdir()
     with tessera.Repo(env["home"]) as repo:
-        with repo.get(env["e1"]).mount(mp) as where:
+        with repo.get(env["e1"]).mount(mp, path="fuse") as where:
             assert Path(where) == mp and is_mounted(str(mp))
             assert (mp / "labels.json").read_text() == json.dumps({"version": 1})
     assert not is_mounted(str(mp)) and os.listdir(mp) == []
@@ -428,7 +429,9 @@ def test_bad_input_is_one_line_and_mounts_nothing(env: dict, tmp_path: Path) -> 
     _assert_refused(home, mp, ["nosuch", str(mp)], 3, "unknown dataset")
     _assert_refused(home, mp, ["extra@" + "0" * 12, str(mp)], 3, "has no version")
     _assert_refused(home, mp, ["bad name!", str(mp)], 2, "bad")
-    _assert_refused(home, mp, [env["e1"], str(tmp_path / "missing")], 2, "does not exist")
+    # a missing mountpoint is created (tests/test_mount_cli.py); one whose parent is missing is refused
+    _assert_refused(home, mp, [env["e1"], str(tmp_path / "no-parent" / "missing")], 2, "does not exist")
+    assert not (tmp_path / "no-parent").exists()
     (tmp_path / "file").write_text("x")
     _assert_refused(home, mp, [env["e1"], str(tmp_path / "file")], 2, "not a directory")
     (tmp_path / "full").mkdir()
@@ -454,8 +457,8 @@ def test_fuse_unavailable_says_what_to_install(env: dict, tmp_path: Path) -> Non
     mp.mkdir()
     env_vars = {**os.environ, "TESSERA_HOME": str(env["home"]), "FUSE_LIBRARY_NAME": "no-such-libfuse",
                 "FUSE_LIBRARY_PATH": "/no/such/libfuse.so.2"}  # mfusepy and fusepy both fail to load
-    p = subprocess.run(["tessera", "mount", env["e1"], str(mp)], capture_output=True, text=True, env=env_vars,
-                       timeout=60)
+    p = subprocess.run(["tessera", "mount", "--fuse", env["e1"], str(mp)], capture_output=True, text=True,
+                       env=env_vars, timeout=60)
     assert p.returncode == 13, p.stderr
     line = p.stderr.strip()
     assert "\n" not in line and line.startswith("error: ") and "apt-get install fuse3" in line, line
@@ -471,8 +474,8 @@ def test_fusepy_fallback_over_libfuse2(env: dict, tmp_path: Path) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     env_vars = {**os.environ, "TESSERA_HOME": str(env["home"]), "FUSE_LIBRARY_NAME": "no-such-libfuse"}
-    p = subprocess.run(["tessera", "mount", env["e2"], str(mp)], capture_output=True, text=True, env=env_vars,
-                       timeout=60)
+    p = subprocess.run(["tessera", "mount", "--fuse", env["e2"], str(mp)], capture_output=True, text=True,
+                       env=env_vars, timeout=60)
     assert p.returncode == 0, p.stderr
     try:
         assert tree_digest(mp) == tree_digest(env["extra2"])

@@ -16,30 +16,32 @@ PACKAGE_DIRS = {"tessera": ROOT / "lib", "tessera.fuse": ROOT / "fuse", "tessera
 RANKS = [
     # foundations: no tessera imports but these
     "tessera.errors", "tessera.faults", "tessera.ids", "tessera.lru", "tessera.progress", "tessera.parallel",
-    "tessera.homeguard", "tessera.home", "tessera.openfiles", "tessera.mounting",
+    "tessera.homeguard", "tessera.home", "tessera.openfiles", "tessera.ignore", "tessera.mounting", "tessera.erofs",
     # the domain and bytes in, bytes out
     "tessera.model", "tessera.format", "tessera.format.chunker", "tessera.format.compress", "tessera.format.pack",
     "tessera.config",
     # the catalog: the only SQL
     "tessera.catalog.schema", "tessera.catalog.catalog", "tessera.catalog", "tessera.catalog.remote_state",
-    "tessera.catalog.daemon_state",
+    "tessera.catalog.daemon_state", "tessera.catalog.worktree_state",
     # local packs; remotes: transports (keys and bytes) and what tessera writes under the keys
     "tessera.store", "tessera.remote.base", "tessera.remote.memory", "tessera.remote.local", "tessera.remote.s3",
     "tessera.remote.retry", "tessera.remote", "tessera.remote.wire", "tessera.diskcache",
     # roles and readers
     "tessera.sources", "tessera.trees", "tessera.remotes", "tessera.lazy", "tessera.reader",
     # what reads and writes versions
-    "tessera.version", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
+    "tessera.version", "tessera.filecache", "tessera.worktree", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
     "tessera.push", "tessera.pull",
     # a commit spread over workers (the plan, the worker task, combining); Ray itself, imported only when used
     "tessera.distributed", "tessera.raycluster",
-    # the facade
-    "tessera.repo",
+    # the facade, and what works on a whole home through it
+    "tessera.repo", "tessera.kernelmount",
     # adapters on top: FUSE, the daemon, the command line
     "tessera.fuse", "tessera.fuse._binding", "tessera.fuse.operations", "tessera.fuse.mount",
     "tessera.daemon", "tessera.daemon.config", "tessera.daemon.watcher",
     "tessera.daemon.capture", "tessera.daemon.service",
-    "tessera.cli.progress", "tessera.cli.app", "tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote",
+    "tessera.cli.progress", "tessera.cli.app", "tessera.cli.complete", "tessera.cli.core", "tessera.cli.worktree",
+    "tessera.cli.help", "tessera.cli.mount", "tessera.cli.cache",
+    "tessera.cli.remote",
     "tessera.cli.daemon", "tessera.cli.docs", "tessera.cli",
     "tessera",
 ]

@@ -95,6 +95,32 @@ def test_local_executor_matches_too(source: Path, plain_hash: str, tmp_path: Pat
         assert repo.commit("ds", source, executor=LocalExecutor(2), remote=remote).hash == plain_hash
 
 
+def test_distributed_commit_follows_the_exclude_rules(tmp_path: Path) -> None:
+    """`.tesseraignore` and `excludes` lines (a `dir/` pattern: directories are asked with a trailing "/")
+    leave out the same paths as in a plain commit, split or not; `status` then finds the directory clean."""
+    src = tmp_path / "src"
+    write_random(src / "big" / "one.bin", 1 << 20, 1)
+    write_random(src / "big" / "cache" / "skip.bin", 1 << 20, 2)
+    write_random(src / "mid" / "two.bin", 1 << 19, 3)
+    (src / "mid" / "run.log").write_text("noise\n")
+    (src / "mid" / "cache").write_text("a file named cache stays: `cache/` matches directories only\n")
+    (src / "top.txt").write_text("top\n")
+    (src / ".tesseraignore").write_text("*.log\n")
+    remote = f"file://{tmp_path / 'remote'}"
+    with tessera.Repo(tmp_path / "plain") as repo:
+        plain = repo.commit_dir("ds", src, excludes=["cache/"])
+        assert {e.path for e in plain.version.walk() if e.is_file} == {
+            ".tesseraignore", "big/one.bin", "mid/two.bin", "mid/cache", "top.txt"}
+    assert plan_units(src, 4).split, "4 tasks split the tree: the rules are applied on split units too"
+    for tasks in (1, 4):
+        with tessera.Repo(tmp_path / f"home{tasks}") as repo:
+            res = repo.commit_distributed("ds", src, LocalExecutor(tasks), remote=remote, excludes=["cache/"])
+            assert res.version.hash == plain.version.hash, tasks
+            assert res.stats.excluded == plain.stats.excluded == 2, (tasks, res.stats)
+            assert res.stats.dirs == plain.stats.dirs and res.stats.files == plain.stats.files
+            assert repo.status(src).changes == []
+
+
 def _tessera(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["tessera", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TESSERA_HOME": str(home)}, stdin=subprocess.DEVNULL)
@@ -163,6 +189,9 @@ def test_ray_commit_errors_are_one_line(tmp_path: Path, source: Path) -> None:
         len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = _tessera(home, "commit", "ds", str(source), "--tasks", "2")
     assert p.returncode == 2 and "--tasks and --remote go with --ray" in p.stderr
+    assert _tessera(home, "remote", "add", "origin", f"file://{tmp_path / 'remote'}").returncode == 0
+    p = _tessera(home, "commit", "ds", str(tmp_path / "nope"), "--ray=127.0.0.1:1")  # said before joining Ray
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path / 'nope'}: no such directory", p.stderr
 
 
 def test_nothing_imports_ray_unless_asked() -> None:

@@ -95,7 +95,7 @@ def name_of(value: str | bytes) -> str:
     return value if isinstance(value, str) else os.fsdecode(value)
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
+def _connect_read_only(path: Path, timeout: float) -> sqlite3.Connection:
     """Open an existing catalog without writing anything. ``immutable=1`` when the directory cannot
     hold the WAL index (-shm) and none exists: SQLite then reads the database file as is (a home made
     read-only after its last writer closed it has no WAL content left)."""
@@ -104,29 +104,28 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     if not os.access(path.parent, os.W_OK) and not shm.exists():
         query += "&immutable=1"
     uri = f"file:{quote(os.fsencode(path))}?{query}"
-    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
 
 
 class Catalog:
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
-        """``read_only``: open an existing catalog for reading only (`write` raises `ReadOnlyHome`)."""
+    def __init__(self, path: str | Path, *, read_only: bool = False, timeout: float = BUSY_TIMEOUT_S) -> None:
+        """``read_only``: open an existing catalog for reading only (`write` raises `ReadOnlyHome`).
+        ``timeout``: seconds to wait for a lock another process holds."""
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.RLock()
         try:
             if read_only:
-                conn = _connect_read_only(self.path)
+                conn = _connect_read_only(self.path, timeout)
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             else:
-                conn = sqlite3.connect(
-                    str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-                )
+                conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
             raise TesseraError(f"catalog {self.path} is not a usable SQLite database: {exc}") from None
         if not read_only:
             conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys=OFF")
         self.conn = conn
         self.db = Database(conn)
@@ -504,12 +503,17 @@ class Catalog:
         return out
 
     def put_dir_rows(self, rows: Iterable[DirRow]) -> None:
+        """Caches are optional: a read-only home keeps none (nor a stat cache, nor worktree records)."""
+        if self.read_only:
+            return
         with self.write() as c:
             c.executemany("INSERT OR REPLACE INTO dir_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                           ((db_name(r.path), r.dev, r.ino, r.mtime_ns, r.ctime_ns, r.tree_id, r.size, r.files)
                            for r in rows))
 
     def put_stat_rows(self, directory: str, rows: Iterable[StatRow]) -> None:
+        if self.read_only:
+            return
         d = db_name(directory)
         with self.write() as c:
             c.executemany(

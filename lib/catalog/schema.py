@@ -104,4 +104,18 @@ def _sync_remote_meta(db: Database) -> None:
     )
 
 
-SCHEMA_VERSION = 5
+@migrations(name="0006_worktrees")
+def _worktrees(db: Database) -> None:
+    # Which version each directory came from (committed, exported or checked out), keyed by its real
+    # path: `tessera status DIR` compares DIR with it. complete = 0 while an export/checkout is writing.
+    db.executescript(
+        """
+        CREATE TABLE worktrees (
+            path TEXT PRIMARY KEY, dataset TEXT NOT NULL, hash TEXT NOT NULL, how TEXT NOT NULL,
+            time REAL NOT NULL, complete INTEGER NOT NULL DEFAULT 1, excludes TEXT NOT NULL DEFAULT '[]'
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+SCHEMA_VERSION = 6

@@ -15,6 +15,20 @@ from tessera.cli.app import cli
 __all__ = ["cli", "main"]
 
 
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """click's usage errors (a missing argument, an unknown option) in the one-line form of every
+    other error, naming the command and where its help is: ``error: tessera ls: missing argument 'REF'
+    (see tessera ls --help)``."""
+    msg = one_line(exc.format_message()).rstrip(".")
+    msg = msg[:1].lower() + msg[1:] if msg[:2] != msg[:2].upper() else msg
+    path = exc.ctx.command_path if exc.ctx is not None else "tessera"
+    return f"{path}: {msg} (see {path} --help)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one `except TesseraError` turns expected failures into one line + exit code."""
     from tessera.errors import TesseraError
@@ -32,8 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(0)
+    except click.UsageError as exc:
+        click.echo(f"error: {usage_message(exc)}", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

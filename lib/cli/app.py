@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 class LazyGroup(click.Group):
     """Imports the command modules only when a command is looked up (keeps --help fast)."""
 
-    modules = ("tessera.cli.core", "tessera.cli.mount", "tessera.cli.remote", "tessera.cli.daemon")
+    modules = ("tessera.cli.core", "tessera.cli.worktree", "tessera.cli.mount", "tessera.cli.cache",
+               "tessera.cli.remote", "tessera.cli.daemon", "tessera.cli.help")
     _loaded = False
 
     def _load(self) -> None:
@@ -44,7 +45,7 @@ class LazyGroup(click.Group):
 @click.option("--home", envvar="TESSERA_HOME", type=click.Path(file_okay=False),
               help="Repository home (default: $TESSERA_HOME or ~/.tessera).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-@click.version_option(package_name="tessera", prog_name="tessera")
+@click.version_option(None, "-V", "--version", package_name="tessera", prog_name="tessera")
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     """tessera: versioned datasets for machine learning.
@@ -56,6 +57,12 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
     Refs:  NAME          latest version of a dataset
            NAME@3f2a9c   any unique hash prefix (>= 6 hex characters)
            NAME:TAG      a tag set with `tessera tag`
+
+    \b
+    Examples:
+      tessera commit coco ./data -m "first cut"
+      tessera log
+      tessera help quickstart
     """
     import logging
 
@@ -94,6 +101,25 @@ def emit_json(obj: Any) -> None:
     ``\\udcXX`` escapes, as in tree objects: the output stays valid UTF-8 and `json.loads` gives the name back."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
     click.echo(_LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON on stdout).")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``plural(1, "file")`` -> "1 file", ``plural(2, "file")`` -> "2 files"."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def human_rate(nbytes: float, seconds: float) -> str:
+    """Bytes and time as "12.0 MiB in 0.50 s (24.0 MiB/s)"."""
+    rate = f" ({human_size(nbytes / seconds)}/s)" if seconds > 0 and nbytes else ""
+    return f"{human_size(nbytes)} in {seconds:.2f} s{rate}"
+
+
+def note(message: str) -> None:
+    """A message for people (stderr): notices like "no datasets", warnings, summaries."""
+    click.echo(message, err=True)
 
 
 def human_size(n: float) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tessera.cli.app import cli, emit_json, human_time, open_repo
+from tessera.cli.app import cli, emit_json, human_time, json_option, note, open_repo
 
 
 def _home() -> Path:
@@ -60,13 +60,18 @@ config_option = click.option("--config", "config", type=click.Path(dir_okay=Fals
 @cli.command()
 @config_option
 def daemon(config: str | None) -> None:
-    """Watch the configured directories and commit each quiet moment as a new version (foreground).
+    """Run the daemon: commit watched directories when quiet.
 
-    Each watch (see `tessera watch`) is debounced: once its directory has been quiet for
+    Runs in the foreground (a systemd unit example is in `tessera help daemon`). Each watch (see `tessera watch`) is debounced: once its directory has been quiet for
     quiet_seconds, or max_wait_seconds after the first change during continuous writes, a version is
     committed if anything changed, and queued for push to the watch's remote. The push queue lives in
     the catalog and survives restarts. Config changes are picked up without restart. SIGTERM or
     Ctrl-C finish the current commit, then stop. One daemon per home.
+
+    \b
+    Examples:
+      tessera daemon
+      tessera daemon --config ./daemon.toml
     """
     from tessera.daemon.service import Daemon
 
@@ -90,11 +95,19 @@ def daemon(config: str | None) -> None:
 @click.option("--ignore", multiple=True, metavar="GLOB",
               help="Paths to leave out (repeatable): 'NAME' at any depth or 'dir/*.csv' relative.")
 @config_option
+@json_option
 def watch(directory: str, name: str, remote: str | None, quiet: float, max_wait: float, ignore: tuple[str, ...],
-          config: str | None) -> None:
-    """Have the daemon snapshot DIRECTORY into dataset NAME whenever it changes.
+          config: str | None, as_json: bool) -> None:
+    """Have the daemon snapshot DIRECTORY into dataset NAME.
 
-    Edits the daemon config; a running daemon picks the change up within a second.
+    A version is committed whenever DIRECTORY changed and then stayed quiet. Edits the daemon
+    config; a running daemon picks the change up within a second. DIRECTORY/.tesseraignore
+    (gitignore syntax) is honoured as by `tessera commit`, besides the --ignore globs.
+
+    \b
+    Examples:
+      tessera watch ./data labels --remote origin
+      tessera watch ./ckpt run-42 --quiet 10 --ignore '*.log'
     """
     from tessera.catalog.remote_state import remote_names
     from tessera.daemon.config import WatchConfig, add_watch, check_config_against_home, check_not_home, check_watch_dir
@@ -118,22 +131,36 @@ def watch(directory: str, name: str, remote: str | None, quiet: float, max_wait:
     cfg_path = _edit_target(config)
     add_watch(cfg_path, WatchConfig(path, name, remote, quiet, max_wait, tuple(ignore)),
               check=lambda c: check_config_against_home(c, home))
-    click.echo(f"watching {path} -> {name}" + (f" (pushed to {remote})" if remote else ""))
     running = read_daemon_info(home)
+    if as_json:
+        emit_json({"path": path, "dataset": name, "remote": remote, "quiet_seconds": quiet,
+                   "max_wait_seconds": max_wait, "ignore": list(ignore), "config": str(cfg_path),
+                   "daemon_running": running is not None})
+        return
+    click.echo(f"watching {path} -> {name}" + (f" (pushed to {remote})" if remote else ""))
     if running is None:
-        click.echo("the daemon is not running: start it with `tessera daemon`", err=True)
+        note("the daemon is not running: start it with `tessera daemon`")
 
 
 @cli.command()
 @click.argument("directory", type=click.Path())
 @config_option
-def unwatch(directory: str, config: str | None) -> None:
-    """Stop watching DIRECTORY. Its versions and queued pushes are kept."""
+@json_option
+def unwatch(directory: str, config: str | None, as_json: bool) -> None:
+    """Stop watching DIRECTORY. Its versions and queued pushes are kept.
+
+    \b
+    Examples:
+      tessera unwatch ./ckpt
+    """
     from tessera.catalog.daemon_state import forget_watch
     from tessera.daemon.config import remove_watch
 
     removed = remove_watch(_edit_target(config), directory)
     forget_watch(open_repo().catalog, removed.path)
+    if as_json:
+        emit_json({"path": removed.path, "dataset": removed.dataset})
+        return
     click.echo(f"no longer watching {removed.path} (dataset {removed.dataset})")
 
 
@@ -183,10 +210,30 @@ def _status_data(config: str | None) -> dict[str, Any]:
 
 
 @cli.command()
+@click.argument("directory", required=False, type=click.Path())
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config: str | None, as_json: bool) -> None:
-    """The daemon (pid, uptime) and each watch: last event, last version, pending uploads, last error."""
+def status(directory: str | None, config: str | None, as_json: bool) -> None:
+    """What changed in DIRECTORY, or what the daemon is doing.
+
+    With DIRECTORY: paths added (+), removed (-), modified (M) or with only their mode changed (m)
+    since the version DIRECTORY was committed as, exported or checked out from (instant on an
+    unchanged tree: the stat cache). Its .tesseraignore and the commit's --exclude patterns apply.
+
+    Without: the daemon (pid, uptime) and each watch: last event, last version, pending uploads,
+    last error.
+
+    \b
+    Examples:
+      tessera status ./data
+      tessera status
+      tessera status ./data --json
+    """
+    if directory is not None:
+        from tessera.cli.worktree import show_status
+
+        show_status(directory, as_json)
+        return
     data = _status_data(config)
     if as_json:
         emit_json(data)
@@ -228,17 +275,21 @@ def status(config: str | None, as_json: bool) -> None:
                    "input (repeatable); a bare REF is only recorded.")
 @click.option("--every", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How often --capture directories are snapshotted while the command runs.")
+@json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple[str, ...], every: float,
-        command: tuple[str, ...]) -> None:
-    """Run COMMAND, capturing its output directories as versions with their lineage.
+        as_json: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND, capturing its outputs as versions.
+
+    Output directories are captured with their lineage. Each captured version records the command, its exit code, the input versions (full hashes), the
+    git commit of the working directory and start/end times (`tessera show` prints them, `tessera log`
+    marks them [captured]). Exits with the command's exit code. With --json, a JSON summary
+    (exit code, captured versions) follows the command's own output on stdout.
 
     \b
-    tessera run --capture ./ckpt:run-42 --input coco@3f2a9c:/mnt/coco -- python train.py
-
-    Each captured version records the command, its exit code, the input versions (full hashes), the
-    git commit of the working directory and start/end times (`tessera show` prints them, `tessera log`
-    marks them [captured]). Exits with the command's exit code.
+    Examples:
+      tessera run --capture ./ckpt:run-42 --input coco@3f2a9c:/mnt/coco -- python train.py
+      tessera run --capture-once ./out:eval-7 --json -- python eval.py
     """
     from tessera.daemon.capture import Run, parse_capture, parse_input
 
@@ -247,6 +298,8 @@ def run(captures: tuple[str, ...], captures_once: tuple[str, ...], inputs: tuple
     job = Run(repo, list(command), specs, [parse_input(i) for i in inputs], every,
               report=lambda msg: click.echo(f"tessera: {msg}", err=True))
     code = job.run()
+    if as_json:
+        emit_json({"exit_code": code, "versions": job.versions, "run_id": job.run_id})
     if code:
         # not ctx.exit(): with standalone_mode=False click would return the code instead of exiting
         raise SystemExit(code)

@@ -21,6 +21,23 @@ exit non-zero (see the exit codes in [python-api.md](python-api.md#errors)).
 
 Refs: `NAME` is the latest version, `NAME@3f2a9c` any unique hash prefix of at least 6 hex
 characters, `NAME:TAG` a tag.
+
+Conventions: commands that print results take `--json` (one JSON document on stdout); notices
+("no datasets"), warnings and the one-line summaries (counts, bytes, time, rate) go to stderr, so
+pipes get only results. A short flag means the same everywhere (`-r` is `--remote`, `-R`
+`--recursive`, `-n` `--limit`, `-m` `--message`, `-t` `--tag`, `-x` `--exclude`, `-f` `--foreground`).
+`tessera -V` prints the version, `tessera help TOPIC` shows these docs (installed with tessera).
+
+## Shell completion
+
+click's completion, which also completes dataset names, `NAME@` hash prefixes, `NAME:` tags and
+`tessera help` topics from the current home. Add one line to your shell's start-up file:
+
+```
+eval "$(_TESSERA_COMPLETE=bash_source tessera)"     # ~/.bashrc
+eval "$(_TESSERA_COMPLETE=zsh_source tessera)"      # ~/.zshrc
+_TESSERA_COMPLETE=fish_source tessera | source      # ~/.config/fish/completions/tessera.fish
+```
 """
 
 

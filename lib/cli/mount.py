@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
+from tessera.cli.app import cli, emit_json, human_time, json_option, note, open_repo, parse_size, progress_bar
+from tessera.cli.complete import complete_ref
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_ref)
 @click.argument("mountpoint", type=click.Path())
 @click.option("-f", "--foreground", is_flag=True, help="Serve from this process until Ctrl-C or umount.")
 @click.option("--cache-size", default="128M", show_default=True, metavar="SIZE",
@@ -18,38 +19,68 @@ from tessera.cli.app import cli, emit_json, human_time, open_repo, parse_size
               help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (libfuse debug trace) into the mount log.")
+@click.option("--kernel", "path", flag_value="kernel",
+              help="Kernel path: cache the version's whole files, then EROFS + overlayfs (root; no server).")
+@click.option("--fuse", "path", flag_value="fuse", help="FUSE path: a tessera server process answers every read.")
+@json_option
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
-          timeout: float, debug: bool) -> None:
-    """Mount version REF read-only at MOUNTPOINT (an empty directory).
+          timeout: float, debug: bool, path: str | None, as_json: bool) -> None:
+    """Mount version REF read-only at MOUNTPOINT.
 
-    Returns once the mount is ready; the FUSE server keeps running in the background until
-    `tessera umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+    MOUNTPOINT must be an empty directory, or not exist yet: then it is created, and removed again
+    by `tessera umount`. By default the kernel path is taken when this machine can (root, EROFS,
+    overlayfs data-only layers) and the version's files are in the file cache or the rest is small
+    (see `tessera help mount`); otherwise FUSE, with one line saying why and what --kernel would cost.
+    Returns once the mount is ready; a FUSE server keeps running in the background until `tessera
+    umount MOUNTPOINT` (or SIGTERM to its pid, shown by `tessera mounts`).
+
+    \b
+    Examples:
+      tessera mount coco:v1 /mnt/coco
+      tessera mount coco@3f2a9c ./view --cache-size 1G
+      tessera mount --kernel coco:v1 /mnt/coco
     """
-    from tessera.mounting import MountOptions, check_fuse_device, check_mountpoint, mount_ref
+    from tessera.mounting import (MountOptions, check_fuse_device, check_mountpoint, make_mountpoint, mount_ref,
+                                  remove_made_mountpoint)
 
     from tessera.home import require_home
 
-    opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug)
+    if foreground and path == "kernel":
+        from tessera.errors import UsageError
+
+        raise UsageError("--foreground serves a FUSE mount; a kernel mount has no server (drop --foreground)")
+    opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug,
+                        path="fuse" if foreground else (path or "auto"), progress=progress_bar(),
+                        notify=lambda msg: click.echo(msg, err=True))
     require_home(_home())
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
         # the repository, so `tessera mount` costs one interpreter start less.
         rec = mount_ref(_home(), ref, mountpoint, opts)
-        click.echo(f"mounted {rec.ref} at {rec.mountpoint} (pid {rec.pid})")
+        if as_json:
+            emit_json(rec.to_json())
+            return
+        how = f"pid {rec.pid}" if rec.kind == "fuse" else "kernel: EROFS + overlayfs"
+        click.echo(f"mounted {rec.ref} at {rec.mountpoint} ({how})")
         return
     from tessera.fuse.mount import serve
 
     repo = open_repo()
     version = repo.get(ref)
     check_fuse_device()
+    created = make_mountpoint(mountpoint, repo.home)
     mp = check_mountpoint(mountpoint)
 
     def ready(msg: str) -> None:
         if msg.startswith("ok"):
             click.echo(f"mounted {version.ref} at {mp}; Ctrl-C or `tessera umount {mp}` to stop", err=True)
 
-    serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
-          debug=debug, ready=ready)
+    try:
+        serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
+              debug=debug, ready=ready)
+    finally:
+        if created:
+            remove_made_mountpoint(repo.home, mp)
 
 
 def _home() -> str:
@@ -62,18 +93,38 @@ def _home() -> str:
 
 @cli.command()
 @click.argument("mountpoint", type=click.Path())
-def umount(mountpoint: str) -> None:
-    """Unmount a tessera mount (also clears a mount whose server died: ENOTCONN)."""
+@json_option
+def umount(mountpoint: str, as_json: bool) -> None:
+    """Unmount a tessera mount (also one whose server died).
+
+    A mount whose server died answers ENOTCONN; it is detached all the same. A mountpoint that
+    `tessera mount` created is removed.
+
+    \b
+    Examples:
+      tessera umount /mnt/coco
+    """
+    import os
+
     from tessera.mounting import unmount
 
     unmount(mountpoint, _home())
+    if as_json:
+        emit_json({"unmounted": os.path.abspath(mountpoint), "removed": not os.path.lexists(mountpoint)})
+        return
     click.echo(f"unmounted {mountpoint}")
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def mounts(as_json: bool) -> None:
-    """List active mounts: ref, hash, mountpoint, server pid."""
+    """List active mounts: ref, hash, mountpoint, server pid or kernel.
+
+    \b
+    Examples:
+      tessera mounts
+      tessera mounts --json
+    """
     from tessera.home import require_home
     from tessera.mounting import list_mounts
 
@@ -83,10 +134,11 @@ def mounts(as_json: bool) -> None:
         emit_json([m.to_json() for m in found])
         return
     if not found:
-        click.echo("no tessera mounts")
+        note("no tessera mounts")
         return
     for m in found:
-        state = "" if m.alive else "  (server gone: run tessera umount)"
+        gone = "server gone" if m.kind == "fuse" else "mount process gone"
+        state = "" if m.alive else f"  ({gone}: run tessera umount)"
         since = f"  since {human_time(m.started)}" if m.started else ""
-        pid = str(m.pid) if m.pid else "-"
-        click.echo(f"{m.ref}  {m.mountpoint}  pid {pid}{since}{state}")
+        pid = ("pid " + (str(m.pid) if m.pid else "-")) if m.kind == "fuse" else "kernel"
+        click.echo(f"{m.ref}  {m.mountpoint}  {pid}{since}{state}")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-MODULES = ["bench_chunking", "bench_commit", "bench_mount", "bench_s3", "bench_daemon", "bench_scale"]
+MODULES = ["bench_chunking", "bench_commit", "bench_mount", "bench_s3", "bench_daemon", "bench_worktree",
+           "bench_scale"]
 
 
 def main() -> int:
