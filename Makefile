@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 numpy
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,fusepy]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,fusepy,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -26,6 +26,7 @@ from tessera.catalog import remote_state as rs
 from tessera.errors import CorruptData, NotFound, RemoteError
 from tessera.format.pack import KIND_CHUNK, BlobInfo, iter_blobs
 from tessera.ids import sha256_hex
+from tessera.lru import LRUCache
 from tessera.model import DIR, FILE, ChunkLocation, FileRecord, Tree
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
@@ -34,6 +35,8 @@ from tessera.store import Store, decode_chunk
 from tessera.trees import CatalogTrees, walk_trees
 
 logger = logging.getLogger(__name__)
+
+FILE_MEMO_ENTRIES = 1 << 18  # file results fsck remembers (~300 bytes each)
 
 
 @dataclass
@@ -70,8 +73,11 @@ class _Status:
 
 
 def fsck(catalog: Catalog, store: Store, progress: Progress | None = None, *, repair: bool = False,
-         require_local: bool = False, read_remote: Callable[[str], Transport] | None = None) -> FsckReport:
-    """Check the home; ``read_remote(pack)`` gives the transport to read a remote pack's chunks with."""
+         require_local: bool = False, read_remote: Callable[[str], Transport] | None = None,
+         file_memo: int = FILE_MEMO_ENTRIES) -> FsckReport:
+    """Check the home; ``read_remote(pack)`` gives the transport to read a remote pack's chunks with.
+    ``file_memo``: how many file results are remembered (a file shared by versions is checked once
+    while remembered): memory stays bounded whatever the number of files."""
     progress = progress or NullProgress()
     report = FsckReport()
     if repair:
@@ -84,7 +90,7 @@ def fsck(catalog: Catalog, store: Store, progress: Progress | None = None, *, re
         report.repaired += len(bad_rows)
         report.notes.append(f"repair: forgot {len(bad_rows)} remote chunk locations that failed their check")
         bad_rows = []
-    check_versions(catalog, report, {x.id for x in bad_rows}, require_local, progress)
+    check_versions(catalog, report, {x.id for x in bad_rows}, require_local, progress, file_memo)
     check_file_cache(store.home, report, progress)
     return report
 
@@ -233,11 +239,13 @@ def _read_remote_pack(read_remote: Callable[[str], Transport], pack: str, rows: 
 # -- versions -----------------------------------------------------------------------------------------
 
 def check_versions(catalog: Catalog, report: FsckReport, bad_chunks: set[bytes], require_local: bool,
-                   progress: Progress) -> None:
-    """Walk every version, each tree and file record once (bottom-up, memoised across versions)."""
+                   progress: Progress, file_memo: int = FILE_MEMO_ENTRIES) -> None:
+    """Walk every version, each tree once (bottom-up, memoised across versions: memory grows with the
+    number of directories, ~200 bytes each) and each file record once while it is among the last
+    ``file_memo`` remembered (an LRU: a file shared by versions far apart may be checked again)."""
     trees = CatalogTrees(catalog)
     memo: dict[str, _Status] = {}
-    files: dict[str, _Status] = {}
+    files: LRUCache[_Status] = LRUCache(file_memo, sizeof=lambda _: 1)
     seen: set[str] = set()
     pack_local = {p.id: p.local for p in catalog.packs()}
 
@@ -262,9 +270,11 @@ def check_versions(catalog: Catalog, report: FsckReport, bad_chunks: set[bytes],
                     if e.kind == DIR and e.id:
                         status.add(memo[e.id])
                     elif e.kind == FILE and e.id:
-                        if e.id not in files:
-                            files[e.id] = _file_status(catalog, vh, e.id, e.size, pack_local, bad_chunks, report)
-                        status.add(files[e.id])
+                        fstat = files.get(e.id)
+                        if fstat is None:
+                            fstat = _file_status(catalog, vh, e.id, e.size, pack_local, bad_chunks, report)
+                            files.put(e.id, fstat)
+                        status.add(fstat)
                 memo[tid] = status
         except CorruptData as exc:
             report.errors.append(f"version {vh[:12]}: {exc}")

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from tessera import lifecycle
 from tessera import prune as pruning
+from tessera import distributed as dist
 from tessera import pull as pulling
 from tessera import reclaim
 from tessera.catalog import Catalog, DatasetInfo
@@ -37,7 +38,7 @@ from tessera.push import Pusher, PushResult
 from tessera.reader import ChunkReader
 from tessera.remotes import Remote, Transports, remote_or_none
 from tessera.retention import KeepPolicy
-from tessera.snapshot import MetaFor, SnapshotOptions, SnapshotStats, snapshot_dir
+from tessera.snapshot import MEMORY_SETTING, MetaFor, SnapshotOptions, SnapshotStats, memory_budget, snapshot_dir
 from tessera.store import Store
 from tessera.treebuild import build_trees
 from tessera.trees import CatalogTrees
@@ -260,7 +261,8 @@ class Repo:
                    meta_for: MetaFor | None = None, tag: str | None = None, author: str | None = None,
                    exclude: Callable[[str], bool] | None = None, progress: Progress | None = None,
                    workers: int = 0, keep_busy: bool = False, excludes: Sequence[str] = (),
-                   ignore_file: bool = True, open_at_start: set[str] | None = None) -> CommitResult:
+                   ignore_file: bool = True, open_at_start: set[str] | None = None,
+                   memory: int | None = None) -> CommitResult:
         """Snapshot ``path`` as a new version of ``name``; unchanged content reports the head.
 
         Left out: what ``path/.tesseraignore`` (unless ``ignore_file`` is False) and the gitignore
@@ -273,7 +275,12 @@ class Repo:
         `tessera.openfiles.open_for_writing`, used as the first). The daemon commits this way.
 
         The tessera home is never committed: ``path`` being the home or inside it is a `UsageError`;
-        a ``path`` containing the home leaves it out (``stats.home_skipped``)."""
+        a ``path`` containing the home leaves it out (``stats.home_skipped``).
+
+        ``memory``: the commit's memory budget in bytes (default: ``$TESSERA_COMMIT_MEMORY``, else the
+        home's ``commit.memory`` setting, else 256 MiB). Records of files read wait for their packs to be
+        sealed up to half of it; past that the commit checkpoints (seals its packs and writes what it read),
+        so peak memory does not grow with the number of files."""
         check_dataset_name(name)
         exclude = combined_exclude(path, exclude, excludes, ignore_file=ignore_file)
         if tag is not None:
@@ -286,16 +293,17 @@ class Repo:
             exclude = _excluding(inner, exclude)
         opts = SnapshotOptions(self.settings.chunk, self.settings.compression_level, self.settings.pack_target,
                                workers=workers, meta_for=meta_for, exclude=exclude,
-                               previous=self._previous_records(name) if keep_busy else None)
+                               previous=self._previous_records(name) if keep_busy else None,
+                               memory=memory_budget(self.catalog.setting(MEMORY_SETTING), memory))
         if keep_busy:
             opts.open_files = _open_for_writing
             opts.open_at_start = open_at_start
-        with self.store.writing():  # until the version is recorded: gc never sees its rows unreferenced
+        with self.store.writing():  # what the snapshot wrote stays unreferenced until the version row: no gc
             snap = snapshot_dir(self.catalog, self.store, path, opts, progress)
+            if inner is not None:
+                snap.stats.home_skipped = str(self.home)
             version, created = self._record(name, snap.root_id, snap.trees, snap.files, snap.size,
                                             message, meta or {}, author)
-        if inner is not None:
-            snap.stats.home_skipped = str(self.home)
         if tag is not None:
             self.catalog.set_tag(name, tag, version.hash)
         record_worktree(self.catalog, path, name, version.hash, "commit", excludes=excludes)  # for `status`
@@ -317,12 +325,75 @@ class Repo:
         return previous
 
     def commit(self, name: str, path: str | Path, *, message: str = "", meta: dict[str, Any] | None = None,
-               meta_for: MetaFor | str | Path | None = None, tag: str | None = None) -> Version:
+               meta_for: MetaFor | str | Path | None = None, tag: str | None = None,
+               executor: dist.Executor | None = None, remote: str | None = None) -> Version:
         """Snapshot a directory. ``meta_for`` is a callable ``path -> dict`` or a JSON file mapping
-        paths to per-entry metadata dicts."""
+        paths to per-entry metadata dicts. With an ``executor`` (`tessera.raycluster.RayExecutor`) the
+        commit is spread over its workers and lands on ``remote`` (see `commit_distributed`)."""
+        if executor is not None:
+            if meta_for is not None:
+                raise UsageError("per-entry metadata is not supported by a distributed commit")
+            return self.commit_distributed(name, path, executor, remote=remote, message=message, meta=meta,
+                                           tag=tag).version
         if isinstance(meta_for, (str, Path)):
             meta_for = load_entry_meta(meta_for)
         return self.commit_dir(name, path, message=message, meta=meta, meta_for=meta_for, tag=tag).version
+
+    def commit_distributed(self, name: str, path: str | Path, executor: dist.Executor, *, remote: str | None = None,
+                           message: str = "", meta: dict[str, Any] | None = None, tag: str | None = None,
+                           author: str | None = None, exclude: Callable[[str], bool] | None = None,
+                           excludes: Sequence[str] = (), ignore_file: bool = True, memory: int | None = None,
+                           progress: Progress | None = None) -> CommitResult:
+        """Commit ``path`` (a directory every worker sees at that path) with ``executor``'s workers: they
+        chunk, hash and pack subtrees balanced by bytes and upload the packs and their indexes straight
+        to ``remote`` (default: the default remote); this home records the version with its packs on the
+        remote only (like a metadata pull: browse, mount and export read lazily; `tessera pull` makes
+        it local), builds the top trees and pushes the version (metadata, version object, history). The
+        version hash is the one a plain commit of the same directory gives (the same exclude rules:
+        ``.tesseraignore``, ``excludes``, ``exclude``, as in `commit_dir`)."""
+        check_dataset_name(name)
+        exclude = combined_exclude(path, exclude, excludes, ignore_file=ignore_file)
+        if tag is not None:
+            check_tag(tag)
+        if meta is not None and not isinstance(meta, dict):
+            raise UsageError("version metadata must be a JSON object")
+        if self.read_only:
+            raise read_only_error(self.home)
+        check_not_home(path, self.home, "a commit source", allow_containing=True)
+        inner = home_below(path, self.home)
+        if inner is not None:
+            exclude = _excluding(inner, exclude)
+        src = Path(path)
+        if not src.is_dir():
+            raise UsageError(f"{path}: {'not a directory' if src.exists() else 'no such directory'}")
+        root = str(src.resolve())
+        rem = self.transports.remote(remote)
+        plan = dist.plan_units(root, executor.tasks, exclude)
+        jobs = [dist.WorkerJob(root, tuple(units), rem.url, self.settings, exclude, dist.job_env(), memory)
+                for units in plan.bins(executor.tasks)]
+        logger.info("distributed commit of %s: %s", root, dist.describe(plan, len(jobs)))
+        stats = SnapshotStats()
+        results: dict[str, dist.UnitResult] = {}
+        with self.store.writing():
+            for batch in executor.map_unordered(dist.commit_units, jobs):
+                for res in batch:
+                    dist.record_result(self.catalog, rem.name, res)
+                    dist.add_stats(stats, res.stats)
+                    results[dist.result_key(res.unit)] = dist.UnitResult(res.unit, res.tree, res.entries, [], [], [],
+                                                                         res.stats)
+            top, made = dist.combine(plan, results)
+            split_dirs = sum(len(children) for children in plan.split.values())
+            stats.dirs += split_dirs  # left out by their parent's unit (each is a unit of its own)
+            stats.excluded -= split_dirs
+            self.catalog.add_trees((t.id, t.data) for t in made)
+            version, created = self._record(name, top.id, [], top.files, top.size, message, meta or {}, author)
+        if tag is not None:
+            self.catalog.set_tag(name, tag, version.hash)
+        if inner is not None:
+            stats.home_skipped = str(self.home)
+        self._pusher(rem.name, progress).push(name, version.hash)
+        record_worktree(self.catalog, root, name, version.hash, "commit", excludes=excludes)  # for `status`
+        return CommitResult(version, created, stats)
 
     def commit_version(self, name: str, source: Version | Selection | Iterable[Entry], *, message: str = "",
                        meta: dict[str, Any] | None = None) -> Version:

@@ -1,15 +1,24 @@
 """Snapshot a directory into trees, file records and chunks (the work behind `tessera commit`).
 
-Three phases:
-1. walk: `lstat` every path; the stat cache (dev, inode, size, mtime_ns, ctime_ns -> file id) decides
-   which files must be read at all. Unchanged trees read no file bytes.
-2. ingest: worker threads (hashing, FastCDC, xxh3 and zstd all release the GIL) read each changed file
-   once: SHA-256 of the whole file, chunk ids, and new chunks compressed into per-thread packs. A file
-   that changes while being read is read again. With ``keep_busy`` (the daemon), a file some process
-   holds open for writing when the snapshot starts or ends, or whose stat changed after our read,
-   keeps its previous record: a writer paused between two `write()` calls is never captured torn.
-3. seal and record: packs are fsynced and indexed, then file rows, then trees are built bottom-up.
-   The caller records the version; a crash anywhere leaves only unreferenced garbage.
+One pass in bounded memory (issue 14: peak memory must not grow with the file count):
+1. walk: directories depth-first, one at a time: `lstat` every entry; the directory's stat-cache rows
+   (dev, inode, size, mtime_ns, ctime_ns -> file id; one query per directory) decide which files must be
+   read at all, and the directory-cache rows of its subdirectories (one query) which subtrees are kept
+   whole. Unchanged trees read no file bytes and build no trees.
+2. ingest: files to read go in batches to worker threads (hashing, FastCDC, xxh3 and zstd all release
+   the GIL), with a bounded number of batches and bytes in flight: each changed file is read once
+   (SHA-256 of the whole file, chunk ids, new chunks compressed into per-thread packs). A file that
+   changes while being read is read again. With ``keep_busy`` (the daemon), a file some process holds
+   open for writing when the snapshot starts or at the checkpoint after its read, or whose stat changed
+   after our read, keeps its previous record: a writer paused between two `write()` calls is never
+   captured torn.
+3. trees: a directory's tree is built as soon as its files are read and its subdirectories are built,
+   and written to the catalog in batches (children before parents).
+4. checkpoints: records of files read wait in memory for the packs holding their chunks. When they
+   reach half the memory budget, and at the end, every open pack is sealed and indexed, then file
+   records, stat-cache rows, trees and dir-cache rows are written, in that order (docs/format.md
+   "Write ordering"). The caller records the version; a crash anywhere leaves only unreferenced garbage,
+   and a commit re-run after a crash does not read again what a checkpoint recorded.
 """
 from __future__ import annotations
 
@@ -18,23 +27,23 @@ import logging
 import os
 import stat
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from tessera.catalog import Catalog, DirRow, StatRow
-from tessera.config import DEFAULT_PACK_TARGET
-from tessera.errors import SourceError, TesseraError, UsageError
+from tessera.config import DEFAULT_PACK_TARGET, parse_size
+from tessera.errors import SourceError, TesseraError, UsageError, raise_os_error
 from tessera.faults import crash_point
 from tessera.format.chunker import Chunker, ChunkParams
 from tessera.format.compress import thread_compressor
 from tessera.ids import chunk_id
-from tessera.model import DIR, FILE, SYMLINK, Entry, FileRecord, normalize_mode
-from tessera.treebuild import BuiltTrees, build_trees
+from tessera.model import DIR, FILE, SYMLINK, FileRecord, TreeEntry, normalize_mode
 from tessera.progress import NullProgress, Progress
-from tessera.errors import raise_os_error
 from tessera.store import PackSet, Store
+from tessera.treebuild import BuiltTree, TreeBatch, encode_tree
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,7 @@ READ_RETRIES = 5
 WHOLE_READ_MAX = 8 * 1024 * 1024  # files up to this size are read in one call and cut in memory
 BATCH_BYTES = 4 * 1024 * 1024     # small files are handed to workers in batches of about this size
 BATCH_FILES = 256
+T = TypeVar("T")
 
 
 def _read_upto(fd: int, size: int) -> bytes:
@@ -75,6 +85,14 @@ class _Bounded:
         return n or 0
 
 
+DEFAULT_MEMORY = 256 * 1024 * 1024  # `commit.memory`: what a commit may hold beyond its fixed costs
+MIN_MEMORY = 16 * 1024 * 1024
+MEMORY_SETTING = "commit.memory"
+MEMORY_ENV = "TESSERA_COMMIT_MEMORY"
+_FILE_COST = 1700  # bytes a file read and waiting for its checkpoint holds (measured: record, stat, names)
+_DIR_COST = 600  # a directory completed and waiting for its checkpoint (its dir-cache row)
+
+
 @dataclass
 class SnapshotStats:
     files: int = 0
@@ -88,36 +106,57 @@ class SnapshotStats:
     stat_cache_hits: int = 0
     new_chunks: int = 0
     new_bytes_stored: int = 0
+    checkpoints: int = 0  # times open packs were sealed and the records read so far written
+    trees_built: int = 0  # directories whose tree was built (the rest kept their cached tree)
     busy: list[str] = field(default_factory=list)  # kept at their previous content (still being written)
     home_skipped: str | None = None  # the tessera home, found inside the committed directory and left out
 
 
+class _Dir:
+    """A directory being snapshotted: scanned, waiting for its files and subdirectories, then built."""
+
+    __slots__ = ("rel", "path", "st", "parent", "row", "entries", "pending", "files_below", "reusable",
+                 "excluded")
+
+    def __init__(self, rel: str, path: str, st: os.stat_result, parent: _Dir | None, row: DirRow | None) -> None:
+        self.rel = rel
+        self.path = path
+        self.st = st
+        self.parent = parent
+        if row is not None and (row.dev, row.ino, row.mtime_ns, row.ctime_ns) != (
+                st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
+            row = None  # the directory changed since that tree was built
+        self.row = row  # its directory-cache row, if still valid (looked up with its siblings)
+        self.entries: list[TreeEntry] = []
+        self.pending = 1  # files being read + subdirectories not done + 1 until scanned
+        self.files_below = 0  # files in completed subdirectories
+        self.reusable = row is not None  # no file read, nothing excluded, every subdirectory reused
+        self.excluded = False  # something in or below this directory was excluded: its tree depends on the rules
+
+    @property
+    def name(self) -> str:
+        return self.rel.rpartition("/")[2]
+
+
+_Item = tuple[str, str, os.stat_result, "_Dir | None", "DirRow | None"]  # a directory to scan: _Dir's arguments
+
+
 @dataclass(slots=True)
 class _File:
+    name: str
     rel: str
     path: str
     st: os.stat_result
     mode: int
+    dir: _Dir
     record: FileRecord | None = None
-    busy: bool = False  # kept changing while read: record is the previous version's (or None: left out)
-
-
-@dataclass
-class _Dir:
-    rel: str
-    path: str
-    st: os.stat_result
-    files: list[_File] = field(default_factory=list)
-    links: list[Entry] = field(default_factory=list)
-    dirs: list["_Dir"] = field(default_factory=list)
-    all_cached: bool = True
-    excluded: bool = False  # something in or below this directory was excluded: its tree depends on the rules
+    busy: bool = False  # not committed as read: record is the previous version's (or None: left out)
 
 
 @dataclass
 class Snapshot:
     root_id: str
-    trees: list[tuple[str, bytes]]
+    trees: list[tuple[str, bytes]]  # trees still to record (a streamed commit has written them already)
     files: int
     size: int
     stats: SnapshotStats
@@ -136,10 +175,32 @@ class SnapshotOptions:
     previous: Callable[[str], FileRecord | None] | None = None
     # keep_busy: the files below a directory that some process holds open for writing (`tessera.openfiles`).
     # Asked when the snapshot starts (unless ``open_at_start`` already holds such a scan, made just
-    # before) and once all files are read; a file read this time that was open for writing either
-    # time, or whose stat changed after our read, is busy (its ``previous`` record, or left out).
+    # before) and at each checkpoint (at the latest, once all files are read); a file read since the
+    # previous checkpoint that was open for writing either time, or whose stat changed after our read,
+    # is busy (its ``previous`` record, or left out).
     open_files: Callable[[str], set[str]] | None = None
     open_at_start: set[str] | None = None
+    # Called with each pack's id once it is sealed and indexed (a distributed commit's worker uploads it).
+    on_sealed: Callable[[str], None] | None = None
+    # The memory budget: records of files read wait for their packs to be sealed up to half of it, file
+    # reads in flight take up to a quarter. Not counted: the directories being built (their entries).
+    memory: int = DEFAULT_MEMORY
+
+
+def memory_budget(setting: str | None, override: int | None = None) -> int:
+    """The commit memory budget: ``override``, else ``$TESSERA_COMMIT_MEMORY``, else the home's
+    ``commit.memory`` setting, else 256 MiB; never below 16 MiB."""
+    if override is not None:
+        value = override
+    elif os.environ.get(MEMORY_ENV):
+        value = parse_size(os.environ[MEMORY_ENV])
+    elif setting:
+        value = parse_size(setting)
+    else:
+        value = DEFAULT_MEMORY
+    if value < MIN_MEMORY:
+        raise UsageError(f"commit memory budget {value} bytes is too small: use at least 16M")
+    return value
 
 
 class Snapshotter:
@@ -153,57 +214,77 @@ class Snapshotter:
         self._stats_lock = threading.Lock()
         self._tls = threading.local()
         self._stop = threading.Event()
+        self._use_cache = options.meta_for is None  # the dir cache cannot see per-entry metadata
+        self._record_budget = options.memory // 2
+        self._read_budget = max(options.memory // 4, 2 * WHOLE_READ_MAX)
+        self._trees = TreeBatch(catalog, max(1 << 20, options.memory // 16))
+        # waiting for the next checkpoint: files read (records, stat rows), directories built (dir rows)
+        self._done_files: list[_File] = []
+        self._unsettled: list[_File] = []  # keep_busy: read, to be checked against open files first
+        self._done_dirs: list[tuple[_Dir, BuiltTree]] = []
+        self._waiting = 0  # bytes the lists above hold, estimated
+        self._opened: set[str] = set()
+        self._root: BuiltTree | None = None
 
-    # -- phase 1: walk ----------------------------------------------------------------------------
+    # -- the walk: one directory at a time ---------------------------------------------------------
 
-    def _walk(self, root: Path) -> tuple[_Dir, list[_File]]:
-        top = _Dir("", str(root), os.stat(root))
+    def _scan(self, node: _Dir, stack: list[_Item]) -> list[_File]:
+        """List one directory: symlinks become entries, files that hit the stat cache become entries,
+        the rest are returned to be read; subdirectories go on ``stack``."""
+        cache = self.catalog.stat_keys(node.path)
+        try:
+            with os.scandir(node.path) as it:
+                items = list(it)
+        except OSError as exc:
+            raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
+        prefix = f"{node.rel}/" if node.rel else ""
         to_read: list[_File] = []
-        stack = [top]
-        while stack:
-            node = stack.pop()
-            cache = self.catalog.stat_keys(node.path)
+        subdirs: list[tuple[str, str, os.stat_result]] = []
+        for d in items:
+            rel = prefix + d.name
+            if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
+                node.excluded = True  # directories are asked with a trailing "/", as in gitignore
+                self.stats.excluded += 1
+                continue
             try:
-                with os.scandir(node.path) as it:
-                    items = list(it)
+                st = d.stat(follow_symlinks=False)
             except OSError as exc:
-                raise SourceError(f"cannot read directory {node.path}: {exc.strerror}") from None
-            for d in items:
-                rel = f"{node.rel}/{d.name}" if node.rel else d.name
-                if self.opts.exclude and self.opts.exclude(rel + "/" if d.is_dir(follow_symlinks=False) else rel):
-                    node.excluded = True  # directories are asked with a trailing "/", as in gitignore
-                    self.stats.excluded += 1
-                    continue
-                try:
-                    st = d.stat(follow_symlinks=False)
-                except OSError as exc:
-                    raise SourceError(f"cannot stat {d.path}: {exc.strerror}") from None
-                if stat.S_ISDIR(st.st_mode):
-                    child = _Dir(rel, d.path, st)
-                    node.dirs.append(child)
-                    stack.append(child)
-                    self.stats.dirs += 1
-                elif stat.S_ISLNK(st.st_mode):
-                    target = os.readlink(d.path)
-                    node.links.append(Entry(rel, SYMLINK, 0o777, len(os.fsencode(target)), None, target))
-                    self.stats.symlinks += 1
-                elif stat.S_ISREG(st.st_mode):
-                    f = _File(rel, d.path, st, normalize_mode(FILE, st.st_mode))
-                    node.files.append(f)
-                    self.stats.files += 1
-                    self.stats.bytes_total += st.st_size
-                    hit = cache.get(d.name)
-                    if hit and hit[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                        # Size and id are all the trees need; the chunk list is already stored.
-                        f.record = FileRecord(hit[1], st.st_size, ())
-                        self.stats.stat_cache_hits += 1
-                    else:
-                        to_read.append(f)
-                        node.all_cached = False
+                raise SourceError(f"cannot stat {d.path}: {exc.strerror}") from None
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append((rel, d.path, st))
+                self.stats.dirs += 1
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(d.path)
+                node.entries.append(TreeEntry(d.name, SYMLINK, 0o777, len(os.fsencode(target)), None, target,
+                                              self._meta(rel)))
+                self.stats.symlinks += 1
+            elif stat.S_ISREG(st.st_mode):
+                mode = normalize_mode(FILE, st.st_mode)
+                self.stats.files += 1
+                self.stats.bytes_total += st.st_size
+                hit = cache.get(d.name)
+                if hit and hit[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    # Size and id are all the tree needs; the chunk list is already stored.
+                    node.entries.append(TreeEntry(d.name, FILE, mode, st.st_size, hit[1], None, self._meta(rel)))
+                    self.stats.stat_cache_hits += 1
                 else:
-                    logger.warning("skipping %s: not a regular file, directory or symlink", d.path)
-                    self.stats.skipped += 1
-        return top, to_read
+                    to_read.append(_File(d.name, rel, d.path, st, mode, node))
+                    node.reusable = False
+            else:
+                logger.warning("skipping %s: not a regular file, directory or symlink", d.path)
+                self.stats.skipped += 1
+        if node.excluded:
+            node.reusable = False
+        node.pending += len(subdirs) + len(to_read)
+        rows = self._dir_rows([path for _, path, _ in subdirs])
+        stack.extend((rel, path, st, node, rows.get(path)) for rel, path, st in subdirs)
+        return to_read
+
+    def _dir_rows(self, paths: list[str]) -> dict[str, DirRow]:
+        """The directory-cache rows of some directories (a directory's subdirectories: one query)."""
+        if not self._use_cache or not paths:
+            return {}
+        return self.catalog.dir_rows(paths)
 
     def _meta(self, rel: str) -> dict[str, Any]:
         if self.opts.meta_for is None:
@@ -213,7 +294,55 @@ class Snapshotter:
             raise UsageError(f"metadata for {rel!r} must be a JSON object, got {type(meta).__name__}")
         return meta
 
-    # -- phase 2: ingest --------------------------------------------------------------------------
+    # -- completing directories, bottom-up ---------------------------------------------------------
+
+    def _done(self, node: _Dir) -> None:
+        """One thing ``node`` waited for is done; build every directory that has nothing left to wait for."""
+        node.pending -= 1
+        while node.pending == 0:
+            row = node.row
+            if node.reusable and row is not None and self._use_cache:
+                built = BuiltTree(row.tree_id, b"", row.size, row.files)
+            else:
+                built = encode_tree(node.entries, node.files_below)
+                self._trees.add(built)
+                self.stats.trees_built += 1
+                if self._use_cache and not node.excluded:
+                    self._done_dirs.append((node, built))
+                    self._waiting += _DIR_COST
+            node.entries = []
+            parent = node.parent
+            if parent is None:
+                self._root = built
+                return
+            parent.entries.append(TreeEntry(node.name, DIR, 0o755, built.size, built.id, None, self._meta(node.rel)))
+            parent.files_below += built.files
+            if built.data:
+                parent.reusable = False
+            if node.excluded:  # an exclusion below counts too: no dir-cache row above it, none reused
+                parent.excluded = True
+                parent.reusable = False
+            parent.pending -= 1
+            node = parent
+
+    def _file_read(self, f: _File) -> None:
+        if f.busy:  # kept changing while read: its previous record, never remembered in the caches
+            self._add_file_entry(f)
+            self._done(f.dir)
+        elif self.opts.open_files is not None:
+            self._unsettled.append(f)  # its directory waits for the next checkpoint's check
+            self._waiting += _FILE_COST
+        else:
+            self._add_file_entry(f)
+            self._done_files.append(f)
+            self._waiting += _FILE_COST + 20 * len(f.record.chunks if f.record else ())
+            self._done(f.dir)
+
+    def _add_file_entry(self, f: _File) -> None:
+        if f.record is not None:  # None: busy and new, left out of this version
+            f.dir.entries.append(TreeEntry(f.name, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
+
+    # -- ingest -----------------------------------------------------------------------------------
 
     def _chunker(self) -> Chunker:
         ch = getattr(self._tls, "chunker", None)
@@ -249,20 +378,24 @@ class Snapshotter:
         logger.warning("%s is still being written (%s): %s", f.path, why,
                        "keeping its previous version" if f.record else "leaving it out of this version")
 
-    def _settle(self, root: Path, files: list[_File], opened: set[str]) -> None:
-        """keep_busy, once every file is read: a file that was open for writing when the snapshot
-        started or is now, or whose stat changed since our read, may hold a torn state: keep its
-        previous content. (Files that hit the stat cache were not read: their recorded content is one
-        that was read complete earlier and their stat says it is still on disk.)"""
+    def _settle(self, root: Path) -> None:
+        """keep_busy, at a checkpoint: a file read since the last one that was open for writing when the
+        snapshot started or is now, or whose stat changed since our read, may hold a torn state: keep
+        its previous content. (Files that hit the stat cache were not read: their recorded content is
+        one that was read complete earlier and their stat says it is still on disk.)"""
         assert self.opts.open_files is not None
-        opened = opened | self.opts.open_files(str(root))
+        opened = self._opened | self.opts.open_files(str(root))
+        files, self._unsettled = self._unsettled, []
         for f in files:
-            if f.busy or f.record is None:
-                continue
-            if f.path in opened:
-                self._keep_previous(f, "open for writing")
-            elif _changed_since(f):
-                self._keep_previous(f, "changed after it was read")
+            if f.record is not None and not f.busy:
+                if f.path in opened:
+                    self._keep_previous(f, "open for writing")
+                elif _changed_since(f):
+                    self._keep_previous(f, "changed after it was read")
+            self._add_file_entry(f)
+            if not f.busy:
+                self._done_files.append(f)
+            self._done(f.dir)
 
     def _read_file(self, f: _File, packs: PackSet) -> tuple[FileRecord, bool]:
         try:
@@ -303,98 +436,33 @@ class Snapshotter:
         f.st = after
         return FileRecord(sha.hexdigest(), size, tuple(chunks)), changed
 
-    def _ingest_all(self, files: list[_File], packs: PackSet) -> None:
-        workers = self.opts.workers or min(8, (os.cpu_count() or 2) + 2)
-        self.progress.start("commit", sum(f.st.st_size for f in files))
-        if not files:
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
-            futures: list[Future[None]] = [pool.submit(self._ingest_batch, b, packs) for b in _batches(files)]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [fu for fu in done if fu.exception() is not None]
-            if failed:
-                self._stop.set()
-                for fu in futures:
-                    fu.cancel()
-                raise failed[0].exception()  # type: ignore[misc]
-        self.progress.finish()
+    # -- checkpoints ------------------------------------------------------------------------------
 
-    # -- phase 3: trees ---------------------------------------------------------------------------
-
-    def _trees(self, top: _Dir) -> BuiltTrees:
-        """Build trees, reusing the cached tree id of every unchanged directory. Not with per-entry
-        metadata (the cache cannot see it), and never for a directory where something was excluded
-        (its tree depends on the exclude rules, which may change between commits)."""
-        use_cache = self.opts.meta_for is None
-        all_dirs: list[_Dir] = []
-        stack = [top]
-        while stack:
-            d = stack.pop()
-            all_dirs.append(d)
-            stack.extend(d.dirs)
-        cached = self.catalog.dir_rows([d.path for d in all_dirs]) if use_cache else {}
-        reusable: dict[str, tuple[str, int, int]] = {}
-        for d in reversed(all_dirs):  # children before parents
-            d.excluded = d.excluded or any(c.excluded for c in d.dirs)  # an exclusion below counts too
-            row = cached.get(d.path)
-            if (row and d.all_cached and not d.excluded and all(c.rel in reusable for c in d.dirs)
-                    and (row.dev, row.ino, row.mtime_ns, row.ctime_ns)
-                    == (d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns)):
-                reusable[d.rel] = (row.tree_id, row.size, row.files)
-        if "" in reusable:
-            tid, size, files = reusable[""]
-            return BuiltTrees(tid, [], files, size)
-        entries: list[Entry] = []
-        stack = [top]
-        while stack:
-            d = stack.pop()
-            if d.rel:
-                entries.append(Entry(d.rel, DIR, 0o755, 0, meta=self._meta(d.rel)))
-            entries.extend(Entry(e.path, e.kind, e.mode, e.size, None, e.target, self._meta(e.path)) for e in d.links)
-            for f in d.files:
-                if f.record is None:
-                    continue  # busy and new: left out of this version
-                entries.append(Entry(f.rel, FILE, f.mode, f.record.size, f.record.id, None, self._meta(f.rel)))
-            stack.extend(c for c in d.dirs if c.rel not in reusable)
-        # only the outermost reusable directories: their insides are already in the catalog
-        outer = {rel: v for rel, v in reusable.items() if rel.rpartition("/")[0] not in reusable}
-        built = build_trees(entries, prebuilt=outer)
-        if use_cache:
-            self._save_dir_cache(all_dirs, reusable, built)
-        return built
-
-    def _save_dir_cache(self, dirs: list[_Dir], reusable: dict[str, tuple[str, int, int]],
-                        built: BuiltTrees) -> None:
-        rows = [DirRow(d.path, d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns, *built.dirs[d.rel])
-                for d in dirs if d.rel not in reusable and d.rel in built.dirs and not d.excluded]
-        self.catalog.put_dir_rows(rows)
-
-    # -- entry point ------------------------------------------------------------------------------
-
-    def run(self, root: Path) -> Snapshot:
-        opened: set[str] = set()
-        if self.opts.open_files is not None:
-            opened = self.opts.open_at_start if self.opts.open_at_start is not None else self.opts.open_files(str(root))
-        top, to_read = self._walk(root)
-        packs = PackSet(self.store, self.opts.pack_target)
-        try:
-            self._ingest_all(to_read, packs)
-            if self.opts.open_files is not None:
-                self._settle(root, to_read, opened)
-            crash_point("before-seal")
-            packs.finish()
-        except BaseException:
-            self._stop.set()
-            packs.abort()
-            raise
+    def _checkpoint(self, root: Path, packs: PackSet) -> None:
+        """Make everything read so far durable, in the write order of docs/format.md: seal and index the
+        open packs, then (keep_busy: after checking the files against open writers) file records and
+        stat-cache rows, then trees, then the dir-cache rows of the directories built. No worker may be
+        reading. A crash in between leaves unreferenced rows; a re-run reuses what was recorded."""
+        crash_point("before-seal")
+        packs.checkpoint()
+        packs.sealed.clear()  # their indexes are in the catalog now
         crash_point("after-seal")
-        self.stats.new_chunks = packs.new_chunks
-        self.stats.new_bytes_stored = packs.new_bytes
-        self.catalog.add_files(f.record for f in to_read if f.record is not None and not f.busy)
+        if self.opts.open_files is not None:
+            self._settle(root)
+        files, self._done_files = self._done_files, []
+        for part in _slices(files, 20_000):
+            self.catalog.add_files(f.record for f in part if f.record is not None)
         crash_point("after-files")
-        self._save_stat_cache(to_read)
-        built = self._trees(top)
-        return Snapshot(built.root_id, built.trees, built.files, built.size, self.stats)
+        for part in _slices(files, 20_000):
+            self._save_stat_cache(part)
+        self._trees.flush()
+        built, self._done_dirs = self._done_dirs, []
+        for dirs in _slices(built, 20_000):
+            self.catalog.put_dir_rows(DirRow(d.path, d.st.st_dev, d.st.st_ino, d.st.st_mtime_ns, d.st.st_ctime_ns,
+                                             b.id, b.size, b.files) for d, b in dirs)
+        self._waiting = 0
+        self.stats.checkpoints += 1
+        crash_point("after-checkpoint")
 
     def _save_stat_cache(self, files: list[_File]) -> None:
         """Remember what was read; stat-cache hits are already there, unchanged."""
@@ -402,12 +470,102 @@ class Snapshotter:
         for f in files:
             if f.record is None or f.busy:
                 continue
-            parent, _, name = f.path.rpartition("/")
-            by_dir.setdefault(parent, []).append(StatRow(
-                name, f.st.st_dev, f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.record.id))
+            by_dir.setdefault(f.dir.path, []).append(StatRow(
+                f.name, f.st.st_dev, f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.record.id))
         with self.catalog.write():
             for parent, rows in by_dir.items():
                 self.catalog.put_stat_rows(parent, rows)
+
+    # -- entry point ------------------------------------------------------------------------------
+
+    def run(self, root: Path) -> Snapshot:
+        if self.opts.open_files is not None:
+            self._opened = (self.opts.open_at_start if self.opts.open_at_start is not None
+                            else self.opts.open_files(str(root)))
+        packs = PackSet(self.store, self.opts.pack_target, on_sealed=self.opts.on_sealed)
+        workers = self.opts.workers or min(8, (os.cpu_count() or 2) + 2)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest")
+        self.progress.start("commit", None)
+        try:
+            self._walk(root, packs, pool, workers)
+            self._checkpoint(root, packs)
+        except BaseException:
+            self._stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            packs.abort()
+            raise
+        pool.shutdown(wait=True)
+        self.progress.finish()
+        self.stats.new_chunks = packs.new_chunks
+        self.stats.new_bytes_stored = packs.new_bytes
+        assert self._root is not None
+        return Snapshot(self._root.id, [], self._root.files, self._root.size, self.stats)
+
+    def _walk(self, root: Path, packs: PackSet, pool: ThreadPoolExecutor, workers: int) -> None:
+        """Scan directories depth-first while workers read files: at most ``2 x workers`` batches and a
+        quarter of the memory budget in flight; a checkpoint whenever the records waiting for their packs
+        pass half of it."""
+        top_st = os.stat(root)
+        stack: list[_Item] = []
+        inflight: dict[Future[None], tuple[list[_File], int]] = {}
+        batch: list[_File] = []
+        batch_bytes = 0
+        inflight_bytes = 0
+        node: _Dir | None = _Dir("", str(root), top_st, None, self._dir_rows([str(root)]).get(str(root)))
+
+        def submit() -> None:
+            nonlocal batch, batch_bytes, inflight_bytes
+            if batch:
+                inflight[pool.submit(self._ingest_batch, batch, packs)] = (batch, batch_bytes)
+                inflight_bytes += batch_bytes
+                batch, batch_bytes = [], 0
+
+        def collect(block: bool) -> None:
+            nonlocal inflight_bytes
+            if not inflight:
+                return
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED) if block else (
+                [fu for fu in inflight if fu.done()], None)
+            for fu in done:
+                files, nbytes = inflight.pop(fu)
+                inflight_bytes -= nbytes
+                exc = fu.exception()
+                if exc is not None:
+                    raise exc
+                for f in files:
+                    self._file_read(f)
+
+        while True:
+            collect(block=False)
+            if self._waiting >= self._record_budget:
+                submit()
+                while inflight:
+                    collect(block=True)
+                self._checkpoint(root, packs)
+                continue
+            if len(inflight) >= 2 * workers or inflight_bytes >= self._read_budget:
+                collect(block=True)
+                continue
+            if node is None:
+                if not stack:
+                    submit()
+                    if not inflight:
+                        break
+                    collect(block=True)
+                    continue
+                node = _Dir(*stack.pop())
+            for f in self._scan(node, stack):
+                batch.append(f)
+                batch_bytes += min(f.st.st_size, WHOLE_READ_MAX)
+                if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+                    submit()
+            self._done(node)  # scanned
+            node = None
+
+
+def _slices(items: list[T], n: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def _changed_since(f: _File) -> bool:
@@ -418,21 +576,6 @@ def _changed_since(f: _File) -> bool:
         return True  # gone (or replaced by something unreadable) since we read it
     return ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             != (f.st.st_ino, f.st.st_size, f.st.st_mtime_ns, f.st.st_ctime_ns))
-
-
-def _batches(files: list[_File]) -> list[list[_File]]:
-    out: list[list[_File]] = []
-    cur: list[_File] = []
-    size = 0
-    for f in files:
-        cur.append(f)
-        size += f.st.st_size
-        if size >= BATCH_BYTES or len(cur) >= BATCH_FILES:
-            out.append(cur)
-            cur, size = [], 0
-    if cur:
-        out.append(cur)
-    return out
 
 
 def snapshot_dir(catalog: Catalog, store: Store, root: str | Path, options: SnapshotOptions,

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ def fsync_dir(path: Path) -> None:
 
 
 MAX_PACK_FDS = 256
+PACK_MAX_BLOBS = 50_000  # chunks in one data pack at most (tiny files): bounds its in-memory index
 
 
 class PackHandle:
@@ -140,16 +141,25 @@ class PackWriter:
 
 
 class PackSet:
-    """The packs one commit writes: a writer per thread, commit-wide dedup of in-flight chunks."""
+    """The packs one commit writes: a writer per thread, commit-wide dedup of in-flight chunks.
 
-    def __init__(self, store: Store, target_size: int = DEFAULT_PACK_TARGET) -> None:
+    A pack is sealed when it reaches ``target_size`` bytes or ``max_blobs`` chunks (its index is held
+    in memory until then: tiny files must not make it grow without bound), and by `checkpoint` / `finish`.
+    """
+
+    def __init__(self, store: Store, target_size: int = DEFAULT_PACK_TARGET, max_blobs: int = PACK_MAX_BLOBS,
+                 on_sealed: Callable[[str], None] | None = None) -> None:
+        """``on_sealed(pack id)`` is called once each pack is durable and indexed (on the sealing thread)."""
         self.store = store
+        self.on_sealed = on_sealed
         self.target_size = target_size
+        self.max_blobs = max_blobs
         self._local = threading.local()
         self._lock = threading.Lock()
         self._writers: list[PackWriter] = []
         self._claimed: set[bytes] = set()
-        self.sealed: list[SealedPack] = []
+        self._generation = 0  # bumped by `checkpoint`: a thread's writer of an older generation is sealed
+        self.sealed: list[SealedPack] = []  # in sealing order (a long commit clears it at its checkpoints)
         self.new_chunks = 0
         self.new_bytes = 0
 
@@ -168,11 +178,14 @@ class PackSet:
             return out
 
     def add(self, blob_id: bytes, codec: int, stored: bytes | memoryview, raw_len: int) -> None:
-        writer: PackWriter | None = getattr(self._local, "writer", None)
-        if writer is None:
-            writer = self._local.writer = PackWriter(self.store)
+        mine: tuple[int, PackWriter] | None = getattr(self._local, "writer", None)
+        if mine is None or mine[0] != self._generation:
+            writer = PackWriter(self.store)
+            self._local.writer = (self._generation, writer)
             with self._lock:
                 self._writers.append(writer)
+        else:
+            writer = mine[1]
         try:
             writer.add(blob_id, codec, stored, raw_len)
         except OSError as exc:
@@ -180,7 +193,7 @@ class PackSet:
         with self._lock:
             self.new_chunks += 1
             self.new_bytes += len(stored)
-        if writer.size >= self.target_size:
+        if writer.size >= self.target_size or len(writer.blobs) >= self.max_blobs:
             self._local.writer = None
             self._seal(writer)
 
@@ -195,6 +208,14 @@ class PackSet:
             self._writers.remove(writer)
             self.sealed.append(sealed)
             self._claimed.difference_update(b.id for b in sealed.blobs)
+        if self.on_sealed is not None:
+            self.on_sealed(sealed.id)
+
+    def checkpoint(self) -> None:
+        """Seal and index every open pack now, so that every chunk added so far is durable; later adds
+        start new packs. Call it only while no thread is adding (between batches of work)."""
+        self._generation += 1
+        self.finish()
 
     def finish(self) -> list[SealedPack]:
         """Seal every open pack (called by the committing thread once all workers are done)."""

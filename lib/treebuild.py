@@ -1,9 +1,11 @@
-"""Build Merkle trees bottom-up from a flat list of entries (used by commit and derived datasets)."""
+"""Build Merkle trees bottom-up: one directory at a time (`encode_tree`, `TreeBatch`: what a commit does as
+each directory completes) or from a flat list of entries (`build_trees`: derived datasets)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from tessera.catalog import Catalog
 from tessera.errors import UsageError
 from tessera.ids import sha256_hex
 from tessera.model import DIR, FILE, Entry, Tree, TreeEntry
@@ -16,6 +18,49 @@ class BuiltTrees:
     files: int
     size: int
     dirs: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # rel path -> (tree id, size, files)
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltTree:
+    """One directory's tree: its id, canonical bytes, total file bytes and file count below it."""
+
+    id: str
+    data: bytes
+    size: int
+    files: int
+
+
+def encode_tree(entries: Iterable[TreeEntry], files_below: int = 0) -> BuiltTree:
+    """The tree of one directory from its entries (any order). ``files_below``: files in its subdirectories."""
+    tree = Tree.of(entries)
+    data = tree.to_bytes()
+    files = files_below + sum(1 for e in tree.entries if e.kind == FILE)
+    return BuiltTree(sha256_hex(data), data, tree.size, files)
+
+
+class TreeBatch:
+    """Trees waiting to be written to the catalog, written in batches of about ``max_bytes`` (children are
+    added before their parents, so a tree in the catalog always has its subtrees there too)."""
+
+    def __init__(self, catalog: Catalog, max_bytes: int = 4 << 20) -> None:
+        self.catalog = catalog
+        self.max_bytes = max_bytes
+        self._trees: list[tuple[str, bytes]] = []
+        self.bytes = 0
+        self.written = 0
+
+    def add(self, tree: BuiltTree) -> None:
+        self._trees.append((tree.id, tree.data))
+        self.bytes += len(tree.data) + 150
+        if self.bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._trees:
+            self.catalog.add_trees(self._trees)
+            self.written += len(self._trees)
+        self._trees = []
+        self.bytes = 0
 
 
 def check_path(path: str) -> str:

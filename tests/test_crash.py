@@ -14,7 +14,7 @@ import pytest
 
 from trees import make_small_files, tree_digest, write_random
 
-POINTS = ["before-pack-rename", "after-pack-rename", "before-seal", "after-seal", "after-files",
+POINTS = ["before-pack-rename", "after-pack-rename", "before-seal", "after-seal", "after-files", "after-checkpoint",
           "before-record", "after-record"]
 
 

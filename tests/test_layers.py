@@ -31,6 +31,8 @@ RANKS = [
     # what reads and writes versions
     "tessera.version", "tessera.filecache", "tessera.worktree", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
     "tessera.push", "tessera.pull", "tessera.lockfile", "tessera.reclaim", "tessera.lifecycle", "tessera.prune",
+    # a commit spread over workers (the plan, the worker task, combining); Ray itself, imported only when used
+    "tessera.distributed", "tessera.raycluster",
     # the facade, and what works on a whole home through it
     "tessera.repo", "tessera.kernelmount", "tessera.filesystem", "tessera.torch",
     # adapters on top: FUSE, the daemon, the command line

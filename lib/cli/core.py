@@ -109,10 +109,20 @@ def _commit_counts(repo: "Repo", res: "CommitResult") -> dict[str, int]:
 @click.option("-t", "--tag", help="Also tag the version (NAME:TAG).")
 @click.option("-x", "--exclude", "excludes", multiple=True, metavar="PATTERN",
               help="Leave out paths matching PATTERN (gitignore syntax, repeatable; added to DIRECTORY/.tesseraignore).")
-@click.option("--stats", "show_stats", is_flag=True, help="Also print the stat-cache hits and new chunks.")
+@click.option("--stats", "show_stats", is_flag=True,
+              help="Also print the stat-cache hits, new chunks, trees built and checkpoints.")
+@click.option("--memory", metavar="SIZE", help="Memory budget of the commit (default: $TESSERA_COMMIT_MEMORY, "
+              "else the home's commit.memory setting, else 256M); past half of it, read files are recorded.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Spread the commit over a Ray cluster (ADDRESS, else $RAY_ADDRESS, else one started here); "
+                   "workers upload packs straight to the remote. Needs `pip install 'tessera[ray]'`.")
+@click.option("--tasks", type=int, metavar="N", help="With --ray: how many tasks (default: the cluster's CPUs).")
+@click.option("-r", "--remote", "remote_name", metavar="REMOTE",
+              help="With --ray: the remote the version lands on (default: the default remote).")
 @json_option
 def commit(name: str, directory: str, message: str, meta_json: str | None, entry_meta: str | None,
-           tag: str | None, excludes: tuple[str, ...], show_stats: bool, as_json: bool) -> None:
+           tag: str | None, excludes: tuple[str, ...], show_stats: bool, memory: str | None,
+           ray_address: str | None, tasks: int | None, remote_name: str | None, as_json: bool) -> None:
     """Snapshot DIRECTORY as a new version of dataset NAME.
 
     Prints NAME@<64-hex hash> as the last line, after a summary on stderr (files new, changed,
@@ -120,25 +130,53 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
     re-read. Paths matched by DIRECTORY/.tesseraignore (gitignore syntax) or an --exclude pattern
     are left out. Creates the home if it does not exist. The home itself (or anything inside it) is
     refused as DIRECTORY; a DIRECTORY that contains the home is committed without it (a line says so).
+    Memory stays within --memory whatever the number of files.
 
     Committing unchanged content creates nothing and prints the existing version; a --message or
     --meta given then is not recorded anywhere, and a warning says so (tag the version instead, or
     change something).
+
+    With --ray (give it last, or as --ray=ADDRESS), Ray tasks chunk, hash and pack subtrees of
+    DIRECTORY balanced by bytes and upload them straight to the remote; DIRECTORY must be at the same
+    path on every worker. The version (same hash as a plain commit) is pushed to the remote and
+    recorded here with its data on the remote only: it mounts and exports lazily, `tessera pull`
+    makes it local.
 
     \b
     Examples:
       tessera commit coco ./data -m "fix labels"
       tessera commit coco ./data --exclude '*.log' --exclude 'cache/' -t v2
       tessera commit coco ./data --meta '{"source": "labelbox"}' --json
+      tessera commit big /shared/big --memory 1G --stats
+      tessera commit big /shared/big -r s3 --tasks 16 --ray
     """
+    from tessera.errors import UsageError
     from tessera.repo import load_entry_meta
 
     t0 = time.monotonic()
     repo = open_repo(create=True)
     meta = _json_arg(meta_json, "--meta")
-    meta_for = load_entry_meta(entry_meta) if entry_meta else None
-    res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
-                          excludes=excludes, progress=progress_bar())
+    budget = parse_size(memory) if memory is not None else None
+    if ray_address is None:
+        if tasks is not None or remote_name is not None:
+            raise UsageError("--tasks and --remote go with --ray")
+        meta_for = load_entry_meta(entry_meta) if entry_meta else None
+        res = repo.commit_dir(name, directory, message=message, meta=meta, meta_for=meta_for, tag=tag,
+                              excludes=excludes, progress=progress_bar(), memory=budget)
+    else:
+        if entry_meta:
+            raise UsageError("--entry-meta is not supported with --ray")
+        from tessera.raycluster import RayExecutor
+
+        repo.transports.remote(remote_name)  # no remote, no directory: say so before joining a cluster
+        if not Path(directory).is_dir():
+            raise UsageError(f"{directory}: {'not a directory' if Path(directory).exists() else 'no such directory'}")
+        executor = RayExecutor(ray_address or None, tasks)
+        try:
+            res = repo.commit_distributed(name, directory, executor, remote=remote_name, message=message, meta=meta,
+                                          tag=tag, excludes=excludes, memory=budget, progress=progress_bar())
+        finally:
+            executor.close()
     seconds = time.monotonic() - t0
     s = res.stats
     counts = _commit_counts(repo, res)
@@ -152,7 +190,8 @@ def commit(name: str, directory: str, message: str, meta_json: str | None, entry
         return
     if show_stats:
         note(f"files {s.files}, read {s.files_read} ({human_size(s.bytes_read)}), stat cache hits "
-             f"{s.stat_cache_hits}, new chunks {s.new_chunks} ({human_size(s.new_bytes_stored)} stored)")
+             f"{s.stat_cache_hits}, new chunks {s.new_chunks} ({human_size(s.new_bytes_stored)} stored), "
+             f"trees built {s.trees_built}, checkpoints {s.checkpoints}")
     if s.skipped:
         note(f"skipped {plural(s.skipped, 'special file')} (sockets, fifos, devices)")
     if s.home_skipped:
