@@ -3,7 +3,8 @@
 Forgetting deletes history entries (and the versions no entry records any more); the bytes go with the
 next reclaim (`tessera.reclaim`, `tessera gc`). Some versions are never forgotten, whatever the rules say,
 and the report names the reason: each dataset's **head**, every **tagged** version, every version a
-**mount** of this home serves (the mount registry), and every version **queued for push**. Forgetting a
+**mount** of this home serves (the mount registry), every version **queued for push**, and the version
+the **lock file in force** (`tessera.lock`, from the current directory) pins. Forgetting a
 mounted version (FUSE or kernel path) is refused rather than pulled from under its readers: unmount first.
 """
 from __future__ import annotations
@@ -79,9 +80,10 @@ class ForgetReport:
 
 
 def plan_forget(catalog: Catalog, dataset: str, *, policy: KeepPolicy | None = None, only: str | None = None,
-                mounted: dict[str, list[str]] | None = None) -> ForgetReport:
+                mounted: dict[str, list[str]] | None = None, pinned: dict[str, str] | None = None) -> ForgetReport:
     """Decide which versions of ``dataset`` go: by ``policy`` (restic's keep rules), or just version
-    ``only`` (a full hash). Nothing is changed."""
+    ``only`` (a full hash). ``pinned`` maps a hash to the lock file that pins it (kept too). Nothing is
+    changed."""
     check_dataset_name(dataset)
     exists, head = catalog.dataset_head(dataset)
     if not exists:
@@ -107,6 +109,8 @@ def plan_forget(catalog: Catalog, dataset: str, *, policy: KeepPolicy | None = N
             always.append("head")
         always += [f"tag {t}" for t in tags.get(f.hash, ())]
         always += [f"mounted at {m}" for m in mounted.get(f.hash, ())]
+        if pinned and f.hash in pinned:
+            always.append(f"pinned by {pinned[f.hash]}")
         always += [f"queued for push to {r}" for r in queued.get((dataset, f.hash), ())]
         if only is not None and f.hash == only and always:
             raise UsageError(f"cannot forget {dataset}@{only[:12]}: it is kept ({', '.join(always)})"
@@ -125,6 +129,8 @@ def _hint(reasons: Sequence[str], dataset: str) -> str:
         return f"; delete the tag first: `tessera tag --delete {dataset}:{r[4:]}`"
     if r.startswith("mounted at "):
         return f"; unmount it first: `tessera umount {r[len('mounted at '):]}`"
+    if r.startswith("pinned by "):
+        return f"; move the pin first (`tessera update {dataset}`), or set TESSERA_LOCK=off"
     return "; push it first (`tessera push`) or let the daemon finish its queue"
 
 

@@ -243,6 +243,13 @@ class Repo:
         self.catalog.set_tag(v.name, check_tag(tag), v.hash)
         return v
 
+    def _pins(self, name: str) -> dict[str, str]:
+        """The version of ``name`` the lock file in force pins (a root for `forget`), with that file."""
+        from tessera.lockfile import lookup
+
+        found = lookup(name)
+        return {found[0].hash: str(found[1])} if found is not None else {}
+
     def take_remote_tag(self, name: str, tag: str, remote: str | None = None) -> Version:
         """Set tag ``name:tag`` to what the remote's tag of that name says (its version is fetched)."""
         check_dataset_name(name)
@@ -542,7 +549,7 @@ class Repo:
                 raise UsageError(f"{version} is not a version of {name}")
             only = entry.hash
         report = lifecycle.plan_forget(self.catalog, name, policy=policy, only=only,
-                                       mounted=lifecycle.mounted_versions(self.home))
+                                       mounted=lifecycle.mounted_versions(self.home), pinned=self._pins(name))
         report.dry_run = dry_run
         gone = {f.hash for f in report.forgotten}
         if measure or dry_run:

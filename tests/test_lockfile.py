@@ -234,3 +234,31 @@ def test_bad_input_is_one_line(home: Path, project: Path, data: Path) -> None:
     assert tessera_cli(home, cwd, "ls", "coco", env={"TESSERA_LOCK": "off"}).returncode == 0
     one_line_error(tessera_cli(home, cwd, "ls", "coco", env={"TESSERA_LOCK": str(project / "missing.lock")}),
                    3, "does not exist")
+
+
+def test_forget_keeps_the_version_the_lock_file_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin is a root: `forget` keeps it and says why; forgetting it by hash is refused with the way out."""
+    import tessera
+    from tessera.errors import UsageError
+    from tessera.lockfile import use
+    from tessera.retention import KeepPolicy
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lock = tmp_path / "proj" / "tessera.lock"
+    lock.parent.mkdir()
+    monkeypatch.setenv("TESSERA_LOCK", str(lock))
+    with tessera.Repo(tmp_path / "home") as repo:
+        refs = []
+        for i in range(3):
+            (data / "x.txt").write_text(f"round {i}\n")
+            refs.append(repo.commit("ds", data).ref)
+        use(repo, refs[0])
+        with pytest.raises(UsageError, match="pinned by .*tessera.lock.*tessera update ds"):
+            repo.forget("ds", version=refs[0])
+        report = repo.forget("ds", KeepPolicy(last=1))
+        kept = {f.hash: f.reasons for f in report.kept}
+        assert set(kept) == {refs[0].split("@")[1], refs[2].split("@")[1]}
+        assert f"pinned by {lock}" in kept[refs[0].split("@")[1]]
+        assert [f.hash for f in report.forgotten] == [refs[1].split("@")[1]]
+        assert repo.get(refs[0]).read_text("x.txt") == "round 0\n"
