@@ -1,6 +1,6 @@
 """Generate docs/cli.md from the real commands: `python -m tessera.cli.docs > docs/cli.md`.
 
-tests/test_docs.py fails when a command or option is missing from docs/cli.md or has no help.
+tests/test_6_docs.py fails when a command or option is missing from docs/cli.md or has no help.
 """
 from __future__ import annotations
 

@@ -137,9 +137,9 @@ def bench_s3() -> str:
     return table(title, ["step", "seconds", "requests", "by method", "per forgotten version"], rows)
 
 
-SOAKS = ["tests/test_lifecycle.py::test_sigkill_gc_at_random_moments",
-         "tests/test_prune.py::test_two_homes_forget_and_prune_while_pushing",
-         "tests/test_lifecycle.py::test_daemon_keep_last_five_over_fifty_changes"]
+SOAKS = ["tests/test_3_lifecycle.py::test_sigkill_gc_at_random_moments",
+         "tests/test_4_prune.py::test_two_homes_forget_and_prune_while_pushing",
+         "tests/test_3_lifecycle.py::test_daemon_keep_last_five_over_fifty_changes"]
 
 
 def bench_soak() -> str:

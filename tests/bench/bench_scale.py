@@ -6,7 +6,7 @@ a BENCH_SCALE below 1 shrinks the counts): `tessera commit` and an unchanged re-
 the server's peak RSS). Then the memory cap check: 200,000 files committed under an address-space cap
 (RLIMIT_AS) of what a one-file commit needs plus 200 MiB, which the code before issue 14 exceeds (it
 needed about 420 MiB more for this tree), with the hash of an uncapped commit and an unchanged re-commit
-that reads nothing (tests/test_scale.py proves the same flatness on 10,000 vs 40,000 files within
+that reads nothing (tests/test_3_scale.py proves the same flatness on 10,000 vs 40,000 files within
 `make test`'s time). Then a distributed commit on a local Ray cluster (`ray.init(num_cpus=2)`) of
 512 MiB of 8 MiB files to a `file://` remote, with 1 and 2 tasks (MB/s).
 

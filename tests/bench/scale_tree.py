@@ -1,5 +1,5 @@
 """Many small files fast: ``n`` files of ``size`` distinct bytes, ``per_dir`` to a directory (issue 14's shape:
-1,000,000 files of 60 bytes in 1,000 directories). Used by tests/bench/bench_scale.py and tests/test_scale.py.
+1,000,000 files of 60 bytes in 1,000 directories). Used by tests/bench/bench_scale.py and tests/test_3_scale.py.
 
     python tests/bench/scale_tree.py DIR N [PER_DIR] [SIZE]
 """

@@ -2,8 +2,8 @@
 (mark, sweep, repack), `du` and `stats`, with real files; SIGKILL of gc at named failpoints and at random
 moments; gc while commits go on.
 
-Remote forgetting and pruning are in test_prune.py; mounts (FUSE and kernel) during gc in
-test_fuse_lifecycle.py.
+Remote forgetting and pruning are in test_4_prune.py; mounts (FUSE and kernel) during gc in
+test_5_fuse_lifecycle.py.
 
 Cost: commands whose process boundary matters (SIGKILL, concurrent writers, the daemon, `run`) run as
 real processes; the rest run `tessera.cli.main` in this process (`tess`), which prints and exits exactly
@@ -485,7 +485,7 @@ def test_daemon_keep_last_five_over_fifty_changes(tmp_path: Path) -> None:
     """A watch with keep_last = 5 over 50 changes (12 without TESSERA_SOAK=1): at most 5 versions (+ the
     head) remain, and the background reclaim keeps the store bounded."""
     from conftest import wait_until
-    from test_daemon import DaemonProc, write_config
+    from test_5_daemon import DaemonProc, write_config
 
     from tessera.catalog import daemon_state as ds
 

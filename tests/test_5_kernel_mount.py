@@ -1,7 +1,7 @@
 """Layer 5: the kernel mount path (whole-file cache + metadata-only EROFS image + overlayfs), real mounts.
 
 The EROFS writer is checked first without mounting (and by erofs-utils' own ``fsck.erofs``), then the
-checks test_fuse.py makes of the FUSE path run against ``tessera mount --kernel``. Skipped only when
+checks test_5_fuse.py makes of the FUSE path run against ``tessera mount --kernel``. Skipped only when
 kernel_probe.py proves this machine cannot make such mounts (the reason is printed); set
 TESSERA_REQUIRE_KERNEL_MOUNT=1 to make that a failure instead.
 """
@@ -27,7 +27,7 @@ import tessera
 from kernel_probe import kernel_unavailable_reason
 from tessera.erofs import Node, read_superblock, write_image
 from tessera.mounting import is_mounted, list_mounts
-from test_fuse import _PathDataset, make_extra, tessera_cli
+from test_5_fuse import _PathDataset, make_extra, tessera_cli
 from trees import tree_digest, write_random
 from conftest import wait_until  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Layer 5: real FUSE mounts through the `tessera` CLI (and `Version.mount`), forced with ``--fuse``
-(the kernel path, EROFS + overlayfs, has the same checks in test_kernel_mount.py).
+(the kernel path, EROFS + overlayfs, has the same checks in test_5_kernel_mount.py).
 
 Skipped only when `fuse_probe` proves this machine cannot mount FUSE at all (the reason is printed);
 set TESSERA_REQUIRE_FUSE=1 to make that a failure instead. Mounts are made once per module where the
@@ -423,7 +423,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(env: dict, tmp_path: Path) -> 
     _assert_refused(home, mp, ["nosuch", str(mp)], 3, "unknown dataset")
     _assert_refused(home, mp, ["extra@" + "0" * 12, str(mp)], 3, "has no version")
     _assert_refused(home, mp, ["bad name!", str(mp)], 2, "bad")
-    # a missing mountpoint is created (tests/test_mount_cli.py); one whose parent is missing is refused
+    # a missing mountpoint is created (tests/test_5_mount_cli.py); one whose parent is missing is refused
     _assert_refused(home, mp, [env["e1"], str(tmp_path / "no-parent" / "missing")], 2, "does not exist")
     assert not (tmp_path / "no-parent").exists()
     (tmp_path / "file").write_text("x")

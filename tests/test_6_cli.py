@@ -81,7 +81,7 @@ def test_export_verify_cycle(committed, cli, tmp_path: Path) -> None:
 
 
 def test_error_unknown_dataset(home: Path, cli) -> None:
-    cli("init", check=True)  # read commands never create a home (tests/test_trust_local.py)
+    cli("init", check=True)  # read commands never create a home (tests/test_3_trust_local.py)
     one_line_error(cli("log", "nope"), 3, "unknown dataset 'nope'")
     one_line_error(cli("ls", "nope@abcdef"), 3, "unknown dataset")
 

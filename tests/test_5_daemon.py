@@ -300,7 +300,7 @@ def test_appender_versions_are_never_torn(home: Path, tmp_path: Path, daemons) -
     """A writer appends bursts of numbered lines for 8 s (max_wait 2 s), opening the file for each
     burst: every captured state is a prefix of whole lines, i.e. a state the writer actually produced,
     and states are captured while it works. (A file held open for writing the whole time keeps its
-    previous content until closed: tests/test_trust_local.py.)"""
+    previous content until closed: tests/test_3_trust_local.py.)"""
     data = tmp_path / "data"
     data.mkdir()
     (data / "static.txt").write_text("static\n")

@@ -274,7 +274,7 @@ B_SCRIPT = textwrap.dedent('''
     from trees import tree_digest
     import tessera
     from tessera.errors import TesseraError
-    from test_prune import pool_tree
+    from test_4_prune import pool_tree
     home, src, stop = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     digests = {}
     errors = []

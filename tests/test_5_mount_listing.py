@@ -1,5 +1,5 @@
 """Layer 5: the FUSE path's packed directories (tessera.fuse.lowlevel) and big directories through real
-mounts (forced with ``--fuse``: the kernel path has its own tests in test_kernel_mount.py).
+mounts (forced with ``--fuse``: the kernel path has its own tests in test_5_kernel_mount.py).
 
 The packed form is checked against an independent decoder of the kernel's wire format; the batching
 against every batch size a kernel could ask for; and a 50,000-entry directory through a real mount,
