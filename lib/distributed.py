@@ -263,8 +263,8 @@ def _commit_unit(job: WorkerJob, unit: Unit, transport: Transport) -> UnitResult
             entries: list[TreeEntry] = []
         else:
             tree, entries = None, [e for e in Tree.from_bytes(data).entries if e.kind != DIR]
-        trees = [(tid, raw) for tid, raw in catalog.query("SELECT id, data FROM trees")] if unit.recursive else []
-        files = [(fid, size, chunks) for fid, size, chunks in catalog.query("SELECT id, size, chunks FROM files")]
+        trees = [(tid, raw) for tid, raw in catalog.tree_rows()] if unit.recursive else []
+        files = [(fid, size, chunks) for fid, size, chunks in catalog.file_rows()]
         packs = [(p, store_size, [(c.id, c.offset, c.stored_len, c.raw_len, c.codec) for c in catalog.pack_chunks(p)])
                  for p, store_size in ((p.id, p.size) for p in catalog.packs())]
         return UnitResult(unit, tree, entries, trees, files, packs, snap.stats)

@@ -460,6 +460,15 @@ class Catalog:
             c.executemany("DELETE FROM chunks WHERE id = ? AND pack = ? AND offset = ?",
                           ((x.id, x.pack, x.offset) for x in rows))
 
+    def tree_rows(self) -> list[tuple[Any, ...]]:
+        """Every tree row as stored: (id, data). A distributed commit's worker hands its temporary
+        home's rows to the driver this way."""
+        return self.query("SELECT id, data FROM trees")
+
+    def file_rows(self) -> list[tuple[Any, ...]]:
+        """Every file record row as stored: (id, size, chunks)."""
+        return self.query("SELECT id, size, chunks FROM files")
+
     def packs(self) -> list[PackInfo]:
         return [PackInfo(i, s, b, bool(loc)) for i, s, b, loc in
                 self.query("SELECT id, size, blobs, local FROM packs ORDER BY id")]
