@@ -121,8 +121,10 @@ cat > "$DEMO/train.py" <<'PY'
 import os, sys, time
 out = sys.argv[1]
 for epoch in range(3):
-    with open(os.path.join(out, f"epoch{epoch}.ckpt"), "wb") as f:
+    with open(os.path.join(out, "model.ckpt"), "wb") as f:  # rewritten every epoch
         f.write(os.urandom(100_000))
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        f.write(f"epoch {epoch} done\n")
     time.sleep(1.1)
 print("training done")
 PY
@@ -130,6 +132,21 @@ run tessera run --capture "$DEMO/ckpt:run-1" --every 1 -- python3 "$DEMO/train.p
 run tessera log run-1
 run tessera show run-1
 
-say "6. Integrity: fsck proves every chunk and every version"
+say "6. No mount needed: tessera:// for pandas (fsspec), and the data pinned next to the code"
+mkdir -p "$DEMO/project"
+(cd "$DEMO/project" && run tessera use pets:v1)   # writes ./tessera.lock
+(cd "$DEMO/project" && python3 - <<'PY'
+import pandas as pd
+df = pd.read_csv("tessera://pets/labels.csv")   # the version tessera.lock pins, read without a mount
+print(f"pandas read {len(df)} labels of the pinned version")
+PY
+)
+
+say "7. Forget what is no longer needed, and reclaim the space"
+run tessera forget run-1 --keep-last 1 --dry-run
+run tessera forget run-1 --keep-last 1
+run tessera gc
+
+say "8. Integrity: fsck proves every chunk and every version"
 run tessera fsck
 say "Done. (Everything lived in $DEMO, now removed.)"
