@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 PYTEST_ARGS ?=
+# test files run in parallel, one file per worker at a time (most tests wait on subprocesses, mounts
+# and the S3 server, so 3 workers keep 2 cores busy); TEST_WORKERS=0 runs them in one process, in order
+TEST_WORKERS ?= 3
 
 .PHONY: all deps sysdeps pydeps demo test typecheck bench clean
 
@@ -31,7 +34,7 @@ demo: deps
 	bash tests/demo.sh
 
 test: deps typecheck
-	pytest -q --durations=20 $(PYTEST_ARGS) tests
+	pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS) tests
 
 # mypy --strict over lib/, fuse/ and daemon/ as the package `tessera` (a tree of symlinks: setuptools maps
 # tessera = lib, tessera.fuse = fuse, tessera.daemon = daemon; mypy cannot read that mapping).
