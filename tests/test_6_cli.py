@@ -197,3 +197,18 @@ def test_help_is_fast_and_lists_commands(cli) -> None:
     out = subprocess.run(["python", "-X", "importtime", "-c", "import tessera.cli"], capture_output=True, text=True)
     for heavy in ("boto3", "torch", "mfusepy", "sqlite_utils", "watchdog"):
         assert f" {heavy}\n" not in out.stderr and f"| {heavy}" not in out.stderr.replace("  ", " "), heavy
+
+
+def test_a_command_on_a_home_imports_no_dataframe_library(home: Path) -> None:
+    """sqlite-utils would import pandas and numpy when installed (half a second of every command);
+    tessera hides them from it, and they still import normally afterwards."""
+    import tessera
+
+    tessera.Repo(home).close()  # the command opens a real catalog
+    code = ("import sys; from tessera.cli import main; sys.argv = ['tessera', 'datasets']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('pandas', 'numpy', 'torch', 'boto3') if m in sys.modules))\n"
+            "import sqlite_utils.db, pandas; print(sqlite_utils.db.pd is None, pandas.__name__)")
+    out = subprocess.run(["python", "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TESSERA_HOME": str(home)})
+    assert out.stdout.splitlines()[-2:] == ["[]", "True pandas"], out.stdout

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
-from sqlite_utils import Database
-
 from tessera.catalog.schema import SCHEMA_VERSION, migrations
+from tessera.catalog.sqlite import Database
 from tessera.errors import ReadOnlyHome, SchemaTooNew, TesseraError
 from tessera.format.pack import BlobInfo
 from tessera.model import ChunkLocation, FileRecord, HistoryEntry

@@ -5,8 +5,7 @@ code knows; a catalog that recorded a higher number was written by a newer tesse
 """
 from __future__ import annotations
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
+from tessera.catalog.sqlite import Database, Migrations
 
 migrations = Migrations("tessera")
 
