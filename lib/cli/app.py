@@ -74,7 +74,7 @@ def cli(ctx: click.Context, home: str | None, verbose: int) -> None:
 
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"note: {record.getMessage()}", err=True)
+        click.echo(f"tessera: {record.getMessage()}", err=True)
 
 
 def show_lock_notes() -> None:
