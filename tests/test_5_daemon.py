@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -109,10 +109,15 @@ def daemons():
 
 
 class ThreadDaemon:
-    """`Daemon` in a thread of the test process, with an injected push function."""
+    """`Daemon` in a thread of the test process, with an injected push function. Every one still running
+    when its test ends is stopped (`_stop_thread_daemons`): a failed assertion must not leave a daemon
+    retrying pushes, and logging, into the tests that follow in this process."""
+
+    running: list["ThreadDaemon"] = []
 
     def __init__(self, home: Path, push: Callable[[Any, str, str], object]) -> None:
         self.daemon = Daemon(home, push=push, tick=0.2)
+        ThreadDaemon.running.append(self)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -129,7 +134,16 @@ class ThreadDaemon:
     def stop(self) -> None:
         self.daemon.request_stop()
         self.thread.join(20)
+        if self in ThreadDaemon.running:
+            ThreadDaemon.running.remove(self)
         assert not self.thread.is_alive()
+
+
+@pytest.fixture(autouse=True)
+def _stop_thread_daemons() -> Iterator[None]:
+    yield
+    while ThreadDaemon.running:
+        ThreadDaemon.running[-1].stop()
 
 
 class FakeRemote:
@@ -308,8 +322,9 @@ def test_appender_versions_are_never_torn(home: Path, tmp_path: Path, daemons) -
     d = daemons(home)
     lines = [f"{i:07d} {'x' * (i % 50)}\n".encode() for i in range(1_000_000)]
     n = 0
-    end = time.monotonic() + 8
-    while time.monotonic() < end:
+    end, hard_end = time.monotonic() + 8, time.monotonic() + 40
+    # 8 s of writing; on a loaded machine, on until three versions were captured while it writes
+    while time.monotonic() < end or (len(history(home, "log")) < 3 and time.monotonic() < hard_end):
         fd = os.open(data / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         for _ in range(200):
             os.write(fd, lines[n])
@@ -447,21 +462,26 @@ def test_queue_survives_outage_and_restart(home: Path, tmp_path: Path) -> None:
     td = ThreadDaemon(home, remote)
     for i in range(3):
         (data / f"v{i}.txt").write_text(str(i))
-        assert wait_until(lambda: len(history(home, "q")) == i + 1, 5)
+        assert wait_until(lambda: len(history(home, "q")) == i + 1, 30)
     versions = [f"q@{v.hash}" for v in history(home, "q")]
-    assert wait_until(lambda: remote.attempts >= 3, 5)
-    with tessera.Repo(home) as r:
-        queued = ds.pending_pushes(r.catalog)
-        assert [i.ref for i in queued] == versions
-        assert any(i.attempts >= 1 for i in queued) and "test outage" in (queued[0].last_error or "")
+    assert wait_until(lambda: remote.attempts >= 3, 30)
+
+    def queued() -> list[Any]:
+        with tessera.Repo(home) as r:
+            return ds.pending_pushes(r.catalog)
+
+    # a version is queued right after it is recorded: wait for the last one's queue row
+    assert wait_until(lambda: [i.ref for i in queued()] == versions, 30), ([i.ref for i in queued()], versions)
+    rows = queued()
+    assert any(i.attempts >= 1 for i in rows) and "test outage" in (rows[0].last_error or "")
     td.stop()
     # restart while the remote is still down, then it comes back: everything is pushed, in order
     remote2 = FakeRemote()
     remote2.down = True
     td2 = ThreadDaemon(home, remote2)
-    assert wait_until(lambda: remote2.attempts >= 1, 5)
+    assert wait_until(lambda: remote2.attempts >= 1, 30)
     remote2.down = False
-    assert wait_until(lambda: len(remote2.pushed) == 3, 5)
+    assert wait_until(lambda: len(remote2.pushed) == 3, 30)
     assert [ref for ref, _ in remote2.pushed] == versions
     with tessera.Repo(home) as r:
         assert ds.pending_pushes(r.catalog) == []
