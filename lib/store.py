@@ -80,6 +80,12 @@ class FileRange(NamedTuple):
             raise CorruptData(f"pack file shrank under a reader (fd {self.handle.fd})")
         return data
 
+    def read_into(self, buf: memoryview) -> int:
+        """Read the range straight into ``buf`` (at least ``size`` bytes long); returns ``size``."""
+        if os.preadv(self.handle.fd, [buf[:self.size]], self.pos) != self.size:
+            raise CorruptData(f"pack file shrank under a reader (fd {self.handle.fd})")
+        return self.size
+
 
 @dataclass
 class SealedPack:

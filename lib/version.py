@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera.errors import CorruptData, NotFound, UsageError
+from tessera.errors import NotFound, UsageError
 from tessera.model import DIR, FILE, Entry, FileRecord, HistoryEntry, Tree, TreeEntry
 from tessera.reader import FileReader
 from tessera.sources import ChunkSource, TreeSource
@@ -196,9 +195,7 @@ class VersionFile(io.RawIOBase):
                 view[done:done + len(seg)] = seg
                 done += len(seg)
             else:  # a verified range of a local pack: read it straight into the caller's buffer
-                if os.preadv(seg.fd, [view[done:done + seg.size]], seg.pos) != seg.size:
-                    raise CorruptData("pack file shrank under a reader")
-                done += seg.size
+                done += seg.read_into(view[done:])
         self._pos += done
         return done
 

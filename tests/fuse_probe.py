@@ -88,3 +88,17 @@ if __name__ == "__main__":
     why = probe()
     print("FUSE ok" if why is None else f"FUSE unavailable: {why}")
     sys.exit(0 if why is None else 1)
+
+
+def require_fuse() -> None:
+    """For a test module's autouse fixture: skip it, loudly, where FUSE cannot mount here; with
+    TESSERA_REQUIRE_FUSE=1 (CI machines that have /dev/fuse) fail instead."""
+    import pytest
+
+    why = fuse_unavailable_reason()
+    if why is None:
+        return
+    sys.stderr.write(f"\n{'!' * 78}\n!! FUSE tests SKIPPED: {why}\n{'!' * 78}\n")
+    if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
+        pytest.fail(f"FUSE required (TESSERA_REQUIRE_FUSE=1) but unavailable: {why}")
+    pytest.skip(f"FUSE unavailable here: {why}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_probe import fuse_unavailable_reason
+from fuse_probe import fuse_unavailable_reason, require_fuse
 from inprocess import tessera_main
 from trees import make_small_files, tree_digest, write_random
 
@@ -29,13 +29,7 @@ pytestmark = pytest.mark.fuse
 
 @pytest.fixture(scope="module", autouse=True)
 def _fuse_available() -> None:
-    why = fuse_unavailable_reason()
-    if why is None:
-        return
-    sys.stderr.write(f"\n!! FUSE tests SKIPPED: {why}\n")
-    if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
-        pytest.fail(f"FUSE required (TESSERA_REQUIRE_FUSE=1) but unavailable: {why}")
-    pytest.skip(f"FUSE unavailable here: {why}")
+    require_fuse()
 
 
 def tess(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_probe import fuse_unavailable_reason
+from fuse_probe import fuse_unavailable_reason, require_fuse
 from tessera.mounting import is_mounted
 
 pytestmark = pytest.mark.fuse
@@ -16,12 +16,7 @@ pytestmark = pytest.mark.fuse
 
 @pytest.fixture(autouse=True)
 def _fuse_available() -> None:
-    why = fuse_unavailable_reason()
-    if why is not None:
-        sys.stderr.write(f"\n!! FUSE tests SKIPPED: {why}\n")
-        if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
-            pytest.fail(f"FUSE required but unavailable: {why}")
-        pytest.skip(f"FUSE unavailable here: {why}")
+    require_fuse()
 
 
 @pytest.fixture

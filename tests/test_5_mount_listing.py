@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 import tessera
-from fuse_probe import fuse_unavailable_reason
+from fuse_probe import fuse_unavailable_reason, require_fuse
 from tessera.model import Entry
 from tessera.mounting import is_mounted
 from trees import tree_digest
@@ -33,13 +33,7 @@ _DIRENTPLUS = struct.Struct("<QQQQII" + "QQQQQQIIIIIIIIII" + "QQII")
 
 @pytest.fixture(scope="module", autouse=True)
 def _fuse_available() -> None:
-    why = fuse_unavailable_reason()
-    if why is None:
-        return
-    sys.stderr.write(f"\n!! FUSE tests SKIPPED: {why}\n")
-    if os.environ.get("TESSERA_REQUIRE_FUSE") == "1":
-        pytest.fail(f"FUSE required (TESSERA_REQUIRE_FUSE=1) but unavailable: {why}")
-    pytest.skip(f"FUSE unavailable here: {why}")
+    require_fuse()
 
 
 def _cli(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
