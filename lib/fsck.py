@@ -258,9 +258,14 @@ def check_versions(catalog: Catalog, report: FsckReport, bad_chunks: set[bytes],
         return trees.load_tree(tid)
 
     hashes = catalog.version_hashes()
+    lazy = rs.lazy_hashes(catalog)
     progress.start("fsck versions", len(hashes), unit="version")
     for vh in hashes:
         report.versions += 1
+        if vh in lazy:  # its metadata is fetched as it is walked: nothing here to check yet
+            _judge_lazy(catalog, vh, require_local, report)
+            progress.advance(1)
+            continue
         try:
             for leaving, _, tid, tree in walk_trees(load, vh, seen=seen):
                 if not leaving:
@@ -324,6 +329,18 @@ def _judge(catalog: Catalog, vh: str, status: _Status, require_local: bool, repo
     if unpushed or require_local or not holders:
         why = " although it was committed here" if unpushed else ""
         report.errors.append(f"version {names}: {what}{why}; `tessera pull {names.split(', ')[0]}` fetches them")
+    else:
+        report.notes.append(f"version {names} reads lazily: {what}")
+
+
+def _judge_lazy(catalog: Catalog, vh: str, require_local: bool, report: FsckReport) -> None:
+    names = _names(catalog, vh)
+    found = rs.lazy_version(catalog, vh)
+    remote = found[0] if found else "a remote"
+    what = (f"its metadata and file data are on {remote}, fetched as they are read "
+            f"(`tessera pull {names.split(', ')[0]}` fetches them all)")
+    if require_local or _committed_here(catalog, vh):
+        report.errors.append(f"version {names}: {what}")
     else:
         report.notes.append(f"version {names} reads lazily: {what}")
 

@@ -423,6 +423,7 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
     if why is not None:
         raise MountError(f"the kernel mount is not available here: {why} (use --fuse)")
     mp = check_mountpoint(mountpoint)
+    version = repo.complete(version, progress)  # the image holds every file: fetch all metadata at once
     home = Path(repo.home).resolve()
     cache = open_cache(repo, settings)
     image = image_path(home, version)

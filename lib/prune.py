@@ -33,13 +33,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from tessera.catalog import Catalog
 from tessera.catalog.lifecycle_state import LifecycleSettings
 from tessera.errors import AccessDenied, AmbiguousRef, CorruptData, NotFound, PreconditionFailed, RemoteError, UsageError
 from tessera.lifecycle import Fate
+from tessera.model import ChunkLocation
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import ObjectInfo, Transport
@@ -47,19 +48,24 @@ from tessera.remote.wire import (
     DONE,
     INDEX_OBJECT_MAX,
     META_PACK_MAX,
+    PACK_LIST_MAX,
     PLAN_MAX,
     PLANS,
     SESSION_MAX,
     SESSIONS,
     SMALL_OBJECT_MAX,
     SWEEPING,
+    TABLE_OBJECT_MAX,
     VERSION_OBJECT_MAX,
     Planned,
     PlanObject,
     SessionObject,
     VersionObject,
+    chunk_table_key,
+    decode_chunk_table,
     decode_index,
     decode_meta_pack,
+    decode_pack_list,
     decode_tag,
     done_key,
     encode_sweep_mark,
@@ -71,6 +77,7 @@ from tessera.remote.wire import (
     is_sweepable_key,
     meta_key,
     pack_key,
+    pack_list_key,
     parse_history_key,
     plan_key,
     plan_name,
@@ -149,6 +156,7 @@ class VersionObjects:
     def __init__(self, t: Transport) -> None:
         self.t = t
         self._cache: dict[tuple[str, str | None], VersionObject] = {}
+        self._shards: dict[str, list[str]] = {}
         self.requests = 0
         self._lock = threading.Lock()
 
@@ -161,8 +169,21 @@ class VersionObjects:
             with self._lock:
                 self.requests += 1
             found = VersionObject.from_bytes(hash, data, f"{self.t.url}/{version_key(hash)}")
+            if found.format >= 2:  # its data packs are in its pack lists (shared by many versions: read once)
+                found = replace(found, packs=tuple(p for s in found.pack_lists for p in self._pack_list(s)))
             with self._lock:
                 self._cache[key] = found
+        return found
+
+    def _pack_list(self, shard: str) -> list[str]:
+        with self._lock:
+            found = self._shards.get(shard)
+        if found is None:
+            key = pack_list_key(shard)
+            found = decode_pack_list(shard, get_object(self.t, key, PACK_LIST_MAX), f"{self.t.url}/{key}")
+            with self._lock:
+                self.requests += 1
+                self._shards[shard] = found
         return found
 
     def many(self, hashes: Iterable[str], listing: Listing) -> dict[str, VersionObject]:
@@ -209,8 +230,9 @@ def kept_hashes(t: Transport, listing: Listing, forget: set[str] | None = None) 
 
 
 def reachable(t: Transport, listing: Listing, kept: Iterable[str], vobjs: VersionObjects) -> tuple[set[str], dict[str, VersionObject]]:
-    """The objects kept versions reach: their version objects, metadata packs, data packs and indexes.
-    A kept version without a readable version object stops the run: what it needs cannot be known."""
+    """The objects kept versions reach: their version objects, metadata packs, data packs and indexes
+    (format 1), location tables and pack lists (format 2). A kept version without a readable version
+    object (or pack list) stops the run: what it needs cannot be known."""
     kept = sorted(set(kept))
     try:
         found = vobjs.many(kept, listing)
@@ -219,10 +241,9 @@ def reachable(t: Transport, listing: Listing, kept: Iterable[str], vobjs: Versio
                           "push that version again from a home that has it, or forget it with "
                           "`tessera forget --remote`") from None
     keys: set[str] = set()
-    for h, v in found.items():
-        keys.add(version_key(h))
-        keys.update(meta_key(m) for m in v.meta)
-        keys.update(k for p in v.packs for k in (pack_key(p), index_key(p)))
+    for v in found.values():
+        keys.update(v.keys)
+        keys.update(pack_key(p) for p in v.packs)
     return keys, found
 
 
@@ -602,10 +623,19 @@ def _partial_packs(t: Transport, listing: Listing, candidates: list[ObjectInfo],
             return []  # cannot tell: report nothing rather than a wrong figure
         for rec in files:
             used.update(cid for cid, _ in rec.chunks)
+    from_tables: dict[str, tuple[int, list[ChunkLocation]]] = {}
+    for x in sorted({x for v in kept.values() if shared & set(v.packs) for x in v.chunk_tables}):
+        try:
+            found = decode_chunk_table(x, get_object(t, chunk_table_key(x), TABLE_OBJECT_MAX),
+                                       f"{t.url}/{chunk_table_key(x)}")
+        except (NotFound, CorruptData):
+            continue
+        from_tables.update((p, rows) for p, rows in found.items() if p in shared)
     out = []
     for p in sorted(shared):
         try:
-            size, rows = decode_index(p, get_object(t, index_key(p), INDEX_OBJECT_MAX), f"{t.url}/{index_key(p)}")
+            size, rows = from_tables.get(p) or decode_index(p, get_object(t, index_key(p), INDEX_OBJECT_MAX),
+                                                            f"{t.url}/{index_key(p)}")
         except (NotFound, CorruptData):
             continue
         live = sum(r.stored_len + _BLOB_OVERHEAD for r in rows if r.id in used)

@@ -30,22 +30,31 @@ from tessera.model import ChunkLocation, HistoryEntry
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
+from tessera.format import table
 from tessera.remote.wire import (
     INDEX_OBJECT_MAX,
     META_PACK_MAX,
+    PACK_LIST_MAX,
     SMALL_OBJECT_MAX,
+    TABLE_OBJECT_MAX,
     VERSION_OBJECT_MAX,
+    RemoteTable,
     VersionObject,
+    chunk_table_key,
+    decode_chunk_table,
     decode_history,
     decode_index,
     decode_meta_pack,
+    decode_pack_list,
     decode_tag,
     get_object,
     history_key_of_tombstone,
     history_prefix,
     index_key,
     meta_key,
+    meta_table_key,
     pack_key,
+    pack_list_key,
     parse_history_key,
     tags_prefix,
     tombstone_prefix,
@@ -53,7 +62,7 @@ from tessera.remote.wire import (
 )
 from tessera.remotes import Remote
 from tessera.store import Store, decode_chunk, fsync_dir
-from tessera.trees import version_closure
+from tessera.trees import Closure, version_closure
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +81,13 @@ class FetchResult:
     diverged_tags: list[tuple[str, str, str]] = field(default_factory=list)  # (tag, ours, theirs)
 
 
-def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str) -> FetchResult:
+def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str, *, lazy: bool = True) -> FetchResult:
     """Bring this home up to date with the remote's history of ``dataset``: history entries, tags, and
-    the metadata of every version not yet local. An entry or version that fails its checks is skipped
-    (the others are imported) and reported in ``problems``; the problem is remembered, so using the
-    dataset warns (`remembered_problem`) until a later fetch reads every entry."""
+    the metadata of every version not yet local (``lazy``: of a format-2 version only its version object;
+    its trees, file records and chunk locations are fetched as they are walked, `tessera.lazymeta`). An
+    entry or version that fails its checks is skipped (the others are imported) and reported in
+    ``problems``; the problem is remembered, so using the dataset warns (`remembered_problem`) until a
+    later fetch reads every entry."""
     check_dataset_name(dataset)
     forgotten = {history_key_of_tombstone(info.key) for info in t.list(tombstone_prefix(dataset))}
     keys = [info.key for info in t.list(history_prefix(dataset)) if info.key not in forgotten]
@@ -105,13 +116,20 @@ def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str) 
         by_hash.setdefault(e.hash, []).append((key, e))
     for h in sorted(by_hash, key=lambda h: min(e.time for _, e in by_hash[h])):
         found = by_hash[h]
+        later: bytes | None = None
+        objs: list[str]
         try:
-            files, size, objs = (0, 0, []) if catalog.has_version(h) else fetch_version_metadata(catalog, t, remote, h)
+            if catalog.has_version(h):
+                files, size, objs = 0, 0, []
+            else:
+                files, size, objs, later = fetch_version(catalog, t, remote, h, lazy=lazy)
         except CorruptData as exc:
             failed.update((key, str(exc)) for key, _ in found)
             continue
         with catalog.write():
             catalog.import_version(h, files, size, [e for _, e in found])
+            if later is not None:
+                rs.mark_lazy(catalog, h, remote.name, later)
             rs.mark_keys(catalog, remote.name, [key for key, _ in found] + objs)
     out.diverged_tags = fetch_tags(catalog, t, remote, dataset)
     out.problems = [failed[k] for k in sorted(failed)]
@@ -119,26 +137,129 @@ def fetch_dataset(catalog: Catalog, t: Transport, remote: Remote, dataset: str) 
     return out
 
 
-def fetch_version_metadata(catalog: Catalog, t: Transport, remote: Remote, hash: str) -> tuple[int, int, list[str]]:
-    """Fetch and check the version object, metadata packs and pack indexes of one version and record
-    them (packs as not local). Returns (files, size, remote keys now known)."""
+def fetch_version(catalog: Catalog, t: Transport, remote: Remote, hash: str, *,
+                  lazy: bool) -> tuple[int, int, list[str], bytes | None]:
+    """Fetch and check one version's object, and unless it is format 2 and ``lazy``, all of its metadata
+    (recorded, packs as not local). Returns (files, size, remote keys now known, the version object when
+    the rest is to be fetched as walked)."""
     where = f"{t.url}/{version_key(hash)}"
     data = get_object(t, version_key(hash), VERSION_OBJECT_MAX, required_by=f"history (version {hash[:12]})")
     vobj = VersionObject.from_bytes(hash, data, where)
+    if vobj.format == 1:
+        return (*_fetch_v1(catalog, t, remote, vobj, where), None)
+    if lazy:
+        return vobj.files, vobj.size, [version_key(hash)], data
+    return (*complete_metadata(catalog, t, remote, vobj, where), None)
+
+
+def complete_lazy_version(catalog: Catalog, t: Transport, remote: Remote, hash: str, obj: bytes,
+                          progress: Progress | None = None) -> None:
+    """Fetch the rest of a lazily fetched version's metadata (what `fetch_version` left for later)."""
+    where = f"{t.url}/{version_key(hash)}"
+    _, _, keys = complete_metadata(catalog, t, remote, VersionObject.from_bytes(hash, obj, where), where, progress)
+    with catalog.write():
+        rs.drop_lazy(catalog, hash)
+        rs.mark_keys(catalog, remote.name, keys)
+
+
+def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: VersionObject, where: str,
+                      progress: Progress | None = None) -> tuple[int, int, list[str]]:
+    """All the metadata of a format-2 version: its metadata packs (whole), pack lists and chunk tables
+    (whole, each checked against its SHA-256; only the rows of packs the version lists are recorded),
+    the packs its metadata tables cover; then the whole version is checked as a format-1 pull checks it."""
+    hash = vobj.hash
+    required_by = f"version {hash[:12]}"
+    progress = progress or NullProgress()
+    known = rs.known_keys(catalog, remote.name, [meta_key(m) for m in vobj.meta])
+    todo = [m for m in vobj.meta if meta_key(m) not in known]
+    progress.start(f"metadata {hash[:12]}", len(todo) + len(vobj.pack_lists) + len(vobj.chunk_tables))
+    try:
+        run_parallel(FETCH_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by, progress)
+                                     for m in todo])
+        packs: set[str] = set()
+        lock = threading.Lock()
+
+        def get_list(shard: str) -> None:
+            key = pack_list_key(shard)
+            ids = decode_pack_list(shard, get_object(t, key, PACK_LIST_MAX, required_by=required_by), f"{t.url}/{key}")
+            with lock:
+                packs.update(ids)
+            progress.advance(1)
+
+        run_parallel(FETCH_WORKERS, [partial(get_list, s) for s in vobj.pack_lists])
+        _need_count(len(packs) == vobj.pack_count, where, f"its pack lists name {len(packs)} packs, it says "
+                                                           f"{vobj.pack_count}")
+        local = catalog.pack_states(sorted(packs))
+        covered: set[str] = set()
+
+        def get_chunk_table(name: str) -> None:
+            key = chunk_table_key(name)
+            found = decode_chunk_table(name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
+                                       f"{t.url}/{key}")
+            mine = [p for p in found if p in packs]
+            for p in mine:
+                if not local.get(p, (0, False))[1]:  # rows a lazy lookup recorded are completed
+                    catalog.add_remote_pack(p, *found[p])
+            rs.mark_meta_pack(catalog, remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in found], key=key)
+            with lock:
+                covered.update(mine)
+            progress.advance(1)
+
+        run_parallel(FETCH_WORKERS, [partial(get_chunk_table, x) for x in vobj.chunk_tables])
+        missing = packs - covered
+        if missing:
+            raise CorruptData(f"{where} is malformed: no chunk table covers pack {min(missing)[:12]}")
+
+        def get_meta_table_head(name: str) -> None:
+            key = meta_table_key(name)
+            head = RemoteTable(t, key, table.KIND_META).head()
+            rs.mark_meta_pack(catalog, remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in head.packs], key=key)
+
+        run_parallel(FETCH_WORKERS, [partial(get_meta_table_head, x) for x in vobj.meta_tables])
+    finally:
+        progress.finish()
+    closure = _check_closure(catalog, t, vobj, where)
+    keys = vobj.keys + [pack_key(p) for p in packs]
+    return closure.files, closure.size, keys
+
+
+def _need_count(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise CorruptData(f"{where} is malformed: {what}")
+
+
+def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, required_by: str,
+                   progress: Progress | None = None) -> None:
+    key = meta_key(pack)
+    trees, files = decode_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by),
+                                    f"{t.url}/{key}")
+    with catalog.write():
+        catalog.add_trees(trees)
+        catalog.add_files(files)
+        rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
+                          [(KIND_FILE, r.id) for r in files])
+    if progress is not None:
+        progress.advance(1)
+
+
+def _check_closure(catalog: Catalog, t: Transport, vobj: VersionObject, where: str) -> Closure:
+    try:
+        closure = version_closure(catalog, vobj.hash)
+    except CorruptData as exc:
+        raise CorruptData(f"{t.url}: version {vobj.hash[:12]} is incomplete: {exc}") from None
+    if closure.files != vobj.files or closure.size != vobj.size:
+        raise CorruptData(f"{where} is malformed: it says {vobj.files} files / {vobj.size} bytes, its trees "
+                          f"{closure.files} / {closure.size}")
+    return closure
+
+
+def _fetch_v1(catalog: Catalog, t: Transport, remote: Remote, vobj: VersionObject, where: str) -> tuple[int, int, list[str]]:
+    """Format 1 (what tessera before remote format 2 wrote): every metadata pack and pack index."""
+    hash = vobj.hash
     known = rs.known_keys(catalog, remote.name, [meta_key(m) for m in vobj.meta])
     required_by = f"version {hash[:12]}"
-
-    def get_meta(pack: str) -> None:
-        key = meta_key(pack)
-        trees, files = decode_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by),
-                                        f"{t.url}/{key}")
-        with catalog.write():
-            catalog.add_trees(trees)
-            catalog.add_files(files)
-            rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
-                              [(KIND_FILE, r.id) for r in files])
-
-    run_parallel(FETCH_WORKERS, [partial(get_meta, m) for m in vobj.meta if meta_key(m) not in known])
+    run_parallel(FETCH_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by)
+                                 for m in vobj.meta if meta_key(m) not in known])
     local = catalog.pack_states(list(vobj.packs))
 
     def get_index(pack: str) -> None:
@@ -148,16 +269,8 @@ def fetch_version_metadata(catalog: Catalog, t: Transport, remote: Remote, hash:
         catalog.add_remote_pack(pack, size, chunks)
 
     run_parallel(FETCH_WORKERS, [partial(get_index, p) for p in vobj.packs if p not in local])
-    try:
-        closure = version_closure(catalog, hash)
-    except CorruptData as exc:
-        raise CorruptData(f"{t.url}: version {hash[:12]} is incomplete: {exc}") from None
-    if closure.files != vobj.files or closure.size != vobj.size:
-        raise CorruptData(f"{where} is malformed: it says {vobj.files} files / {vobj.size} bytes, its trees "
-                          f"{closure.files} / {closure.size}")
-    keys = [version_key(hash)] + [meta_key(m) for m in vobj.meta]
-    keys += [k for p in vobj.packs for k in (pack_key(p), index_key(p))]
-    return closure.files, closure.size, keys
+    closure = _check_closure(catalog, t, vobj, where)
+    return closure.files, closure.size, vobj.keys
 
 
 def fetch_tags(catalog: Catalog, t: Transport, remote: Remote, dataset: str) -> list[tuple[str, str, str]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,22 +23,28 @@ from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
 from tessera.errors import CorruptData, NotFound, PreconditionFailed
 from tessera.faults import crash_point
+from tessera.format import table
 from tessera.format.pack import KIND_FILE, KIND_TREE
-from tessera.model import HistoryEntry
+from tessera.ids import sha256_hex
+from tessera.model import ChunkLocation, HistoryEntry
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
 from tessera.remote.wire import (
     META_PACK_TARGET,
+    VERSION_FORMAT,
     MetaPackBuilder,
     VersionObject,
+    chunk_table_key,
+    encode_chunk_table,
     encode_history,
-    encode_index,
     encode_tag,
     history_key,
-    index_key,
     meta_key,
+    meta_table_key,
     pack_key,
+    pack_list_key,
+    shard_pack_list,
     tag_key,
     tombstone_prefix,
     version_key,
@@ -51,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_WORKERS = 4
 SESSION_EXPIRY = 3600.0
+CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data, ~30 MiB of table)
+META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
 
 
 @dataclass
@@ -168,8 +177,11 @@ class Pusher:
         running sweep, HEAD what a plan names, forget from the catalog what is gone (it is sent again).
         Returns how many objects were found gone."""
         metas = self._meta_have(closure)
-        keys = {k for p in closure.packs for k in (pack_key(p), index_key(p))}
-        keys |= {meta_key(m) for kind in metas.values() for m in kind.values()} | {version_key(hash)}
+        keys = {pack_key(p) for p in closure.packs} | {version_key(hash)}
+        meta_packs = {m for kind in metas.values() for m in kind.values()}
+        keys |= {meta_key(m) for m in meta_packs}
+        keys |= {chunk_table_key(x) for x in self._tables(rs.KIND_PACK_TABLE, closure.packs).values()}
+        keys |= {meta_table_key(x) for x in self._tables(rs.KIND_META_TABLE, meta_packs).values()}
         if self._session is None:
             self._session = PushSession(self.t, self.session_expiry)
         self._session.announce(keys)
@@ -193,58 +205,84 @@ class Pusher:
         plans.finish(present)
         return len(gone)
 
-    # data packs and their indexes, in parallel
+    def _tables(self, kind: int, packs: Iterable[str]) -> dict[str, str]:
+        """The location table (``chunkidx/``, ``metaidx/``) on the remote covering each pack, for those covered."""
+        return rs.meta_locations(self.cat, self.remote.name, kind, sorted(packs))
+
+    # data packs, in parallel, then chunk tables locating their chunks
 
     def _push_packs(self, ref: str, closure: Closure, res: PushResult) -> None:
         packs = sorted(closure.packs)
         res.packs_needed += len(closure.packs - self._counted)  # each pack once across this pusher's versions
         self._counted |= closure.packs
-        known = rs.known_keys(self.cat, self.remote.name, [pack_key(p) for p in packs] + [index_key(p) for p in packs])
-        todo = [(p, pack_key(p) not in known, index_key(p) not in known) for p in packs
-                if pack_key(p) not in known or index_key(p) not in known]
-        if not todo:
-            return
-        states = self.cat.pack_states([p for p, _, _ in todo])
-        for p, _, _ in todo:
-            if not states.get(p, (0, False))[1] or not self.store.has_pack_file(p):
-                raise NotFound(f"cannot push {ref} to {self.remote.name}: pack {p[:12]} is not local "
-                               f"(pull the version from the remote it came from first)")
-        total = sum(states[p][0] for p, need, _ in todo if need)
-        self.progress.start(f"push {ref[:ref.index('@') + 13]}", total)
-        try:
-            run_parallel(UPLOAD_WORKERS, [partial(self._push_pack, p, a, b, res) for p, a, b in todo])
-        finally:
-            self.progress.finish()
+        known = rs.known_keys(self.cat, self.remote.name, [pack_key(p) for p in packs])
+        todo = [p for p in packs if pack_key(p) not in known]
+        if todo:
+            states = self.cat.pack_states(todo)
+            for p in todo:
+                if not states.get(p, (0, False))[1] or not self.store.has_pack_file(p):
+                    raise NotFound(f"cannot push {ref} to {self.remote.name}: pack {p[:12]} is not local "
+                                   f"(pull the version from the remote it came from first)")
+            self.progress.start(f"push {ref[:ref.index('@') + 13]}", sum(states[p][0] for p in todo))
+            try:
+                run_parallel(UPLOAD_WORKERS, [partial(self._push_pack, p, res) for p in todo])
+            finally:
+                self.progress.finish()
+        covered = self._tables(rs.KIND_PACK_TABLE, packs)
+        uncovered = [p for p in packs if p not in covered]
+        for i in range(0, len(uncovered), CHUNK_TABLE_PACKS):
+            self._push_chunk_table(uncovered[i:i + CHUNK_TABLE_PACKS], res)
 
-    def _push_pack(self, pack: str, need_pack: bool, need_index: bool, res: PushResult) -> None:
-        size, chunks = self.store.pack_index(pack)
-        if need_pack:
-            self.t.put_file(pack_key(pack), str(self.store.pack_path(pack)), progress=self.progress.advance)
-            rs.mark_keys(self.cat, self.remote.name, [pack_key(pack)])
-            with self._lock:
-                res.packs += 1
-                res.pack_bytes += size
-                res.objects += 1
-            crash_point("push-after-pack")
-        if need_index:
-            self.t.put(index_key(pack), encode_index(pack, size, chunks))
-            rs.mark_keys(self.cat, self.remote.name, [index_key(pack)])
-            with self._lock:
-                res.indexes += 1
-                res.objects += 1
+    def _push_pack(self, pack: str, res: PushResult) -> None:
+        self.t.put_file(pack_key(pack), str(self.store.pack_path(pack)), progress=self.progress.advance)
+        rs.mark_keys(self.cat, self.remote.name, [pack_key(pack)])
+        with self._lock:
+            res.packs += 1
+            res.pack_bytes += self.store.pack_path(pack).stat().st_size
+            res.objects += 1
+        crash_point("push-after-pack")
+
+    def _push_chunk_table(self, packs: list[str], res: PushResult) -> None:
+        """One ``chunkidx/<id>`` locating every chunk of ``packs`` (rebuilt from local pack files, or
+        the catalog's rows for packs a distributed commit's workers uploaded)."""
+        states = self.cat.pack_states(packs)
+        sizes: list[tuple[str, int]] = []
+        rows: list[ChunkLocation] = []
+        for p in packs:
+            if states.get(p, (0, False))[1] and self.store.has_pack_file(p):
+                size, chunks = self.store.pack_index(p)
+            else:
+                size, chunks = states[p][0], self.cat.pack_chunks(p)
+            sizes.append((p, size))
+            rows.extend(chunks)
+        data = encode_chunk_table(sizes, rows)
+        name = sha256_hex(data)
+        if self._session is not None:
+            self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
+        self.t.put(chunk_table_key(name), data)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in packs],
+                          key=chunk_table_key(name))
+        with self._lock:
+            res.indexes += 1
+            res.objects += 1
 
     # metadata packs: only trees and file records the remote lacks, children first
 
     def _meta_have(self, closure: Closure) -> dict[int, dict[str, str]]:
-        """For the trees and file records of ``closure``, the metadata pack on the remote holding each."""
+        """For the trees and file records of ``closure``, the metadata pack on the remote holding each
+        (only packs a metadata table covers: blobs of older pushes without one are sent again, so a
+        format-2 version object can name tables locating all of its metadata)."""
         trees = [bid for kind, bid in closure.blobs if kind == KIND_TREE]
         files = [bid for kind, bid in closure.blobs if kind == KIND_FILE]
-        return {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
+        have = {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
                 KIND_FILE: rs.meta_locations(self.cat, self.remote.name, KIND_FILE, files)}
+        covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()})
+        return {kind: {b: m for b, m in found.items() if m in covered} for kind, found in have.items()}
 
     def _push_meta(self, closure: Closure, res: PushResult) -> set[str]:
         have = self._meta_have(closure)
         builder = MetaPackBuilder()
+        pending: list[tuple[str, int, list[table.Row]]] = []  # metadata packs uploaded, not yet in a table
         for kind, bid in closure.blobs:
             if bid in have[kind]:
                 continue
@@ -257,13 +295,18 @@ class Pusher:
                 raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
             builder.add(kind, bid, raw)
             if builder.size >= META_PACK_TARGET:
-                self._upload_meta(builder, have, res)
+                pending.append(self._upload_meta(builder, have, res))
                 builder = MetaPackBuilder()
+                if len(pending) >= META_TABLE_PACKS:
+                    self._push_meta_table(pending, res)
         if builder.blobs:
-            self._upload_meta(builder, have, res)
+            pending.append(self._upload_meta(builder, have, res))
+        if pending:
+            self._push_meta_table(pending, res)
         return set(have[KIND_TREE].values()) | set(have[KIND_FILE].values())
 
-    def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]], res: PushResult) -> None:
+    def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]],
+                     res: PushResult) -> tuple[str, int, list[table.Row]]:
         pack, data = builder.finish()
         if self._session is not None:
             self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
@@ -273,6 +316,20 @@ class Pusher:
             have[kind][bid] = pack
         res.meta_packs += 1
         res.objects += 1
+        return pack, len(data), builder.rows(pack)
+
+    def _push_meta_table(self, pending: list[tuple[str, int, list[table.Row]]], res: PushResult) -> None:
+        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded."""
+        data = table.encode(table.KIND_META, [(p, size) for p, size, _ in pending],
+                            (row for _, _, rows in pending for row in rows))
+        name = sha256_hex(data)
+        if self._session is not None:
+            self._session.announce([meta_table_key(name)])
+        self.t.put(meta_table_key(name), data)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _, _ in pending],
+                          key=meta_table_key(name))
+        res.objects += 1
+        pending.clear()
 
     # the version object, history entries, tags
 
@@ -280,7 +337,21 @@ class Pusher:
         key = version_key(hash)
         if rs.has_key(self.cat, self.remote.name, key):
             return
-        obj = VersionObject(hash, closure.files, closure.size, tuple(sorted(meta)), tuple(sorted(closure.packs)))
+        shards = []
+        for data in shard_pack_list(sorted(closure.packs)):
+            name = sha256_hex(data)
+            shards.append(name)
+            if not rs.has_key(self.cat, self.remote.name, pack_list_key(name)):
+                if self._session is not None:
+                    self._session.announce([pack_list_key(name)])
+                self.t.put(pack_list_key(name), data)
+                rs.mark_keys(self.cat, self.remote.name, [pack_list_key(name)])
+                res.objects += 1
+        chunk_tables = set(self._tables(rs.KIND_PACK_TABLE, closure.packs).values())
+        meta_tables = set(self._tables(rs.KIND_META_TABLE, meta).values())
+        obj = VersionObject(hash, closure.files, closure.size, tuple(sorted(meta)), format=VERSION_FORMAT,
+                            meta_tables=tuple(sorted(meta_tables)), chunk_tables=tuple(sorted(chunk_tables)),
+                            pack_lists=tuple(sorted(shards)), pack_count=len(closure.packs))
         try:
             self.t.put(key, obj.to_bytes(), if_none_match=True)
             res.objects += 1

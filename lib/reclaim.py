@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.catalog import Catalog
+from tessera.catalog import remote_state as rs
 from tessera.catalog.lifecycle_state import (
     Marks,
     PackUse,
@@ -108,6 +109,9 @@ def mark_versions(catalog: Catalog, marks: Marks, roots: set[str], progress: Pro
     subtrees). A root whose tree or file record is missing stops the run: deleting anything on the word
     of a store that is not whole could lose data (`tessera fsck` says what is wrong)."""
     progress = progress or NullProgress()
+    # a version whose metadata is fetched as it is walked keeps nothing here: its trees, file records
+    # and chunk locations are on its remote (what was fetched of them is a cache, fetched again if swept)
+    roots = roots - rs.lazy_hashes(catalog)
     progress.start("gc: mark", len(roots), unit="version")
     pending: list[bytes] = []
     for root in sorted(roots):

@@ -20,6 +20,7 @@ from tessera import pull as pulling
 from tessera import reclaim
 from tessera.catalog import Catalog, DatasetInfo
 from tessera.catalog import lifecycle_state as ls
+from tessera.catalog import remote_state as rs
 from tessera.catalog.worktree_state import record_worktree
 from tessera.checkout import CheckoutResult, VerifyReport, checkout_version, export_version, verify_dir
 from tessera.config import RepoSettings, default_author, default_home
@@ -32,9 +33,11 @@ from tessera.homeguard import check_not_home, home_below
 from tessera.ids import Ref, check_dataset_name, check_tag, parse_ref
 from tessera.ignore import combined_exclude
 from tessera.lazy import LazyFetcher
+from tessera.lazymeta import LazyChunks, LazyMeta, LazyTrees
 from tessera.model import Entry, FileRecord, HistoryEntry
 from tessera.progress import Progress
 from tessera.push import Pusher, PushResult
+from tessera.remote.base import Transport
 from tessera.reader import ChunkReader
 from tessera.remotes import Remote, Transports, remote_or_none
 from tessera.retention import KeepPolicy
@@ -223,8 +226,36 @@ class Repo:
         return self.version(self.resolve(ref, remote=remote))
 
     def version(self, info: HistoryEntry) -> Version:
-        """The `Version` a history entry of this home records."""
+        """The `Version` a history entry of this home records (a version fetched lazily from a remote
+        reads its trees, file records and chunk locations from there as they are walked)."""
+        meta = LazyMeta.of(self.catalog, info.hash, self._remote_transport)
+        if meta is not None:
+            return Version(info, LazyTrees(self.catalog, meta), LazyChunks(self.chunks, meta), self.home)
         return Version(info, self.trees, self.chunks, self.home)
+
+    def _remote_transport(self, name: str) -> Transport:
+        try:
+            rem = self.transports.remote(name)  # a configured name, or a URL
+        except NotFound:
+            raise NotFound(f"the metadata of this version is on remote {name!r}, which is no longer configured "
+                           f"(tessera remote add {name} URL)") from None
+        return self.transports.get(rem.url, lazy=True)
+
+    def complete(self, version: Version, progress: Progress | None = None) -> Version:
+        """``version`` with all of its metadata here: what walks a whole version (export, verify, push,
+        pull, a kernel mount) calls this first; a no-op for a version whose metadata is complete."""
+        found = rs.lazy_version(self.catalog, version.hash)
+        if found is None:
+            return version
+        self._require_writable()
+        remote, obj = found
+        with self.store.writing():
+            pulling.complete_lazy_version(self.catalog, self._remote_transport(remote),
+                                          self.transports.remote(remote), version.hash, obj, progress)
+        return self.version(version.info)
+
+    def _whole(self, ref: str) -> Version:
+        return self.complete(self.get(ref))
 
     def datasets(self) -> list[DatasetInfo]:
         return self.catalog.datasets()
@@ -438,24 +469,24 @@ class Repo:
 
     def export(self, ref: str, target: str | Path, *, force: bool = False,
                progress: Progress | None = None) -> CheckoutResult:
-        return export_version(self.catalog, self.get(ref), target, force=force, progress=progress)
+        return export_version(self.catalog, self._whole(ref), target, force=force, progress=progress)
 
     def checkout(self, ref: str, target: str | Path, *, delete: bool = False,
                  progress: Progress | None = None) -> CheckoutResult:
         """Make ``target`` equal to version ``ref``, writing only what differs (resumable)."""
-        return checkout_version(self.catalog, self.get(ref), target, delete=delete, progress=progress)
+        return checkout_version(self.catalog, self._whole(ref), target, delete=delete, progress=progress)
 
     def status(self, directory: str | Path) -> Comparison:
         """What changed in ``directory`` since the version it was committed as or checked out from."""
-        return status_dir(self.catalog, directory, self.get)
+        return status_dir(self.catalog, directory, self._whole)
 
     def diff_dir(self, ref: str, directory: str | Path, *, dir_is_new: bool = True) -> Comparison:
         """Changes from version ``ref`` to ``directory`` (or back, ``dir_is_new=False``)."""
-        return compare_dir(self.catalog, self.get(ref), directory, dir_is_new=dir_is_new)
+        return compare_dir(self.catalog, self._whole(ref), directory, dir_is_new=dir_is_new)
 
     def verify(self, ref: str, target: str | Path, *, extra_ok: bool = False,
                progress: Progress | None = None) -> VerifyReport:
-        return verify_dir(self.get(ref), target, extra_ok=extra_ok, progress=progress)
+        return verify_dir(self._whole(ref), target, extra_ok=extra_ok, progress=progress)
 
     # -- remotes ----------------------------------------------------------------------------------
 
@@ -469,8 +500,10 @@ class Repo:
         with self._pusher(remote, progress) as pusher:
             head = self.resolve_local(r)
             if r.prefix or r.tag:
+                self._complete_hashes([head.hash])
                 return pusher.push(head.dataset, head.hash)
             total = PushResult(f"{head.dataset}@{head.hash}", pusher.remote.name)
+            self._complete_hashes(self.catalog.dataset_hashes(r.dataset))
             for h in self.catalog.dataset_hashes(r.dataset):
                 if h != head.hash:
                     total.add(pusher.push(r.dataset, h))
@@ -486,8 +519,18 @@ class Repo:
             for ds in names:
                 if not self.catalog.dataset_head(ds)[0]:
                     raise NotFound(f"unknown dataset {ds!r}")
+                self._complete_hashes(self.catalog.dataset_hashes(ds))
                 out.extend(pusher.push(ds, h) for h in self.catalog.dataset_hashes(ds))
         return out
+
+    def _complete_hashes(self, hashes: Sequence[str]) -> None:
+        lazy = rs.lazy_hashes(self.catalog)
+        for h in hashes:
+            if h in lazy:
+                for ds in self.catalog.datasets_of(h)[:1]:
+                    entry = self.catalog.history_entry(ds, h)
+                    if entry is not None:
+                        self.complete(self.version(entry))
 
     def _pusher(self, remote: str | None, progress: Progress | None) -> Pusher:
         rem = self.transports.remote(remote)
@@ -505,7 +548,7 @@ class Repo:
         if problem and not (r.prefix or r.tag):
             raise CorruptData(f"{problem}: refusing to take an older version as the newest (pull NAME@HASH to "
                               "pull one version)")
-        version = self.version(self._resolve_fetched(r, rem))
+        version = self.complete(self.version(self._resolve_fetched(r, rem)), progress)
         if not metadata_only:
             pulling.download_packs(self.catalog, self.store, self.transports.get(rem.url), rem, version.hash,
                                    cache=DiskCache(cache_dir(self.home), cache_size(self.catalog)), progress=progress)

@@ -43,6 +43,7 @@ class ProxyStats:
     dropped: int = 0
     cut: int = 0
     delayed: int = 0
+    response_bytes: int = 0  # bytes of response bodies relayed (what a client downloaded)
     methods: list[str] = field(default_factory=list)
 
 
@@ -268,6 +269,7 @@ class FaultProxy:
         head = _with_header(resp_head + sep, b"Connection", b"close")
         with self._lock:
             skew = self._faults.skew
+            self.stats.response_bytes += len(resp_body)
         if skew:
             date = email.utils.formatdate(time.time() + skew, usegmt=True).encode()
             head = _with_header(head, b"Date", date)

@@ -19,6 +19,7 @@ RANKS = [
     "tessera.homeguard", "tessera.home", "tessera.openfiles", "tessera.ignore", "tessera.mounting", "tessera.erofs",
     # the domain and bytes in, bytes out
     "tessera.model", "tessera.format", "tessera.format.chunker", "tessera.format.compress", "tessera.format.pack",
+    "tessera.format.table",
     "tessera.config", "tessera.retention",
     # the catalog: the only SQL
     "tessera.catalog.sqlite", "tessera.catalog.schema", "tessera.catalog.catalog", "tessera.catalog", "tessera.catalog.remote_state",
@@ -28,6 +29,7 @@ RANKS = [
     "tessera.remote.retry", "tessera.remote", "tessera.remote.wire", "tessera.diskcache",
     # roles and readers
     "tessera.sources", "tessera.trees", "tessera.remotes", "tessera.sessions", "tessera.lazy", "tessera.reader",
+    "tessera.lazymeta",
     # what reads and writes versions
     "tessera.version", "tessera.filecache", "tessera.worktree", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
     "tessera.push", "tessera.pull", "tessera.lockfile", "tessera.reclaim", "tessera.lifecycle", "tessera.prune",

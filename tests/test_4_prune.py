@@ -34,7 +34,7 @@ from tessera.config import RepoSettings
 from tessera.errors import NotFound, PreconditionFailed, UsageError
 from tessera.remote import open_transport
 from tessera.remote import memory
-from tessera.remote.wire import VersionObject, version_key
+from tessera.remote.wire import VersionObject, decode_pack_list, pack_list_key, version_key
 from tessera.retention import KeepPolicy
 
 pytestmark = pytest.mark.s3
@@ -128,7 +128,9 @@ def reachable_packs(url: str, hashes: list[str]) -> set[str]:
         out: set[str] = set()
         for h in hashes:
             v = VersionObject.from_bytes(h, t.get(version_key(h)), h)
-            out.update(v.packs)
+            out.update(v.packs)  # format 1
+            for shard in v.pack_lists:  # format 2
+                out.update(decode_pack_list(shard, t.get(pack_list_key(shard)), shard))
         return out
 
 

@@ -130,7 +130,7 @@ def test_a_false_index_cannot_poison_later_commits_and_fsck_finds_and_repairs_it
     garbage pack. The commit must store its own copy; a home damaged by an older tessera (its chunk row
     pointing at the claim) is named by fsck and repaired from its local packs."""
     from tessera.format.pack import PACK_MAGIC
-    from tessera.remote.wire import encode_index
+    from tessera.remote.wire import decode_pack_list, encode_chunk_table, shard_pack_list
 
     src, remote, url, ref = published
     secret = b"a file the victim commits later\n" * 100  # one chunk (smaller than the minimum)
@@ -140,16 +140,24 @@ def test_a_false_index_cannot_poison_later_commits_and_fsck_finds_and_repairs_it
     (remote / "packs" / gpack).write_bytes(garbage)
     from tessera.model import ChunkLocation
 
-    (remote / "index" / gpack).write_bytes(encode_index(gpack, len(garbage), [
-        ChunkLocation(cid, gpack, 40, len(secret), len(secret), 0)]))
+    # a chunk table placing the victim's chunk in the garbage pack, and the version naming both
+    table = encode_chunk_table([(gpack, len(garbage))], [ChunkLocation(cid, gpack, 40, len(secret), len(secret), 0)])
+    tname = hashlib.sha256(table).hexdigest()
+    (remote / "chunkidx" / tname).write_bytes(table)
     version = ref.split("@")[1]
     from tessera.remote.wire import VersionObject
 
     obj = VersionObject.from_bytes(version, (remote / "versions" / version).read_bytes(), "test")
-    _rewrite_version(remote, version, packs=tuple(sorted((*obj.packs, gpack))))
+    packs = [p for s in obj.pack_lists for p in decode_pack_list(s, (remote / "packlist" / s).read_bytes(), s)]
+    shards = shard_pack_list(sorted((*packs, gpack)))
+    for s in shards:
+        (remote / "packlist" / hashlib.sha256(s).hexdigest()).write_bytes(s)
+    _rewrite_version(remote, version, chunk_tables=tuple(sorted((*obj.chunk_tables, tname))),
+                     pack_lists=tuple(sorted(hashlib.sha256(s).hexdigest() for s in shards)),
+                     pack_count=obj.pack_count + 1)
 
     b = fresh(tmp_path, cli, url)
-    cli("ls", "ds", env=env(b), check=True)  # the claim is recorded as a remote location
+    cli("pull", "ds", "--metadata-only", env=env(b), check=True)  # the claim is recorded as a remote location
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "secret.txt").write_bytes(secret)
@@ -189,7 +197,7 @@ def _first_zstd_chunk(b: Path, path: str, ref: str) -> object:
     with Repo(b) as repo:
         v = repo.get(ref)
         for cid, _ in v.file_record(path).chunks:
-            loc = repo.chunks.location(cid)
+            loc = v.chunks.locations([cid])[cid]  # from the remote's chunk table when not known yet
             if loc.codec == 1:
                 return loc
     raise AssertionError("no compressed chunk")

@@ -96,18 +96,51 @@ def remotes_holding(catalog: Catalog, key: str) -> list[str]:
     return [r[0] for r in catalog.query("SELECT remote FROM remote_objects WHERE key = ? ORDER BY remote", (key,))]
 
 
+KIND_PACK_TABLE = 3
+"""``remote_meta`` rows of this kind map a data pack to the chunk table (``chunkidx/<id>``) locating its chunks."""
+KIND_META_TABLE = 4
+"""... and a metadata pack to the metadata table (``metaidx/<id>``) locating its blobs."""
+_TABLE_PREFIXES = ("meta/", "chunkidx/", "metaidx/")
+
+
 def meta_locations(catalog: Catalog, remote: str, kind: int, ids: Sequence[str]) -> dict[str, str]:
-    """For each tree (kind 1) or file record (kind 2) id the remote holds: its metadata pack."""
+    """For each tree (kind 1) or file record (kind 2) id the remote holds: its metadata pack; for a data
+    pack (`KIND_PACK_TABLE`) or metadata pack (`KIND_META_TABLE`): the location table covering it."""
     return {i: pack for i, pack in catalog.select_in(
         "SELECT id, pack FROM remote_meta WHERE remote = ? AND kind = ? AND id {in}", ids, (remote, kind))}
 
 
-def mark_meta_pack(catalog: Catalog, remote: str, pack: str, blobs: Iterable[tuple[int, str]]) -> None:
-    """Record that metadata pack ``meta/<pack>`` is on the remote and which blobs it holds."""
+def mark_meta_pack(catalog: Catalog, remote: str, pack: str, blobs: Iterable[tuple[int, str]], *,
+                   key: str | None = None) -> None:
+    """Record that metadata pack ``meta/<pack>`` (or the object ``key``, e.g. a location table named
+    ``pack``) is on the remote and which blobs (or packs) it holds or covers."""
     with catalog.write() as c:
-        c.execute("INSERT OR IGNORE INTO remote_objects VALUES (?, ?)", (remote, f"meta/{pack}"))
+        c.execute("INSERT OR IGNORE INTO remote_objects VALUES (?, ?)", (remote, key or f"meta/{pack}"))
         c.executemany("INSERT OR IGNORE INTO remote_meta VALUES (?, ?, ?, ?)",
                       ((remote, kind, bid, pack) for kind, bid in blobs))
+
+
+# -- versions whose metadata is fetched as it is walked ----------------------------------------------
+
+def lazy_version(catalog: Catalog, hash: str) -> tuple[str, bytes] | None:
+    """(remote name, its version object) of a version whose metadata is not all here yet."""
+    row = catalog.query_one("SELECT remote, object FROM lazy_versions WHERE hash = ?", (hash,))
+    return (row[0], bytes(row[1])) if row else None
+
+
+def lazy_hashes(catalog: Catalog) -> set[str]:
+    return {r[0] for r in catalog.query("SELECT hash FROM lazy_versions")}
+
+
+def mark_lazy(catalog: Catalog, hash: str, remote: str, obj: bytes) -> None:
+    """Joins the caller's transaction (recorded with the version row)."""
+    with catalog.write() as c:
+        c.execute("INSERT OR REPLACE INTO lazy_versions VALUES (?, ?, ?)", (hash, remote, obj))
+
+
+def drop_lazy(catalog: Catalog, hash: str) -> None:
+    with catalog.write() as c:
+        c.execute("DELETE FROM lazy_versions WHERE hash = ?", (hash,))
 
 
 def forget_key(catalog: Catalog, remote: str, key: str) -> None:
@@ -118,9 +151,10 @@ def forget_key(catalog: Catalog, remote: str, key: str) -> None:
 
 def forget_keys(catalog: Catalog, remote: str, keys: Iterable[str]) -> None:
     """The remote may no longer hold these keys (a prune plan named them): forget them, and where a key
-    is a metadata pack (``meta/<id>``), which trees and file records it held, so push sends them again."""
+    is a metadata pack (``meta/<id>``), which trees and file records it held, so push sends them again
+    (and likewise which packs a location table ``chunkidx/`` or ``metaidx/`` covered)."""
     keys = list(keys)
-    metas = [k[len("meta/"):] for k in keys if k.startswith("meta/")]
+    metas = [k.split("/", 1)[1] for k in keys if k.startswith(_TABLE_PREFIXES)]
     with catalog.write() as c:
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]

@@ -117,4 +117,16 @@ def _worktrees(db: Database) -> None:
     )
 
 
-SCHEMA_VERSION = 6
+@migrations(name="0007_lazy_versions")
+def _lazy_versions(db: Database) -> None:
+    # Versions known from a remote whose trees, file records and chunk locations are fetched as they are
+    # walked (a format-2 version object, kept here): listing one directory of a million-file version
+    # fetches that directory's tree, not all of them. The row goes once the metadata is complete.
+    db.executescript(
+        """
+        CREATE TABLE lazy_versions (hash TEXT PRIMARY KEY, remote TEXT NOT NULL, object BLOB NOT NULL) WITHOUT ROWID;
+        """
+    )
+
+
+SCHEMA_VERSION = 7

@@ -221,13 +221,15 @@ def _local_packs(repo: "Repo") -> tuple[int, int]:
 @click.argument("ref", shell_complete=complete_ref)
 @click.option("-r", "--remote", "remote_name", metavar="REMOTE", help="Remote name or URL (default: the default remote).")
 @click.option("--metadata-only", is_flag=True,
-              help="Fetch only what browsing, verify and mount need; file bytes are then read lazily.")
+              help="Fetch all of the version's metadata (trees, file records, chunk locations), no file bytes: "
+                   "they are then read lazily.")
 @json_option
 def pull(ref: str, remote_name: str | None, metadata_only: bool, as_json: bool) -> None:
     """Fetch version REF from a remote (all of it, or metadata).
 
     NAME means the newest version. Without --metadata-only every pack the version needs is
-    downloaded and checked, so it works offline.
+    downloaded and checked, so it works offline. Without pull, using a dataset this home does not
+    have (ls, cat, mount, ...) fetches only the metadata it walks from the remote.
 
     \b
     Examples:

@@ -11,25 +11,34 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tessera.errors import CorruptData, NotFound
 from tessera.format.compress import CODEC_NAMES, MAX_CHUNK, RAW, Compressor, decompress, meta_blob_limit
-from tessera.format.pack import KIND_FILE, KIND_TREE, PACK_MAGIC, PackBuilder, Piece, iter_blobs
+from tessera.format import table
+from tessera.format.pack import BLOB_MAGIC, HEADER, KIND_FILE, KIND_TREE, PACK_MAGIC, BlobInfo, PackBuilder, Piece, iter_blobs
 from tessera.ids import sha256_hex
 from tessera.model import DIR, FILE, SYMLINK, ChunkLocation, FileRecord, HistoryEntry, Tree
 from tessera.remote.base import Transport
 
 FORMAT = 1
+VERSION_FORMAT = 2
+"""Version objects this tessera writes: format 2 names location tables and pack lists instead of listing
+every pack (docs/format.md, "Version objects, format 2"); format 1 is still read."""
 META_PACK_TARGET = 16 * 1024 * 1024
+PACK_LIST_SHARD = 65536  # pack ids per pack-list shard, on average
 
 # The most bytes a reader fetches for one object of each kind (a bigger object is refused unread).
 SMALL_OBJECT_MAX = 1 << 20  # history entries, tags
 VERSION_OBJECT_MAX = 256 << 20
 INDEX_OBJECT_MAX = 128 << 20
 META_PACK_MAX = 512 << 20
+TABLE_OBJECT_MAX = 4 << 30  # a location table is read by ranges; read whole only by a full metadata pull
+TABLE_HEAD_GUESS = 64 << 10  # the first ranged read of a table: its head, usually whole
+PACK_LIST_MAX = 64 << 20
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -54,6 +63,18 @@ def meta_key(pack: str) -> str:
 
 def version_key(hash: str) -> str:
     return f"versions/{hash}"
+
+
+def chunk_table_key(table: str) -> str:
+    return f"chunkidx/{table}"
+
+
+def meta_table_key(table: str) -> str:
+    return f"metaidx/{table}"
+
+
+def pack_list_key(shard: str) -> str:
+    return f"packlist/{shard}"
 
 
 def history_prefix(dataset: str) -> str:
@@ -99,13 +120,17 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _loads(data: bytes, where: str) -> dict[str, Any]:
+def _loads(data: bytes, where: str, formats: tuple[int, ...] = (FORMAT,)) -> dict[str, Any]:
     try:
         obj = json.loads(data)
     except ValueError as exc:
         raise CorruptData(f"{where} is malformed: not JSON ({exc})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CorruptData(f"{where} is malformed: not a format-{FORMAT} tessera object")
+    if not isinstance(obj, dict) or obj.get("format") not in formats:
+        fmt = obj.get("format") if isinstance(obj, dict) else None
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > max(formats):
+            raise CorruptData(f"{where} is a format-{fmt} object; this tessera reads up to format {max(formats)}: "
+                              "upgrade tessera")
+        raise CorruptData(f"{where} is malformed: not a format-{'/'.join(map(str, formats))} tessera object")
     return obj
 
 
@@ -159,28 +184,88 @@ def decode_tag(tag: str, data: bytes, where: str) -> str:
 
 @dataclass(frozen=True)
 class VersionObject:
-    """``versions/<hash>``: what a version needs (its metadata packs and data packs)."""
+    """``versions/<hash>``: what a version needs.
+
+    Format 1 lists its metadata packs and every data pack (``packs``); each data pack has an
+    ``index/<pack>``. Format 2 lists its metadata packs, the metadata tables that locate every tree and
+    file record in them (``meta_tables``), the chunk tables that locate every chunk (``chunk_tables``),
+    and its data packs as sorted shards (``pack_lists``, ``pack_count`` packs in all): a reader fetches
+    only what it walks, and the object stays small at millions of packs."""
 
     hash: str
     files: int
     size: int
     meta: tuple[str, ...]
-    packs: tuple[str, ...]
+    packs: tuple[str, ...] = ()
+    format: int = FORMAT
+    meta_tables: tuple[str, ...] = ()
+    chunk_tables: tuple[str, ...] = ()
+    pack_lists: tuple[str, ...] = ()
+    pack_count: int = 0
 
     def to_bytes(self) -> bytes:
-        return _dumps({"format": FORMAT, "hash": self.hash, "files": self.files, "size": self.size,
-                       "meta": list(self.meta), "packs": list(self.packs)})
+        if self.format == 1:
+            return _dumps({"format": 1, "hash": self.hash, "files": self.files, "size": self.size,
+                           "meta": list(self.meta), "packs": list(self.packs)})
+        return _dumps({"format": 2, "hash": self.hash, "files": self.files, "size": self.size,
+                       "meta": list(self.meta), "meta_tables": list(self.meta_tables),
+                       "chunk_tables": list(self.chunk_tables), "pack_lists": list(self.pack_lists),
+                       "pack_count": self.pack_count})
+
+    @property
+    def keys(self) -> list[str]:
+        """Every object this version object names (what a prune keeps while the version is kept), but the
+        data packs of a format-2 version, which its pack lists name."""
+        out = [version_key(self.hash)] + [meta_key(m) for m in self.meta]
+        if self.format == 1:
+            return out + [k for p in self.packs for k in (pack_key(p), index_key(p))]
+        return (out + [meta_table_key(t) for t in self.meta_tables] + [chunk_table_key(t) for t in self.chunk_tables]
+                + [pack_list_key(s) for s in self.pack_lists])
 
     @classmethod
     def from_bytes(cls, hash: str, data: bytes, where: str) -> VersionObject:
-        obj = _loads(data, where)
+        obj = _loads(data, where, (1, VERSION_FORMAT))
         _need(obj.get("hash") == hash, where, "its hash disagrees with its key")
         _need(_is_count(obj.get("files")) and _is_count(obj.get("size")), where, "bad files or size")
-        for name in ("meta", "packs"):
+        lists = ("meta", "packs") if obj["format"] == 1 else ("meta", "meta_tables", "chunk_tables", "pack_lists")
+        for name in lists:
             ids = obj.get(name)
             _need(isinstance(ids, list) and all(isinstance(i, str) and HEX64.match(i) for i in ids), where,
                   f"bad {name} list")
-        return cls(hash, obj["files"], obj["size"], tuple(obj["meta"]), tuple(obj["packs"]))
+        if obj["format"] == 1:
+            return cls(hash, obj["files"], obj["size"], tuple(obj["meta"]), tuple(obj["packs"]))
+        _need(_is_count(obj.get("pack_count")), where, "bad pack count")
+        return cls(hash, obj["files"], obj["size"], tuple(obj["meta"]), (), 2, tuple(obj["meta_tables"]),
+                   tuple(obj["chunk_tables"]), tuple(obj["pack_lists"]), obj["pack_count"])
+
+
+# -- pack lists (format-2 version objects) -------------------------------------------------------------
+
+PACK_LIST_MAGIC = b"TSPL0001"
+
+
+def shard_pack_list(packs: Sequence[str]) -> list[bytes]:
+    """A version's data packs as pack-list shards: sorted ids split by their leading bits into a power of
+    two of shards of about `PACK_LIST_SHARD` ids, so a version that adds a few packs to its parent's
+    rewrites a few shards and shares the rest (content-addressed: ``packlist/<SHA-256>``)."""
+    ids = sorted(set(packs))
+    bits = 0
+    while (len(ids) >> bits) > PACK_LIST_SHARD and bits < 16:
+        bits += 1
+    shards: list[list[str]] = [[] for _ in range(1 << bits)]
+    for p in ids:
+        shards[int(p[:4], 16) >> (16 - bits) if bits else 0].append(p)
+    return [PACK_LIST_MAGIC + b"".join(bytes.fromhex(p) for p in s) for s in shards if s]
+
+
+def decode_pack_list(shard: str, data: bytes, where: str) -> list[str]:
+    if sha256_hex(data) != shard:
+        raise CorruptData(f"{where} fails its hash check")
+    body = data[len(PACK_LIST_MAGIC):]
+    _need(data.startswith(PACK_LIST_MAGIC) and len(body) % 32 == 0, where, "not a pack list")
+    ids = [body[i:i + 32].hex() for i in range(0, len(body), 32)]
+    _need(all(a < b for a, b in zip(ids, ids[1:])), where, "pack ids out of order")
+    return ids
 
 
 # -- pack indexes -------------------------------------------------------------------------------------
@@ -289,6 +374,10 @@ class MetaPackBuilder:
         self.blobs: list[tuple[int, str]] = []
         self._comp = Compressor(3)
 
+    def rows(self, pack: str) -> list[table.Row]:
+        """The metadata-table rows of this pack's blobs (once it is finished as ``pack``)."""
+        return [meta_row(b.kind, b.id.hex(), pack, b) for b in self._pack.blobs]
+
     @property
     def size(self) -> int:
         return self._pack.size
@@ -301,6 +390,170 @@ class MetaPackBuilder:
     def finish(self) -> tuple[str, bytes]:
         """(pack id, pack bytes)."""
         return self._pack.id, b"".join(self._parts)
+
+
+# -- location tables (format-2 versions): where chunks and metadata blobs sit, found by ranged reads -------
+
+def meta_row(kind: int, blob_id: str, pack: str, b: BlobInfo) -> table.Row:
+    return table.Row(bytes.fromhex(blob_id) + bytes((kind,)), pack, b.offset, b.stored_len, b.raw_len, b.codec)
+
+
+def meta_key_of(kind: int, blob_id: str) -> bytes:
+    """The key of a tree (kind 1) or file record (kind 2) in a metadata table."""
+    return bytes.fromhex(blob_id) + bytes((kind,))
+
+
+def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Sequence[ChunkLocation]) -> bytes:
+    return table.encode(table.KIND_CHUNKS, packs, (table.Row(c.id, c.pack, c.offset, c.stored_len, c.raw_len, c.codec)
+                                                   for c in chunks))
+
+
+def chunk_location(row: table.Row) -> ChunkLocation:
+    return ChunkLocation(row.key, row.pack, row.offset, row.stored_len, row.raw_len, row.codec)
+
+
+def decode_chunk_table(name: str, data: bytes, where: str) -> dict[str, tuple[int, list[ChunkLocation]]]:
+    """A whole chunk table, checked (its SHA-256, and each pack's rows as `decode_index` checks an index):
+    ``{pack: (size, rows in offset order)}``."""
+    if sha256_hex(data) != name:
+        raise CorruptData(f"{where} fails its hash check")
+    head, rows = table.decode(data, where, kind=table.KIND_CHUNKS)
+    out: dict[str, tuple[int, list[ChunkLocation]]] = {p: (size, []) for p, size in head.packs}
+    for r in rows:
+        out[r.pack][1].append(chunk_location(r))
+    for p, (size, locs) in out.items():
+        locs.sort(key=lambda c: c.offset)
+        problem = check_index_rows(locs, size)
+        if problem:
+            raise CorruptData(f"{where}: pack {p[:12]}: {problem}")
+    return out
+
+
+def decode_meta_table(name: str, data: bytes, where: str) -> list[table.Row]:
+    """A whole metadata table, checked (its SHA-256, blob kinds)."""
+    if sha256_hex(data) != name:
+        raise CorruptData(f"{where} fails its hash check")
+    _, rows = table.decode(data, where, kind=table.KIND_META)
+    _need(all(r.key[32] in (KIND_TREE, KIND_FILE) for r in rows), where, "a row of an unknown blob kind")
+    return rows
+
+
+class RemoteTable:
+    """A location table on a remote, read by ranges: its head once, then one bucket of rows per key
+    (neighbouring buckets in one request). Rows are checked as read; the blob a row points to is checked
+    when fetched (`fetch_meta_blobs`, the chunk reader), so a lying table can make reads fail, never return
+    wrong bytes."""
+
+    def __init__(self, t: Transport, key: str, kind: int) -> None:
+        self.t = t
+        self.key = key
+        self.kind = kind
+        self.where = f"{t.url}/{key}"
+        self._head: table.Head | None = None
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def _get(self, start: int, length: int) -> bytes:
+        self.requests += 1
+        try:
+            return self.t.get(self.key, start, start + length)
+        except NotFound:
+            raise CorruptData(f"{self.where} is missing (pruned or never pushed)") from None
+
+    def head(self) -> table.Head:
+        with self._lock:
+            if self._head is None:
+                data = self._get(0, TABLE_HEAD_GUESS)
+                try:
+                    self._head = table.decode_head(data, self.where, kind=self.kind)
+                except table.NeedMore as more:
+                    data = self._get(0, more.size)
+                    self._head = table.decode_head(data, self.where, kind=self.kind)
+            return self._head
+
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, table.Row]:
+        """The rows of ``keys`` that this table holds."""
+        head = self.head()
+        wanted: dict[int, list[bytes]] = {}
+        for k in keys:
+            wanted.setdefault(head.bucket(k), []).append(k)
+        spans = sorted((*head.bucket_span(b), b) for b in wanted)
+        spans = [s for s in spans if s[1] > s[0]]
+        out: dict[bytes, table.Row] = {}
+        i = 0
+        while i < len(spans):  # neighbouring buckets (rows less than a few KiB apart) in one ranged read
+            j = i
+            while j + 1 < len(spans) and (spans[j + 1][0] - spans[j][1]) * head.row_len < 16 << 10:
+                j += 1
+            first, end = spans[i][0], spans[j][1]
+            data = self._get(head.rows_start + first * head.row_len, (end - first) * head.row_len)
+            if len(data) != (end - first) * head.row_len:
+                raise CorruptData(f"{self.where} is malformed: truncated")
+            rows = table.decode_rows(head, data, first, self.where)
+            for _, _, b in spans[i:j + 1]:
+                for k in wanted[b]:
+                    row = table.find(rows, k)
+                    if row is not None:
+                        out[k] = row
+            i = j + 1
+        return out
+
+
+def fetch_meta_blobs(t: Transport, rows: Sequence[table.Row]) -> tuple[list[tuple[str, bytes]], list[FileRecord]]:
+    """Fetch the trees and file records ``rows`` point at (ranged reads of their metadata packs, neighbours
+    coalesced), each checked as a full metadata pull checks it: its blob header, decompression bounded,
+    a tree's SHA-256 and tree rules."""
+    trees: list[tuple[str, bytes]] = []
+    files: list[FileRecord] = []
+    by_pack: dict[str, list[table.Row]] = {}
+    for r in rows:
+        by_pack.setdefault(r.pack, []).append(r)
+    lead = HEADER.size + 32
+    for pack, group in by_pack.items():
+        group.sort(key=lambda r: r.offset)
+        key = meta_key(pack)
+        where = f"{t.url}/{key}"
+        i = 0
+        while i < len(group):
+            j = i
+            while j + 1 < len(group) and group[j + 1].offset - lead - (group[j].offset + group[j].stored_len) < 64 << 10:
+                j += 1
+            start = group[i].offset - lead
+            end = group[j].offset + group[j].stored_len
+            _need(start >= len(PACK_MAGIC) and end - start <= META_PACK_MAX, where, "a blob outside the pack")
+            try:
+                data = t.get(key, start, end)
+            except NotFound:
+                raise CorruptData(f"{where} is missing (pruned or never pushed)") from None
+            _need(len(data) == end - start, where, "truncated")
+            for r in group[i:j + 1]:
+                pos = r.offset - lead - start
+                magic, kind, codec, id_len, _, raw_len, stored_len = HEADER.unpack_from(data, pos)
+                blob_id = r.key[:32]
+                ok = (magic == BLOB_MAGIC and kind == r.key[32] and codec == r.codec and id_len == 32
+                      and raw_len == r.raw_len and stored_len == r.stored_len
+                      and data[pos + HEADER.size:pos + lead] == blob_id)
+                _need(ok, where, f"blob {blob_id.hex()[:12]} is not where its table says")
+                body = data[pos + lead:pos + lead + r.stored_len]
+                try:
+                    raw = decompress(r.codec, body, r.raw_len, limit=meta_blob_limit(r.stored_len))
+                except CorruptData as exc:
+                    raise CorruptData(f"{where}: blob {blob_id.hex()[:12]}: {exc}") from None
+                bid = blob_id.hex()
+                if kind == KIND_TREE:
+                    if sha256_hex(raw) != bid:
+                        raise CorruptData(f"{where}: tree {bid[:12]} fails its hash check")
+                    try:
+                        tree = Tree.from_bytes(raw)
+                    except CorruptData as exc:
+                        raise CorruptData(f"{where}: tree {bid[:12]}: {exc}") from None
+                    check_tree(tree, f"{where}: tree {bid[:12]}")
+                    trees.append((bid, raw))
+                else:
+                    chunks = FileRecord.chunks_from_bytes(raw)
+                    files.append(FileRecord(bid, sum(n for _, n in chunks), chunks))
+            i = j + 1
+    return trees, files
 
 
 # -- lifecycle: layout, tombstones, push sessions, prune plans (remote layout 2) ---------------------------
@@ -319,10 +572,10 @@ SWEEPING = "prune/sweeping/"
 DONE = "prune/done/"
 SESSION_MAX = 64 << 20
 PLAN_MAX = 256 << 20
-SWEEPABLE_PREFIXES = ("packs/", "index/", "meta/", "versions/")
+SWEEPABLE_PREFIXES = ("packs/", "index/", "meta/", "versions/", "chunkidx/", "metaidx/", "packlist/")
 """The only kinds of object a prune deletes (history is forgotten by tombstones, never by a sweep)."""
 
-_SWEEPABLE = re.compile(r"^(packs|index|meta|versions)/[0-9a-f]{64}$")
+_SWEEPABLE = re.compile(r"^(packs|index|meta|versions|chunkidx|metaidx|packlist)/[0-9a-f]{64}$")
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLAN_NAME = re.compile(r"^\d{16}-[0-9a-f]{16}$")
 
