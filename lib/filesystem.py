@@ -8,8 +8,9 @@
 Paths are ``tessera://REF/path`` with REF = ``NAME`` (the version pinned by the nearest
 ``tessera.lock``, else the latest), ``NAME@HASHPREFIX`` or ``NAME:TAG``; ``tessera://`` alone lists the
 datasets. A REF is resolved to a full version hash once per filesystem instance (and the resolution
-travels with the instance when it is pickled into a worker), so a long job reads one version even if
-the dataset gets new commits meanwhile; `invalidate_cache` forgets the resolutions.
+travels with the instance when it is pickled into a worker, with the home it reads), so a long job
+reads one version even if the dataset gets new commits meanwhile; `invalidate_cache` forgets the
+resolutions.
 
 Reading goes through the public `Version` API (`Version.open`: the one file reader, with its chunk
 cache, read-ahead and lazy remote fetches), so a home that only knows a remote's metadata reads
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem  # type: ignore[import-untyped]
 
+from tessera.config import default_home
 from tessera.errors import BadRef, NotFound
 from tessera.ids import parse_ref
 from tessera.model import DIR, FILE, SYMLINK, Entry
@@ -158,7 +160,12 @@ class TesseraFileSystem(AbstractFileSystem):  # type: ignore[misc]
         super().invalidate_cache(path)
 
     def __reduce__(self) -> Any:
-        return _restore, (type(self), self.storage_args, self.storage_options, dict(self._refs))
+        """Pickle with the REF resolutions and the home this process reads: a worker started apart from
+        this process (a Ray or Dask worker, a ``spawn`` child) has its own ``$TESSERA_HOME``, if any."""
+        options = dict(self.storage_options)
+        if not self.storage_args and options.get("home") is None:
+            options["home"] = str(self._repo.home if self._repo is not None else default_home())
+        return _restore, (type(self), self.storage_args, options, dict(self._refs))
 
     # -- entries ----------------------------------------------------------------------------------
 
@@ -376,9 +383,14 @@ def _read_exactly(f: Any, n: int) -> bytes:
 
 def _restore(cls: type[TesseraFileSystem], args: tuple[Any, ...], kwargs: dict[str, Any],
              refs: dict[str, str]) -> TesseraFileSystem:
-    """Unpickle a filesystem with the REF resolutions it had (a worker reads what its parent did)."""
+    """Unpickle a filesystem with the REF resolutions it had (a worker reads what its parent did). fsspec
+    hands back this process's cached instance for the same options; a long-lived worker's instance may
+    have resolved a REF otherwise (an earlier job, before a commit): then a fresh instance."""
     fs = cls(*args, **kwargs)
     with fs._lock:
-        for ref, full in refs.items():
-            fs._refs.setdefault(ref, full)
-    return fs
+        if all(fs._refs.get(ref, full) == full for ref, full in refs.items()):
+            fs._refs.update(refs)
+            return fs
+    fresh = cls(*args, skip_instance_cache=True, **kwargs)
+    fresh._refs.update(refs)
+    return fresh

@@ -149,6 +149,31 @@ def test_resolution_travels_with_a_pickled_filesystem(local: tuple[TesseraFileSy
     assert out.strip() == "b'woof'"
 
 
+def test_a_pickled_filesystem_names_its_home_and_its_resolutions_win(local: tuple[TesseraFileSystem, str],
+                                                                      tree: Path, home: Path) -> None:
+    """A worker started apart (Ray, Dask, spawn) has its own $TESSERA_HOME: the pickle names the home. A
+    worker's cached instance that resolved the REF otherwise (before a commit) does not win over it."""
+    import tessera
+
+    fs, _ = local
+    default = fsspec.filesystem("tessera")  # home: $TESSERA_HOME (the `home` fixture)
+    assert default.cat("ds/train/dog.bin") == b"woof"
+    code = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read()).cat('ds/train/dog.bin'))"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(default), capture_output=True, check=True,
+                         env={**os.environ, "TESSERA_HOME": "/nonexistent-not-used"}).stdout
+    assert out.strip() == b"b'woof'"
+    assert fs.cat("ds/train/dog.bin") == b"woof"  # fs (this process's cached instance) resolved ds
+    (tree / "train" / "dog.bin").write_bytes(b"WOOF v2")
+    with tessera.Repo(home) as repo:
+        repo.commit("ds", tree)
+    newer = fsspec.filesystem("tessera", home=str(home), skip_instance_cache=True)
+    assert newer.cat("ds/train/dog.bin") == b"WOOF v2"
+    back = pickle.loads(pickle.dumps(newer))
+    assert back is not fs and back.cat("ds/train/dog.bin") == b"WOOF v2"
+    again = pickle.loads(pickle.dumps(fs))
+    assert again is fs and again.cat("ds/train/dog.bin") == b"woof"  # agreeing resolutions share it
+
+
 def test_fork_reopens_the_repository(local: tuple[TesseraFileSystem, str], tree: Path) -> None:
     fs, _ = local
     big = (tree / "big.bin").read_bytes()
@@ -332,7 +357,9 @@ def test_sequential_remote_read_is_streamed(tmp_path: Path, big_bucket: tuple[st
 # -- the docs' recipes, local and remote-only -----------------------------------------------------------
 
 def recipe_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (DOCS / "fsspec.md").read_text(), re.S)
+    """The recipes' blocks; those of "Reading at scale" (Ray, Dask) run in tests/test_5_recipes.py."""
+    text = (DOCS / "fsspec.md").read_text().split("## Reading at scale", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def run_recipes(cwd: Path, env: dict[str, str]) -> None:
