@@ -3,13 +3,13 @@
 The directory lies on a file system every worker sees. The driver (`plan_units`) splits it into subtrees
 balanced by bytes: a directory too big for one unit is split into its subdirectories (each its own unit,
 split again if still too big) and a unit for the files and symlinks directly in it. `commit_units` runs on
-a worker: it snapshots its units into a temporary home on the worker's disk, uploads each data pack and
-its index to the remote as soon as the pack is sealed (content-addressed keys from `tessera.remote.wire`:
-a retried or duplicated task writes the same keys again, harmlessly), and returns the metadata: trees,
-file records and the index of every pack it uploaded. The driver (`Repo.commit` with an ``executor``)
-records those in its catalog as packs that live on the remote (like a metadata pull), builds the trees
-of the split directories (`combine`), records the version and pushes it (`tessera.push`: metadata packs,
-version object, history, in push's order). Trees are built by the same code as a local commit, so the
+a worker: it snapshots its units into a temporary home on the worker's disk, uploads each data pack
+to the remote as soon as it is sealed (content-addressed keys from `tessera.remote.wire`: a retried or
+duplicated task writes the same keys again, harmlessly), and returns the metadata: trees, file records
+and the chunk rows of every pack it uploaded. The driver (`Repo.commit` with an ``executor``) records
+those in its catalog as packs that live on the remote (like a metadata pull), builds the trees of the
+split directories (`combine`), records the version and pushes it (`tessera.push`: the chunk table
+locating the workers' chunks, metadata packs and their table, pack list, version object, history). Trees are built by the same code as a local commit, so the
 version hash is the one a single machine would compute, whatever the number of workers.
 
 An executor runs the worker function over the units: `LocalExecutor` here (in this process, in order:
@@ -35,7 +35,7 @@ from tessera.faults import crash_once
 from tessera.model import DIR, ChunkLocation, FileRecord, Tree, TreeEntry
 from tessera.remote import open_transport
 from tessera.remote.base import Transport
-from tessera.remote.wire import encode_index, index_key, pack_key
+from tessera.remote.wire import pack_key
 from tessera.snapshot import SnapshotOptions, SnapshotStats, snapshot_dir
 from tessera.store import Store
 from tessera.treebuild import BuiltTree, encode_tree
@@ -224,8 +224,8 @@ def job_env() -> tuple[tuple[str, str], ...]:
 
 
 def commit_units(job: WorkerJob) -> list[UnitResult]:
-    """The task: snapshot each unit of ``job`` into a temporary home, uploading every pack (and its
-    index) as soon as it is sealed. Runs on a worker; imports nothing of Ray."""
+    """The task: snapshot each unit of ``job`` into a temporary home, uploading every pack as soon as it
+    is sealed. Runs on a worker; imports nothing of Ray."""
     for k, v in job.env:
         os.environ[k] = v
     transport = open_transport(job.remote)
@@ -243,9 +243,7 @@ def _commit_unit(job: WorkerJob, unit: Unit, transport: Transport) -> UnitResult
         uploaded: list[str] = []
 
         def upload(pack: str) -> None:
-            size, chunks = store.pack_index(pack)
-            transport.put_file(pack_key(pack), str(store.pack_path(pack)))
-            transport.put(index_key(pack), encode_index(pack, size, chunks))
+            transport.put_file(pack_key(pack), str(store.pack_path(pack)))  # its chunks: the driver's chunk table
             uploaded.append(pack)
             store.pack_path(pack).unlink()  # on the remote now; this home only remembers its chunks
             crash_once("ray-unit-uploaded")
@@ -291,12 +289,12 @@ def _unit_exclude(job: WorkerJob, unit: Unit) -> Callable[[str], bool] | None:
 # -- back on the driver -----------------------------------------------------------------------------
 
 def record_result(catalog: Catalog, remote: str, res: UnitResult) -> None:
-    """Record a unit's metadata: its packs as remote-only (local = 0) and known to be on ``remote`` with
-    their indexes (so the push that follows skips them), file records, trees."""
+    """Record a unit's metadata: its packs as remote-only (local = 0) and known to be on ``remote`` (so the
+    push that follows skips them, and writes the chunk table locating their chunks), file records, trees."""
     for pack, size, rows in res.packs:
         catalog.add_remote_pack(pack, size, [ChunkLocation(cid, pack, off, stored, raw, codec)
                                              for cid, off, stored, raw, codec in rows])
-        rs.mark_keys(catalog, remote, [pack_key(pack), index_key(pack)])
+        rs.mark_keys(catalog, remote, [pack_key(pack)])
     catalog.add_files(FileRecord(fid, size, FileRecord.chunks_from_bytes(chunks)) for fid, size, chunks in res.files)
     catalog.add_trees(res.trees)
 

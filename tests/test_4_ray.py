@@ -85,7 +85,7 @@ def test_ray_commit_gives_the_plain_hash(ray_cluster: str, source: Path, plain_h
             for o in page.get("Contents", [])}
     assert f"repo/versions/{plain_hash}" in keys
     assert any(k.startswith("repo/history/ds/") for k in keys)
-    assert any(k.startswith("repo/packs/") for k in keys) and any(k.startswith("repo/index/") for k in keys)
+    assert any(k.startswith("repo/packs/") for k in keys) and any(k.startswith("repo/chunkidx/") for k in keys)
 
 
 def test_local_executor_matches_too(source: Path, plain_hash: str, tmp_path: Path) -> None:
