@@ -52,7 +52,7 @@ from tessera.remote.wire import (
 from tessera.remotes import Remote
 from tessera.sessions import Plans, PushSession, remote_layout
 from tessera.store import Store
-from tessera.trees import Closure, version_closure
+from tessera.trees import Closure, ClosureWalk
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ UPLOAD_WORKERS = 4
 SESSION_EXPIRY = 3600.0
 CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data, ~30 MiB of table)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
+SEEN_FILES = 100_000  # file ids a push's walk remembers to skip a record met twice (memory: bounded)
 
 
 @dataclass
@@ -142,11 +143,18 @@ class Pusher:
                 if not history:
                     res.forgotten += 1
                     return res
-            closure = version_closure(self.cat, hash)
+            # the version is walked twice in batches (never held whole: a million files stay in bounded
+            # memory): for its packs and sizes (and what it relies on), then for its metadata
+            walk = ClosureWalk(self.cat, hash, seen_limit=SEEN_FILES)
+            relied: set[str] = set()
+            for batch in walk:
+                if guarded:
+                    relied.update(m for kind in self._meta_have(batch).values() for m in kind.values())
+            closure = Closure(packs=walk.packs, files=walk.files, size=walk.size)
             if guarded:
-                res.resent += self._guard(hash, closure)
+                res.resent += self._guard(hash, closure, relied)
             self._push_packs(res.ref, closure, res)
-            meta = self._push_meta(closure, res)
+            meta = self._push_meta(walk, res)
             crash_point("push-before-version")
             if self._session is not None:
                 self._session.check_alive()
@@ -172,16 +180,16 @@ class Pusher:
             self._tombstones[dataset] = found
         return found
 
-    def _guard(self, hash: str, closure: Closure) -> int:
-        """Announce what this version relies on, then make sure no prune plan took any of it: wait for a
-        running sweep, HEAD what a plan names, forget from the catalog what is gone (it is sent again).
-        Returns how many objects were found gone."""
-        metas = self._meta_have(closure)
+    def _guard(self, hash: str, closure: Closure, meta_packs: set[str]) -> int:
+        """Announce what this version relies on (its packs, the metadata packs already holding its trees
+        and file records, the tables covering them), then make sure no prune plan took any of it: wait
+        for a running sweep, HEAD what a plan names, forget from the catalog what is gone (it is sent
+        again). Returns how many objects were found gone."""
         keys = {pack_key(p) for p in closure.packs} | {version_key(hash)}
-        meta_packs = {m for kind in metas.values() for m in kind.values()}
         keys |= {meta_key(m) for m in meta_packs}
         keys |= {chunk_table_key(x) for x in self._tables(rs.KIND_PACK_TABLE, closure.packs).values()}
         keys |= {meta_table_key(x) for x in self._tables(rs.KIND_META_TABLE, meta_packs).values()}
+        keys |= {pack_list_key(sha256_hex(s)) for s in shard_pack_list(sorted(closure.packs))}
         if self._session is None:
             self._session = PushSession(self.t, self.session_expiry)
         self._session.announce(keys)
@@ -268,42 +276,52 @@ class Pusher:
 
     # metadata packs: only trees and file records the remote lacks, children first
 
-    def _meta_have(self, closure: Closure) -> dict[int, dict[str, str]]:
-        """For the trees and file records of ``closure``, the metadata pack on the remote holding each
-        (only packs a metadata table covers: blobs of older pushes without one are sent again, so a
-        format-2 version object can name tables locating all of its metadata)."""
-        trees = [bid for kind, bid in closure.blobs if kind == KIND_TREE]
-        files = [bid for kind, bid in closure.blobs if kind == KIND_FILE]
+    def _meta_have(self, blobs: list[tuple[int, str]]) -> dict[int, dict[str, str]]:
+        """For these trees and file records, the metadata pack on the remote holding each (only packs a
+        metadata table covers: blobs of older pushes without one are sent again, so a format-2 version
+        object can name tables locating all of its metadata)."""
+        trees = [bid for kind, bid in blobs if kind == KIND_TREE]
+        files = [bid for kind, bid in blobs if kind == KIND_FILE]
         have = {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
                 KIND_FILE: rs.meta_locations(self.cat, self.remote.name, KIND_FILE, files)}
         covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()})
         return {kind: {b: m for b, m in found.items() if m in covered} for kind, found in have.items()}
 
-    def _push_meta(self, closure: Closure, res: PushResult) -> set[str]:
-        have = self._meta_have(closure)
+    def _push_meta(self, walk: ClosureWalk, res: PushResult) -> set[str]:
+        """Upload the trees and file records of the version the remote lacks, batch by batch; returns
+        every metadata pack holding one of them."""
         builder = MetaPackBuilder()
         pending: list[tuple[str, int, list[table.Row]]] = []  # metadata packs uploaded, not yet in a table
-        for kind, bid in closure.blobs:
-            if bid in have[kind]:
-                continue
-            if kind == KIND_TREE:
-                raw = self.cat.tree(bid)
-            else:
-                rec = self.cat.file(bid)
-                raw = rec.chunks_to_bytes() if rec is not None else None
-            if raw is None:
-                raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
-            builder.add(kind, bid, raw)
-            if builder.size >= META_PACK_TARGET:
-                pending.append(self._upload_meta(builder, have, res))
-                builder = MetaPackBuilder()
-                if len(pending) >= META_TABLE_PACKS:
-                    self._push_meta_table(pending, res)
+        untabled: dict[int, dict[str, str]] = {KIND_TREE: {}, KIND_FILE: {}}  # sent, their table not yet written
+        used: set[str] = set()
+        for batch in walk:
+            have = self._meta_have(batch)
+            used.update(m for kind in have.values() for m in kind.values())
+            for kind, bid in batch:
+                if bid in have[kind] or bid in untabled[kind]:
+                    continue
+                if kind == KIND_TREE:
+                    raw = self.cat.tree(bid)
+                else:
+                    rec = self.cat.file(bid)
+                    raw = rec.chunks_to_bytes() if rec is not None else None
+                if raw is None:
+                    raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
+                builder.add(kind, bid, raw)
+                untabled[kind][bid] = ""
+                if builder.size >= META_PACK_TARGET:
+                    pending.append(self._upload_meta(builder, untabled, res))
+                    used.add(pending[-1][0])
+                    builder = MetaPackBuilder()
+                    if len(pending) >= META_TABLE_PACKS:
+                        self._push_meta_table(pending, res)
+                        untabled = {KIND_TREE: {}, KIND_FILE: {}}
         if builder.blobs:
-            pending.append(self._upload_meta(builder, have, res))
+            pending.append(self._upload_meta(builder, untabled, res))
+            used.add(pending[-1][0])
         if pending:
             self._push_meta_table(pending, res)
-        return set(have[KIND_TREE].values()) | set(have[KIND_FILE].values())
+        return used
 
     def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]],
                      res: PushResult) -> tuple[str, int, list[table.Row]]:

@@ -95,40 +95,81 @@ def version_closure(catalog: Catalog, root: str, trees: CatalogTrees | None = No
 
     The order of ``blobs`` is part of what push writes (metadata pack ids): file records when their
     tree is entered, the tree when it is left, subdirectories last name first."""
-    source = trees or CatalogTrees(catalog, cache_bytes=0)
+    walk = ClosureWalk(catalog, root, trees)
     out = Closure()
-    sizes: dict[str, int] = {}
-    seen_files: set[str] = set()
-    pending: list[bytes] = []
-    for leaving, _, tid, tree in walk_trees(source.load_tree, root, seen=set(), reverse=True):
-        if leaving:
-            for e in tree.entries:
-                if e.kind == DIR and e.id is not None and sizes[e.id] != e.size:
-                    raise CorruptData(f"version {root[:12]}: directory {e.name!r} says {e.size} bytes, its "
-                                      f"entries {sizes[e.id]}")
-            sizes[tid] = tree.size
-            out.blobs.append((KIND_TREE, tid))
-            continue
-        for e in tree.entries:
-            if e.kind != FILE or e.id is None:
-                continue
-            out.files += 1
-            if e.id in seen_files:
-                continue
-            seen_files.add(e.id)
-            rec = catalog.file(e.id)
-            if rec is None:
-                raise CorruptData(f"version {root[:12]}: file record {e.id[:12]} is missing")
-            if rec.size != e.size:
-                raise CorruptData(f"version {root[:12]}: file {e.id[:12]} has {rec.size} bytes of chunks, "
-                                  f"its tree entry says {e.size}")
-            out.blobs.append((KIND_FILE, e.id))
-            pending.extend(cid for cid, _ in rec.chunks)
-            if len(pending) >= 4096:
-                _add_packs(catalog, root, pending, out.packs)
-    _add_packs(catalog, root, pending, out.packs)
-    out.size = sizes[root]
+    for batch in walk:
+        out.blobs.extend(batch)
+    out.packs, out.files, out.size = walk.packs, walk.files, walk.size
     return out
+
+
+class ClosureWalk:
+    """`version_closure` in batches, for what must not hold a million-file version in memory (push):
+    iterate for the blobs (``batch`` at a time, the same order), then read ``packs``, ``files``, ``size``.
+
+    ``seen_limit``: remember at most this many file ids to skip a file record met again (the oldest are
+    forgotten: a duplicate further apart is yielded twice, which consumers must tolerate); None: all."""
+
+    def __init__(self, catalog: Catalog, root: str, trees: CatalogTrees | None = None, *, batch: int = 4096,
+                 seen_limit: int | None = None) -> None:
+        self.catalog = catalog
+        self.root = root
+        self.source = trees or CatalogTrees(catalog, cache_bytes=0)
+        self.batch = batch
+        self.seen_limit = seen_limit
+        self.packs: set[str] = set()
+        self.files = 0
+        self.size = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, str]]]:
+        root, catalog = self.root, self.catalog
+        sizes: dict[str, int] = {}
+        seen_files: dict[str, None] = {}
+        pending: list[bytes] = []
+        out: list[tuple[int, str]] = []
+        self.packs, self.files = set(), 0
+        for leaving, _, tid, tree in walk_trees(self.source.load_tree, root, seen=set(), reverse=True):
+            if leaving:
+                for e in tree.entries:
+                    if e.kind == DIR and e.id is not None:
+                        if sizes[e.id] != e.size:
+                            raise CorruptData(f"version {root[:12]}: directory {e.name!r} says {e.size} bytes, its "
+                                              f"entries {sizes[e.id]}")
+                sizes[tid] = tree.size
+                out.append((KIND_TREE, tid))
+            else:
+                ids = []
+                for e in tree.entries:
+                    if e.kind != FILE or e.id is None:
+                        continue
+                    self.files += 1
+                    if e.id not in seen_files:
+                        seen_files[e.id] = None
+                        ids.append((e.id, e.size))
+                if self.seen_limit is not None:
+                    while len(seen_files) > self.seen_limit:
+                        del seen_files[next(iter(seen_files))]
+                for i in range(0, len(ids), 512):
+                    part = ids[i:i + 512]
+                    recs = catalog.files_by_id([fid for fid, _ in part])
+                    for fid, size in part:
+                        rec = recs.get(fid)
+                        if rec is None:
+                            raise CorruptData(f"version {root[:12]}: file record {fid[:12]} is missing")
+                        if rec.size != size:
+                            raise CorruptData(f"version {root[:12]}: file {fid[:12]} has {rec.size} bytes of chunks, "
+                                              f"its tree entry says {size}")
+                        out.append((KIND_FILE, fid))
+                        pending.extend(cid for cid, _ in rec.chunks)
+                    if len(pending) >= 4096:
+                        _add_packs(catalog, root, pending, self.packs)
+            if len(out) >= self.batch:
+                yield out
+                out = []
+        _add_packs(catalog, root, pending, self.packs)
+        if out:
+            yield out
+        self.size = sizes[root]
 
 
 def _add_packs(catalog: Catalog, root: str, ids: list[bytes], packs: set[str]) -> None:
