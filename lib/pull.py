@@ -62,7 +62,7 @@ from tessera.remote.wire import (
 )
 from tessera.remotes import Remote
 from tessera.store import Store, decode_chunk, fsync_dir
-from tessera.trees import Closure, version_closure
+from tessera.trees import Closure, closure_totals
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, re
 
 def _check_closure(catalog: Catalog, t: Transport, vobj: VersionObject, where: str) -> Closure:
     try:
-        closure = version_closure(catalog, vobj.hash)
+        closure = closure_totals(catalog, vobj.hash)
     except CorruptData as exc:
         raise CorruptData(f"{t.url}: version {vobj.hash[:12]} is incomplete: {exc}") from None
     if closure.files != vobj.files or closure.size != vobj.size:
@@ -324,7 +324,7 @@ def remembered_problem(catalog: Catalog, dataset: str) -> str | None:
 def download_packs(catalog: Catalog, store: Store, t: Transport, remote: Remote, hash: str, *,
                    cache: DiskCache | None = None, progress: Progress | None = None) -> int:
     """Download the data packs of version ``hash`` that are not local; returns how many."""
-    closure = version_closure(catalog, hash)
+    closure = closure_totals(catalog, hash)
     states = catalog.pack_states(sorted(closure.packs))
     todo = [p for p, (_, local) in states.items() if not local or not store.has_pack_file(p)]
     if not todo:

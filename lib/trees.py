@@ -103,6 +103,14 @@ def version_closure(catalog: Catalog, root: str, trees: CatalogTrees | None = No
     return out
 
 
+def closure_totals(catalog: Catalog, root: str) -> Closure:
+    """`version_closure` without its blob list (packs, files, size; every check): bounded memory."""
+    walk = ClosureWalk(catalog, root, seen_limit=100_000)
+    for _ in walk:
+        pass
+    return Closure(packs=walk.packs, files=walk.files, size=walk.size)
+
+
 class ClosureWalk:
     """`version_closure` in batches, for what must not hold a million-file version in memory (push):
     iterate for the blobs (``batch`` at a time, the same order), then read ``packs``, ``files``, ``size``.
