@@ -126,3 +126,39 @@ def test_a_fresh_home_lists_one_directory_of_a_200k_file_version_with_a_few_requ
         assert _trees(fresh) == 201
         assert fresh.fsck().ok
         assert fresh.get("big").hash == v.hash
+
+
+def test_a_lying_metadata_table_makes_a_lazy_read_fail_never_lie(tmp_path: Path) -> None:
+    """Ranged reads of a location table cannot check its SHA-256: a hostile bucket can rewrite rows. Each
+    blob a row points at is checked itself (its header against the row, a tree against its hash), so
+    the lie is a one-line error; a full metadata pull does not depend on the table (it reads the metadata
+    packs whole, checked against their SHA-256) and gets the true version."""
+    from tessera.format import table
+    from tessera.repo import Repo
+
+    url = f"file://{tmp_path / 'remote'}"
+    src = tmp_path / "src"
+    for d in ("a", "b"):
+        (src / d).mkdir(parents=True)
+        (src / d / "x.txt").write_text(f"file in {d}\n")
+    with Repo(tmp_path / "home", remote=url) as repo:
+        repo.commit("ds", src)
+        repo.push("ds")
+    [path] = (tmp_path / "remote" / "metaidx").iterdir()
+    head, rows = table.decode(path.read_bytes(), "t", kind=table.KIND_META)
+    trees = [r for r in rows if r.key[32] == 1]
+    assert len(trees) == 3
+    # every tree row now points at the next tree's bytes
+    moved = {r.key: trees[(i + 1) % 3] for i, r in enumerate(trees)}
+    lied = [table.Row(r.key, m.pack, m.offset, m.stored_len, m.raw_len, m.codec) if (m := moved.get(r.key)) else r
+            for r in rows]
+    path.write_bytes(table.encode(table.KIND_META, head.packs, lied))
+    e = _env(tmp_path / "fresh")
+    run_cli("remote", "add", "origin", url, env=e, check=True)
+    ls = run_cli("ls", "ds", env=e)
+    assert ls.returncode == 5 and ls.stderr.strip().splitlines()[-1].startswith("error: "), ls.stderr
+    assert "is not where its table says" in ls.stderr and "Traceback" not in ls.stderr, ls.stderr
+    other = _env(tmp_path / "other")
+    run_cli("remote", "add", "origin", url, env=other, check=True)
+    run_cli("pull", "ds", "--metadata-only", env=other, check=True)
+    assert run_cli("cat", "ds", "b/x.txt", env=other, check=True).stdout == "file in b\n"

@@ -153,6 +153,7 @@ def forget_versions(catalog: Catalog, dataset: str, hashes: Iterable[str], max_s
                             (dataset, max_seq, *part))
             deleted += cur.rowcount
             c.execute(f"DELETE FROM versions WHERE hash IN ({q}) AND hash NOT IN (SELECT hash FROM history)", part)
+            c.execute("DELETE FROM lazy_versions WHERE hash NOT IN (SELECT hash FROM versions)")
             c.execute(f"DELETE FROM worktrees WHERE dataset = ? AND hash IN ({q})"
                       " AND hash NOT IN (SELECT hash FROM history WHERE dataset = ?)", (dataset, *part, dataset))
     return deleted
@@ -173,6 +174,7 @@ def remove_dataset(catalog: Catalog, dataset: str) -> tuple[int, int, int]:
         for part in _parts(hashes):
             q = ",".join("?" * len(part))
             c.execute(f"DELETE FROM versions WHERE hash IN ({q}) AND hash NOT IN (SELECT hash FROM history)", part)
+        c.execute("DELETE FROM lazy_versions WHERE hash NOT IN (SELECT hash FROM versions)")
     return entries, tags, queued
 
 
