@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_WORKERS = 4
 SESSION_EXPIRY = 3600.0
-CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data, ~30 MiB of table)
+CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data)
+CHUNK_TABLE_ROWS = 1 << 20  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
 SEEN_FILES = 100_000  # file ids a push's walk remembers to skip a record met twice (memory: bounded)
 
@@ -238,8 +239,17 @@ class Pusher:
                 self.progress.finish()
         covered = self._tables(rs.KIND_PACK_TABLE, packs)
         uncovered = [p for p in packs if p not in covered]
-        for i in range(0, len(uncovered), CHUNK_TABLE_PACKS):
-            self._push_chunk_table(uncovered[i:i + CHUNK_TABLE_PACKS], res)
+        blobs = self.cat.pack_blob_counts(uncovered)
+        group: list[str] = []
+        rows = 0
+        for p in uncovered:  # tables of whole packs, up to a number of packs or rows
+            group.append(p)
+            rows += blobs.get(p, 0)
+            if len(group) >= CHUNK_TABLE_PACKS or rows >= CHUNK_TABLE_ROWS:
+                self._push_chunk_table(group, res)
+                group, rows = [], 0
+        if group:
+            self._push_chunk_table(group, res)
 
     def _push_pack(self, pack: str, res: PushResult) -> None:
         self.t.put_file(pack_key(pack), str(self.store.pack_path(pack)), progress=self.progress.advance)
@@ -254,16 +264,16 @@ class Pusher:
         """One ``chunkidx/<id>`` locating every chunk of ``packs`` (rebuilt from local pack files, or
         the catalog's rows for packs a distributed commit's workers uploaded)."""
         states = self.cat.pack_states(packs)
-        sizes: list[tuple[str, int]] = []
-        rows: list[ChunkLocation] = []
-        for p in packs:
-            if states.get(p, (0, False))[1] and self.store.has_pack_file(p):
-                size, chunks = self.store.pack_index(p)
-            else:
-                size, chunks = states[p][0], self.cat.pack_chunks(p)
-            sizes.append((p, size))
-            rows.extend(chunks)
-        data = encode_chunk_table(sizes, rows)
+        sizes = [(p, states[p][0]) for p in packs]
+
+        def rows() -> Iterator[ChunkLocation]:  # one pack's rows at a time
+            for p in packs:
+                if states[p][1] and self.store.has_pack_file(p):
+                    yield from self.store.pack_index(p)[1]
+                else:
+                    yield from self.cat.pack_chunks(p)
+
+        data = encode_chunk_table(sizes, rows())
         name = sha256_hex(data)
         if self._session is not None:
             self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack

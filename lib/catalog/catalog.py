@@ -472,6 +472,10 @@ class Catalog:
         return [PackInfo(i, s, b, bool(loc)) for i, s, b, loc in
                 self.query("SELECT id, size, blobs, local FROM packs ORDER BY id")]
 
+    def pack_blob_counts(self, ids: Sequence[str]) -> dict[str, int]:
+        """Pack id -> the number of blobs it holds, for the packs the catalog knows."""
+        return {pid: n for pid, n in self.select_in("SELECT id, blobs FROM packs WHERE id {in}", ids)}
+
     def pack_chunks(self, pack_id: str) -> list[ChunkLocation]:
         rows = self.query(f"SELECT {_CHUNK_COLS} FROM chunks WHERE pack = ? ORDER BY offset", (pack_id,))
         return [ChunkLocation(*r) for r in rows]

@@ -98,26 +98,25 @@ def encode(kind: int, packs: Sequence[tuple[str, int]], rows: Iterable[Row]) -> 
     """The table of ``rows`` (any order; a key given twice is kept once) over ``packs`` ((id, size))."""
     key_len = KEY_LEN[kind]
     ordinal = {p: i for i, (p, _) in enumerate(packs)}
-    by_key: dict[bytes, Row] = {}
+    packed: list[bytes] = []  # key + value: one small bytes object per row while sorting
     for r in rows:
         if len(r.key) != key_len:
             raise ValueError(f"key of {len(r.key)} bytes in a table of {key_len}-byte keys")
-        by_key.setdefault(r.key, r)
-    keys = sorted(by_key)
-    bits = fanout_bits(len(keys))
+        packed.append(r.key + VALUE.pack(ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec))
+    packed.sort()
+    unique = [row for i, row in enumerate(packed) if i == 0 or row[:key_len] != packed[i - 1][:key_len]]
+    del packed
+    bits = fanout_bits(len(unique))
     counts = [0] * (1 << bits)
-    for k in keys:
-        counts[int.from_bytes(k[:4], "big") >> (32 - bits) if bits else 0] += 1
-    out = [HEADER.pack(MAGIC, kind, key_len, bits, 0, len(packs), len(keys), 0)]
+    for row in unique:
+        counts[int.from_bytes(row[:4], "big") >> (32 - bits) if bits else 0] += 1
+    out = [HEADER.pack(MAGIC, kind, key_len, bits, 0, len(packs), len(unique), 0)]
     out += [PACK.pack(bytes.fromhex(p), size) for p, size in packs]
     total = 0
     for c in counts:
         total += c
         out.append(FANOUT.pack(total))
-    for k in keys:
-        r = by_key[k]
-        out.append(k + VALUE.pack(ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec))
-    return b"".join(out)
+    return b"".join(out + unique)
 
 
 def decode_head(data: bytes, where: str, *, kind: int) -> Head:

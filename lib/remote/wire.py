@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,7 +403,7 @@ def meta_key_of(kind: int, blob_id: str) -> bytes:
     return bytes.fromhex(blob_id) + bytes((kind,))
 
 
-def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Sequence[ChunkLocation]) -> bytes:
+def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation]) -> bytes:
     return table.encode(table.KIND_CHUNKS, packs, (table.Row(c.id, c.pack, c.offset, c.stored_len, c.raw_len, c.codec)
                                                    for c in chunks))
 
