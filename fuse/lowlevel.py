@@ -263,6 +263,8 @@ class LowLevelServer:
             return b""
         parts: list[bytes] = []
         used = 0
+        if off == 0:
+            self.vfs.listed(listing)  # a walk lists other directories next: have them parsed meanwhile
         if off < 2:
             own = self._fuse_attr(self.vfs.dir_attr(listing))
             for r, name in ((0, b".\0\0\0\0\0\0\0"), (1, b"..\0\0\0\0\0\0"))[off:]:

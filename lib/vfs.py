@@ -32,13 +32,15 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
+from collections import deque
 from typing import NamedTuple
 
 import xxhash
 
 from tessera.errors import CorruptData, IsADirectory, NotADirectory, NotASymlink, NotFound
 from tessera.lru import LRUCache
-from tessera.model import DIR, FILE, SYMLINK, TreeEntry
+from tessera.model import DIR, ENTRY_BYTES, FILE, SYMLINK, TreeEntry
 from tessera.reader import FileReader, fill_locations
 from tessera.sources import Segment
 from tessera.store import FileRange
@@ -58,10 +60,10 @@ IO_BLOCK = 1024 * 1024  # st_blksize: what cp, stdio and Python buffer by; match
 S_IFREG, S_IFDIR, S_IFLNK = 0o100000, 0o040000, 0o120000
 _INO_MASK = (1 << 63) - 1
 _KIND_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK}
-LISTING_CACHE_BYTES = 16 << 20  # resolved directories (their entries, counted at ENTRY_BYTES each)
-ENTRY_BYTES = 700  # what one parsed tree entry costs in memory (object, dict, name and id strings)
+LISTING_CACHE_BYTES = 16 << 20  # resolved directories (their entries, counted at model.ENTRY_BYTES each)
 _READER_CACHE_CHUNKS = 1 << 17  # file readers: bounded by chunk count (~300 bytes each)
 _PREFETCH_FILES = 256
+LIST_AHEAD = 8  # directories resolved ahead of a depth-first walk (see `VersionFS.listed`)
 
 
 class Attr(NamedTuple):
@@ -122,9 +124,57 @@ class VersionFS:
         self._readers: LRUCache[FileReader] = LRUCache(_READER_CACHE_CHUNKS, sizeof=lambda f: len(f.ids) + 1)
         self._scans: LRUCache[tuple[int, int]] = LRUCache(1024, sizeof=lambda _: 1)  # dir -> (next index, window)
         self.reads = 0
+        self._ahead: deque[tuple[str, str]] = deque()  # (path, tree id) to resolve in the background
+        self._ahead_cv = threading.Condition()
+        self._ahead_thread: threading.Thread | None = None
+        self._closed = False
 
     def close(self) -> None:
-        pass
+        with self._ahead_cv:
+            self._closed = True
+            self._ahead.clear()
+            self._ahead_cv.notify_all()
+
+    # -- directory read-ahead ---------------------------------------------------------------------
+
+    def listed(self, listing: Listing) -> None:
+        """A hint: ``listing`` is being listed (its first batch). The directories a depth-first walk
+        (``find``, ``os.walk``, ``du``) lists next, its first subdirectories and then its next
+        siblings, up to `LIST_AHEAD`, are resolved (their trees read and parsed) by a background
+        thread while the kernel and the walker handle this one. Memory stays within the caches."""
+        todo = [(listing.prefix + e.name, e.id or "") for e in _first_dirs(listing.entries, 0)]
+        if listing.path:
+            parent_path, _, name = listing.path.rpartition("/")
+            parent = self._listings.get(parent_path)
+            i = parent.index(name) if parent is not None else None
+            if parent is not None and i is not None:
+                todo += [(parent.prefix + e.name, e.id or "") for e in _first_dirs(parent.entries, i + 1)]
+        todo = [(path, tid) for path, tid in todo[:LIST_AHEAD] if path not in self._listings]
+        if not todo:
+            return
+        with self._ahead_cv:
+            if self._closed:
+                return
+            self._ahead.clear()  # the walk moved on: what it will list next replaces what was queued
+            self._ahead.extend(todo)
+            if self._ahead_thread is None:
+                self._ahead_thread = threading.Thread(target=self._resolve_ahead, name="tessera-list-ahead",
+                                                      daemon=True)
+                self._ahead_thread.start()
+            self._ahead_cv.notify()
+
+    def _resolve_ahead(self) -> None:
+        while True:
+            with self._ahead_cv:
+                while not self._ahead and not self._closed:
+                    self._ahead_cv.wait()
+                if self._closed:
+                    return
+                path, tid = self._ahead.popleft()
+            try:
+                self.listing(path, tid)
+            except Exception as exc:  # noqa: BLE001 - a hint: the request itself reports the error
+                logger.debug("read-ahead of %r: %s", path, exc)
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -333,6 +383,17 @@ class VersionFS:
 
     def read_all(self, path: str) -> bytes:
         return self.read(path, 0, self.stat(path).size)
+
+
+def _first_dirs(entries: tuple[TreeEntry, ...], start: int) -> list[TreeEntry]:
+    """Up to `LIST_AHEAD` subdirectory entries from ``start`` on."""
+    out = []
+    for e in entries[start:]:
+        if e.kind == DIR and e.id is not None:
+            out.append(e)
+            if len(out) == LIST_AHEAD:
+                break
+    return out
 
 
 def _name_key(te: TreeEntry) -> bytes:

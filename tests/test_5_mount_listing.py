@@ -17,6 +17,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -265,7 +266,8 @@ def test_server_keeps_nothing_per_entry_listed(big: dict, wide: dict) -> None:
     directory cache within its byte budget, however many entries went by."""
     from tessera.fuse._binding import load_lowlevel
     from tessera.fuse.lowlevel import LowLevelServer
-    from tessera.vfs import ENTRY_BYTES, VersionFS
+    from tessera.model import ENTRY_BYTES
+    from tessera.vfs import VersionFS
 
     budget = 400 * ENTRY_BYTES  # fewer entries than the version has
     with tessera.Repo(big["home"]) as repo:
@@ -283,6 +285,30 @@ def test_server_keeps_nothing_per_entry_listed(big: dict, wide: dict) -> None:
             assert fs.cached_entries * ENTRY_BYTES <= budget
         assert seen == len(wide["paths"]) > budget // ENTRY_BYTES
         assert len(server._dirs) == len(root.entries) + 2  # slot 0, the root, one per directory
+
+
+def test_a_listing_has_the_directories_a_walk_lists_next_parsed_in_the_background(big: dict, wide: dict) -> None:
+    from tessera.vfs import LIST_AHEAD, VersionFS
+
+    def resolved(paths: list[str]) -> bool:
+        deadline = time.monotonic() + 60
+        while not all(p in fs._listings for p in paths):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    with tessera.Repo(big["home"]) as repo:
+        fs = VersionFS(repo.get(wide["ref"]))
+        try:
+            fs.listed(fs.directory(""))  # the first subdirectories
+            assert resolved([f"d{d:02d}" for d in range(LIST_AHEAD)])
+            assert f"d{LIST_AHEAD:02d}" not in fs._listings
+            fs.listed(fs.directory("d20"))  # a directory without subdirectories: its next siblings
+            assert resolved([f"d{d:02d}" for d in range(21, 21 + LIST_AHEAD)])
+            assert "d19" not in fs._listings and f"d{21 + LIST_AHEAD:02d}" not in fs._listings
+        finally:
+            fs.close()
 
 
 def test_highlevel_fallback_still_serves(big: dict, tmp_path: Path) -> None:
