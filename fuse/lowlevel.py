@@ -68,6 +68,7 @@ _ENTRY = struct.Struct("<" + _ENTRY_OUT)
 _DIRENTPLUS = struct.Struct("<" + _ENTRY_OUT + "QQII")
 _DIRENT = struct.Struct("<QQII")
 _STATFS = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs
+_DT = {"file": 8, "dir": 4, "symlink": 10}  # d_type of each entry kind (DT_REG, DT_DIR, DT_LNK)
 _ENTRY_SIZE, _ATTR_AT, _ATTR_SIZE = 128, 24, 104  # fuse_attr_out = bytes 24..128 of a fuse_entry_out
 assert _ENTRY.size == _ENTRY_SIZE and _DIRENTPLUS.size == 152 and _STATFS.size == 80
 
@@ -276,23 +277,32 @@ class LowLevelServer:
                 used += len(head) + 8
         first = max(off - 2, 0)
         stop = min(n, first + size // (_DIRENTPLUS.size + 8 if plus else _DIRENT.size + 8) + 1)
+        if not plus:  # names, inode numbers and types only
+            pack = _DIRENT.pack
+            for i, ino in enumerate(self.vfs.inos(listing, first, stop), first):
+                te = entries[i]
+                name = te.name.encode("utf-8", "surrogateescape")
+                k = len(name)
+                pad = -k & 7
+                if used + _DIRENT.size + k + pad > size:
+                    break
+                parts.append(pack(ino, i + 3, k, _DT[te.kind]))
+                parts.append(name + b"\0" * pad if pad else name)
+                used += _DIRENT.size + k + pad
+            return b"".join(parts)
         base, valid = slot << 32, self._valid
         sec, nsec, uid, gid = self._sec, self._nsec, self._uid, self._gid
-        pack = _DIRENTPLUS.pack if plus else _DIRENT.pack
-        head_size = _DIRENTPLUS.size if plus else _DIRENT.size
+        pack = _DIRENTPLUS.pack
         for i, a in enumerate(self.vfs.attrs(listing, first, stop), first):
             name = entries[i].name.encode("utf-8", "surrogateescape")
             k = len(name)
             pad = -k & 7
-            if used + head_size + k + pad > size:
+            if used + _DIRENTPLUS.size + k + pad > size:
                 break
-            if plus:
-                parts.append(pack(base | (i + 1), 0, valid, valid, 0, 0, a.ino, a.size, a.blocks, sec, sec, sec, nsec,
-                                  nsec, nsec, a.mode, 1, uid, gid, 0, IO_BLOCK, 0, a.ino, i + 3, k, a.mode >> 12))
-            else:
-                parts.append(pack(a.ino, i + 3, k, a.mode >> 12))
+            parts.append(pack(base | (i + 1), 0, valid, valid, 0, 0, a.ino, a.size, a.blocks, sec, sec, sec, nsec,
+                              nsec, nsec, a.mode, 1, uid, gid, 0, IO_BLOCK, 0, a.ino, i + 3, k, a.mode >> 12))
             parts.append(name + b"\0" * pad if pad else name)
-            used += head_size + k + pad
+            used += _DIRENTPLUS.size + k + pad
         return b"".join(parts)
 
     # -- requests -----------------------------------------------------------------------------------

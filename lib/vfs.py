@@ -270,6 +270,17 @@ class VersionFS:
                                    (size + BLOCK - 1) // BLOCK, mtime)))  # (Attr without its __new__: hot loop)
         return out
 
+    def inos(self, listing: Listing, start: int = 0, stop: int | None = None) -> list[int]:
+        """Inode numbers of the entries ``[start:stop]`` of a directory (what a listing without
+        attributes shows)."""
+        prefix = listing.prefix.encode("utf-8", "surrogateescape")
+        seed, digest = self._seed, xxhash.xxh3_64_intdigest
+        out = []
+        for te in listing.entries[start:stop]:
+            n = digest(prefix + te.name.encode("utf-8", "surrogateescape"), seed=seed) & _INO_MASK
+            out.append(n if n > ROOT_INO else n + 2)
+        return out
+
     def _attr(self, rel: str, te: TreeEntry | None) -> Attr:
         if te is None:
             return self.root_attr()
