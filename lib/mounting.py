@@ -53,6 +53,7 @@ KERNEL = "kernel"  # the record kind of an EROFS + overlayfs mount (`tessera.ker
 KERNEL_FSTYPE = "overlay"
 SOURCE_PREFIX = "tessera:"
 KERNEL_DIR = "kernel"
+LISTINGS = ("attrs", "names")  # how a FUSE mount lists directories (tessera.fuse.lowlevel)
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -69,6 +70,10 @@ class MountOptions:
     listing: str = "attrs"  # FUSE listings: "attrs" (READDIRPLUS) | "names" (READDIR): see tessera.fuse.lowlevel
     progress: "Progress | None" = None  # materialization progress (kernel path)
     notify: "Callable[[str], None] | None" = None  # told in one line why auto chose FUSE
+
+    def __post_init__(self) -> None:
+        if self.listing not in LISTINGS:
+            raise UsageError(f"listing must be one of {', '.join(LISTINGS)}, not {self.listing!r}")
 
 
 @dataclass(frozen=True)
@@ -391,7 +396,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--path", choices=("auto", "kernel", "fuse"), default="fuse",
                    help="auto: the kernel path when it suits (tessera.kernelmount), else FUSE")
-    p.add_argument("--listing", choices=("names", "attrs"), default=MountOptions.listing,
+    p.add_argument("--listing", choices=LISTINGS, default=MountOptions.listing,
                    help="list directories by name (READDIR) or with attributes (READDIRPLUS)")
     a = p.parse_args(argv)
     return ServerArgs(a.home, a.ref, a.mountpoint,

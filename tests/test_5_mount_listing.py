@@ -261,6 +261,18 @@ def test_what_a_find_and_a_stat_of_every_entry_ask_the_server(big: dict, wide: d
         assert lookups == after_find[0] + len(wide["paths"])  # then each stat, once per entry
 
 
+def test_a_bad_listing_mode_is_a_one_line_error(big: dict, wide: dict, tmp_path: Path) -> None:
+    p = _cli(big["home"], "mount", "--fuse", "--listing", "sizes", wide["ref"], str(tmp_path / "m"))
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert "'attrs', 'names'" in p.stderr and not (tmp_path / "m").exists()
+    from tessera.errors import UsageError
+
+    with tessera.Repo(big["home"]) as repo:
+        with pytest.raises(UsageError, match="listing must be one of attrs, names"):
+            with repo.get(wide["ref"]).mount(str(tmp_path / "m"), listing="sizes"):
+                pass
+
+
 def test_server_keeps_nothing_per_entry_listed(big: dict, wide: dict) -> None:
     """Listing and looking up every entry leaves the server holding one row per directory and a
     directory cache within its byte budget, however many entries went by."""
