@@ -1,20 +1,27 @@
-"""The mount server on libfuse 3's low-level API: requests by node id, answered from packed replies.
+"""The mount server on libfuse 3's low-level API: requests by node id, replies packed in the kernel's format.
 
 The high-level API (`tessera.fuse.operations` over mfusepy) hands every request over as a path that
 libfuse built, and mfusepy converts every argument and every reply field through generic Python code.
-Here each request arrives as (node id, name) through one small ctypes callback, and most replies are
-bytes that already sit in memory in the kernel's wire format:
+Here each request arrives as (node id, name) through one small ctypes callback, and replies are packed
+straight into the kernel's wire structures:
 
 - **Node ids** encode where an entry sits: ``(slot << 32) | (index + 1)``, where ``slot`` numbers the
-  directories this mount has resolved (the root directory is slot 1; the root itself is node 1).
-  Nothing is kept per file: a node id names its directory and its position. The inode number a
-  ``stat`` shows is still `VersionFS`'s stable hash of the path.
-- **Each directory is packed once**, when it is first looked up or listed: one buffer holds, per entry,
-  a ``fuse_direntplus`` record (``fuse_entry_out`` with the attributes, then the ``fuse_dirent``), with
-  ``.`` and ``..`` first. A LOOKUP reply is the first 128 bytes of the entry's record, a GETATTR reply
-  104 bytes inside it (``fuse_attr_out`` overlaps it exactly: the ``*_valid_nsec`` fields are 0), and a
-  READDIRPLUS reply is a run of whole records: a pointer and a length, found by bisecting the record
-  offsets. Packed directories live in an LRU bounded by bytes; a name -> index dict finds lookups.
+  directories this mount has given the kernel (the root directory is slot 1; the root itself is node 1),
+  each remembered as (path, tree id). Nothing is kept per file: a node id names its directory and its
+  position, and every answer is recomputed from the directory's `Listing` (`VersionFS`'s small LRU over
+  the version's tree LRU). The inode number a ``stat`` shows is `VersionFS`'s stable hash of the path.
+  So the server's memory is bounded by those caches' settings, whatever the number of entries listed;
+  only the slot table grows, by one (path, tree id) per directory the kernel has seen.
+- **Listings** are packed per request, from the offset the kernel asks for, as many whole records as fit
+  its buffer (recent kernels ask for a whole directory at once). Two ways (``listing``):
+  ``attrs``: READDIRPLUS, each entry with its node id and attributes (``fuse_direntplus``), so ``ls -l``,
+  ``du`` and opening listed files cost no LOOKUP; but the kernel builds an inode and a dentry for every
+  entry listed (about 5-8 us each here, and ~1 KiB of kernel memory), which dominates a ``find``.
+  ``names``: plain READDIR (``fuse_dirent``: name, inode number, type); ``find -type f``, ``os.walk``
+  and ``os.scandir`` need nothing more, and the kernel instantiates only what is then looked up or
+  opened (one LOOKUP each, answered from the listing). ``.`` and ``..`` carry no node id.
+- **LOOKUP and GETATTR** bisect the directory's sorted entries and pack one ``fuse_entry_out`` (a GETATTR
+  reply is its last 104 bytes: ``fuse_attr_out`` overlaps it exactly, the ``*_valid_nsec`` fields are 0).
 - **Reads** go to `VersionFS.read_plan_at` by (directory, index); verified ranges of local packs go to
   libfuse as file descriptors in a ``fuse_bufvec`` (it ``pread``s them in C), other bytes as one buffer.
 - **What needs no answer from Python gets none**: FORGET, IOCTL (Python's ``isatty`` on every buffered
@@ -29,7 +36,6 @@ mount stays up.
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
 import logging
@@ -37,9 +43,8 @@ import os
 import signal
 import struct
 import threading
-from array import array
-from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from tessera.errors import MountError, NotADirectory, NotFound, TesseraError
 from tessera.fuse._binding import FUSE_CAP_AUTO_INVAL_DATA, FUSE_CAP_CACHE_SYMLINKS, LowLevel
@@ -50,7 +55,8 @@ from tessera.vfs import IO_BLOCK, Attr, Listing, VersionFS
 logger = logging.getLogger(__name__)
 
 ROOT_NODE = 1
-PACKED_CACHE_BYTES = 64 << 20  # packed directories kept (about 170 bytes per entry)
+ATTRS, NAMES = "attrs", "names"  # how directories are listed (see the module docstring)
+LISTINGS = (ATTRS, NAMES)
 
 # The kernel's wire structures (linux/fuse.h, stable since protocol 7.9). fuse_entry_out: node id,
 # generation, entry_valid, attr_valid, entry_valid_nsec, attr_valid_nsec, then fuse_attr: ino, size,
@@ -62,6 +68,7 @@ _ENTRY = struct.Struct("<" + _ENTRY_OUT)
 _DIRENTPLUS = struct.Struct("<" + _ENTRY_OUT + "QQII")
 _DIRENT = struct.Struct("<QQII")
 _STATFS = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs
+_DT = {"file": 8, "dir": 4, "symlink": 10}  # d_type of each entry kind (DT_REG, DT_DIR, DT_LNK)
 _ENTRY_SIZE, _ATTR_AT, _ATTR_SIZE = 128, 24, 104  # fuse_attr_out = bytes 24..128 of a fuse_entry_out
 assert _ENTRY.size == _ENTRY_SIZE and _DIRENTPLUS.size == 152 and _STATFS.size == 80
 
@@ -103,52 +110,44 @@ class _Args(ctypes.Structure):
     _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
 
 
-class _Packed:
-    """One directory in the kernel's wire format (see the module docstring)."""
+@dataclass
+class ServerStats:
+    """Requests answered by Python (logged when the mount ends; what tests count)."""
 
-    __slots__ = ("listing", "slot", "blob", "addr", "starts", "names", "plain", "plain_addr", "plain_starts")
+    lookups: int = 0
+    getattrs: int = 0
+    listings: int = 0  # READDIR / READDIRPLUS requests
 
-    def __init__(self, listing: Listing, slot: int, blob: bytes, starts: array[int], names: dict[bytes, int]):
-        self.listing = listing
-        self.slot = slot
-        self.blob = blob  # kept alive: replies point into it
-        self.addr: int = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
-        self.starts = starts  # record r spans blob[starts[r]:starts[r + 1]]; records 0, 1 are "." and ".."
-        self.names = names  # entry name (bytes) -> index in listing.entries (record index - 2)
-        self.plain: bytes | None = None  # the same listing as plain fuse_dirents, made on first READDIR
-        self.plain_addr = 0
-        self.plain_starts: array[int] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.blob) + 8 * len(self.starts) + 100 * len(self.names) + len(self.plain or b"")
+    def __str__(self) -> str:
+        return f"{self.lookups} lookups, {self.getattrs} getattrs, {self.listings} listing requests"
 
 
 class LowLevelServer:
     """Serves a `VersionFS` at a mountpoint through libfuse 3's low-level API."""
 
     def __init__(self, api: LowLevel, vfs: VersionFS, *, no_open: bool = True, timeout: float = 86400.0,
-                 readdirplus_auto: bool = False, cache_bytes: int = PACKED_CACHE_BYTES,
-                 on_init: Callable[[], None] | None = None) -> None:
+                 listing: str = ATTRS, on_init: Callable[[], None] | None = None) -> None:
+        if listing not in LISTINGS:
+            raise ValueError(f"listing must be one of {LISTINGS}, not {listing!r}")
         self.api = api
         self.vfs = vfs
         self.no_open = no_open
-        self.readdirplus_auto = readdirplus_auto
+        self.listing = listing
         self.on_init = on_init
-        self.cache_bytes = cache_bytes
+        self.stats = ServerStats()
         self._valid = int(timeout)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._sec, self._nsec = divmod(vfs.mtime_ns, 1_000_000_000)
-        self._paths: list[str] = ["", ""]  # slot -> directory path (slot 0 unused, 1 is the root)
+        root = vfs.directory("")
+        # slot -> (directory path, tree id); slot 0 unused, 1 is the root. One row per directory the
+        # kernel was given a node id for: nothing is kept per file.
+        self._dirs: list[tuple[str, str]] = [("", ""), ("", root.tree_id)]
         self._slots: dict[int, int] = {ROOT_NODE: 1}  # directory node id -> slot
-        self._packed: OrderedDict[int, _Packed] = OrderedDict()  # slot -> packed directory (LRU)
-        self._packed_bytes = 0
-        self._lock = threading.Lock()  # slot allocation and the LRU's bookkeeping
+        self._lock = threading.Lock()  # slot allocation
         self._local = threading.local()
         self._negative = _ENTRY.pack(0, 0, self._valid, 0, *([0] * 18))
-        root = vfs.root_attr()
         self._root_attr = _ENTRY.pack(ROOT_NODE, 0, self._valid, self._valid, 0, 0,
-                                      *self._fuse_attr(root))[_ATTR_AT:_ATTR_AT + _ATTR_SIZE]
+                                      *self._fuse_attr(vfs.root_attr()))[_ATTR_AT:_ATTR_AT + _ATTR_SIZE]
         s = vfs.statfs()
         self._statfs = _STATFS.pack(s.blocks, 0, 0, s.files, 0, s.bsize, s.namemax, s.frsize, 0)
         self.callbacks: dict[str, Any] = {}
@@ -200,111 +199,111 @@ class LowLevelServer:
             "init": _INIT(self._init), "lookup": _LOOKUP(self._lookup), "getattr": _REQ_INO_FI(self._getattr),
             "readlink": _REQ_INO(self._readlink), "open": _REQ_INO_FI(self._open),
             "opendir": _REQ_INO_FI(self._opendir), "read": _READ(self._read),
-            "readdirplus": _READ(self._readdirplus), "statfs": _REQ_INO(self._statfs_cb),
-            "getxattr": _GETXATTR(self._getxattr), "listxattr": _LISTXATTR(self._listxattr),
+            "statfs": _REQ_INO(self._statfs_cb), "getxattr": _GETXATTR(self._getxattr),
+            "listxattr": _LISTXATTR(self._listxattr),
         }
-        if self.readdirplus_auto:  # with both, libfuse asks the kernel for READDIRPLUS_AUTO
+        if self.listing == ATTRS:  # without a readdirplus op, libfuse does not offer READDIRPLUS to the kernel
+            cbs["readdirplus"] = _READ(self._readdirplus)
+        else:
             cbs["readdir"] = _READ(self._readdir)
         erofs = _REQ(self._erofs)
         cbs.update((name, erofs) for name in WRITE_OPS)
         self.callbacks = cbs  # referenced for as long as the server lives: libfuse calls into them
         return cbs
 
-    # -- node ids and packed directories --------------------------------------------------------------
+    # -- node ids and directories -------------------------------------------------------------------
 
     def _fuse_attr(self, a: Attr) -> tuple[int, ...]:
         sec, nsec = self._sec, self._nsec
         return (a.ino, a.size, a.blocks, sec, sec, sec, nsec, nsec, nsec, a.mode, a.nlink, self._uid, self._gid, 0,
                 IO_BLOCK, 0)
 
-    def _dir(self, node: int) -> _Packed:
-        """The packed directory whose node id is ``node`` (`NotADirectory`, `NotFound`)."""
+    def _listing(self, slot: int) -> Listing:
+        path, tree_id = self._dirs[slot]
+        return self.vfs.listing(path, tree_id)
+
+    def _dir(self, node: int) -> tuple[int, Listing]:
+        """(slot, listing) of the directory whose node id is ``node`` (`NotADirectory`, `NotFound`)."""
         slot = self._slots.get(node)
-        if slot is None:
-            slot = self._slot_of(node)
-        packed = self._packed.get(slot)
-        if packed is None:
-            return self._pack(slot)
-        try:
-            self._packed.move_to_end(slot)
-        except KeyError:  # evicted by another thread just now: still valid
-            pass
-        return packed
-
-    def _entry(self, node: int) -> tuple[_Packed, int]:
-        """(packed parent directory, index) of a node other than the root."""
-        slot, index = node >> 32, (node & 0xFFFFFFFF) - 1
-        if slot <= 0 or slot >= len(self._paths) or index < 0:
-            raise NotFound(f"unknown node {node}")
-        packed = self._packed.get(slot)
-        if packed is None:
-            packed = self._pack(slot)
-        if index >= len(packed.listing.entries):
-            raise NotFound(f"unknown node {node}")
-        return packed, index
-
-    def _slot_of(self, node: int) -> int:
-        """The slot of a directory node seen for the first time (from a lookup or a listing)."""
+        if slot is not None:
+            return slot, self._listing(slot)
         parent, index = self._entry(node)
-        listing = self.vfs.subdirectory(parent.listing, index)  # NotADirectory for anything else
+        listing = self.vfs.subdirectory(parent, index)  # NotADirectory for anything else
         with self._lock:
             slot = self._slots.get(node)
             if slot is None:
-                slot = self._slots[node] = len(self._paths)
-                self._paths.append(listing.path)
-        return slot
+                slot = self._slots[node] = len(self._dirs)
+                self._dirs.append((listing.path, listing.tree_id))
+        return slot, listing
 
-    def _pack(self, slot: int) -> _Packed:
-        """Build the packed form of directory ``slot`` (see the module docstring) and cache it."""
-        listing = self.vfs.directory(self._paths[slot])
-        own = self._fuse_attr(self.vfs.dir_attr(listing))
-        valid, pack = self._valid, _DIRENTPLUS.pack
-        parts = [pack(0, 0, 0, 0, 0, 0, *own, own[0], 1, 1, 4) + b".\0\0\0\0\0\0\0",
-                 pack(0, 0, 0, 0, 0, 0, *own, own[0], 2, 2, 4) + b"..\0\0\0\0\0\0"]
-        starts = array("Q", [0, 160, 320])
-        names: dict[bytes, int] = {}
-        end, base = 320, slot << 32
+    def _entry(self, node: int) -> tuple[Listing, int]:
+        """(parent directory, index) of a node other than the root."""
+        slot, index = node >> 32, (node & 0xFFFFFFFF) - 1
+        if slot <= 0 or slot >= len(self._dirs) or index < 0:
+            raise NotFound(f"unknown node {node}")
+        listing = self._listing(slot)
+        if index >= len(listing.entries):
+            raise NotFound(f"unknown node {node}")
+        return listing, index
+
+    def entry_reply(self, slot: int, listing: Listing, i: int) -> bytes:
+        """The ``fuse_entry_out`` of entry ``i`` of directory ``slot``."""
+        return _ENTRY.pack((slot << 32) | (i + 1), 0, self._valid, self._valid, 0, 0,
+                           *self._fuse_attr(self.vfs.attr(listing, i)))
+
+    def listing_batch(self, node: int, off: int, size: int, *, plus: bool) -> bytes:
+        """The records of directory ``node`` from record ``off`` on (0 is ".", 1 is "..", 2 + i is entry
+        i) that fit in ``size`` bytes: ``fuse_direntplus`` records (``plus``: each entry with its node id
+        and attributes, so the kernel need not LOOKUP it) or plain ``fuse_dirent``s. Each record's
+        ``off`` is the index of the next one, which is where the kernel asks next; empty past the end.
+        Packed per request from the listing: nothing is kept."""
+        slot, listing = self._dir(node)
+        entries = listing.entries
+        n = len(entries)
+        if off < 0 or off >= n + 2:
+            return b""
+        parts: list[bytes] = []
+        used = 0
+        if off == 0:
+            self.vfs.listed(listing)  # a walk lists other directories next: have them parsed meanwhile
+        if off < 2:
+            own = self._fuse_attr(self.vfs.dir_attr(listing))
+            for r, name in ((0, b".\0\0\0\0\0\0\0"), (1, b"..\0\0\0\0\0\0"))[off:]:
+                head = _DIRENTPLUS.pack(0, 0, 0, 0, 0, 0, *own, own[0], r + 1, r + 1, 4) if plus else \
+                    _DIRENT.pack(own[0], r + 1, r + 1, 4)
+                if used + len(head) + 8 > size:
+                    return b"".join(parts)
+                parts += (head, name)
+                used += len(head) + 8
+        first = max(off - 2, 0)
+        stop = min(n, first + size // (_DIRENTPLUS.size + 8 if plus else _DIRENT.size + 8) + 1)
+        if not plus:  # names, inode numbers and types only
+            pack = _DIRENT.pack
+            for i, ino in enumerate(self.vfs.inos(listing, first, stop), first):
+                te = entries[i]
+                name = te.name.encode("utf-8", "surrogateescape")
+                k = len(name)
+                pad = -k & 7
+                if used + _DIRENT.size + k + pad > size:
+                    break
+                parts.append(pack(ino, i + 3, k, _DT[te.kind]))
+                parts.append(name + b"\0" * pad if pad else name)
+                used += _DIRENT.size + k + pad
+            return b"".join(parts)
+        base, valid = slot << 32, self._valid
         sec, nsec, uid, gid = self._sec, self._nsec, self._uid, self._gid
-        for i, (te, a) in enumerate(zip(listing.entries, self.vfs.attrs(listing))):
-            name = te.name.encode("utf-8", "surrogateescape")
-            names[name] = i
-            n = len(name)
-            pad = -n & 7
-            parts.append(pack(base | (i + 1), 0, valid, valid, 0, 0, a.ino, a.size, a.blocks, sec, sec, sec, nsec, nsec,
-                              nsec, a.mode, 1, uid, gid, 0, IO_BLOCK, 0, a.ino, i + 3, n, a.mode >> 12))
+        pack = _DIRENTPLUS.pack
+        for i, a in enumerate(self.vfs.attrs(listing, first, stop), first):
+            name = entries[i].name.encode("utf-8", "surrogateescape")
+            k = len(name)
+            pad = -k & 7
+            if used + _DIRENTPLUS.size + k + pad > size:
+                break
+            parts.append(pack(base | (i + 1), 0, valid, valid, 0, 0, a.ino, a.size, a.blocks, sec, sec, sec, nsec,
+                              nsec, nsec, a.mode, 1, uid, gid, 0, IO_BLOCK, 0, a.ino, i + 3, k, a.mode >> 12))
             parts.append(name + b"\0" * pad if pad else name)
-            end += 152 + n + pad
-            starts.append(end)
-        packed = _Packed(listing, slot, b"".join(parts), starts, names)
-        self._remember(slot, packed)
-        return packed
-
-    def _remember(self, slot: int, packed: _Packed) -> None:
-        size = packed.nbytes
-        with self._lock:
-            old = self._packed.pop(slot, None)
-            if old is not None:
-                self._packed_bytes -= old.nbytes
-            self._packed[slot] = packed
-            self._packed_bytes += size
-            while self._packed_bytes > self.cache_bytes and len(self._packed) > 1:
-                _, gone = self._packed.popitem(last=False)
-                self._packed_bytes -= gone.nbytes
-
-    def _plain(self, packed: _Packed) -> tuple[int, array[int]]:
-        """The directory as plain fuse_dirents (READDIR without attributes), made once."""
-        if packed.plain is None or packed.plain_starts is None:
-            blob, starts = packed.blob, packed.starts
-            parts, ends, end = [], array("Q", [0]), 0
-            for r in range(len(starts) - 1):
-                rec = blob[starts[r] + _ENTRY_SIZE:starts[r + 1]]  # the fuse_dirent after the entry_out
-                parts.append(rec)
-                end += len(rec)
-                ends.append(end)
-            packed.plain = b"".join(parts)
-            packed.plain_addr = ctypes.cast(ctypes.c_char_p(packed.plain), ctypes.c_void_p).value or 0
-            packed.plain_starts = ends
-        return packed.plain_addr, packed.plain_starts
+            used += _DIRENTPLUS.size + k + pad
+        return b"".join(parts)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -313,10 +312,9 @@ class LowLevelServer:
             if conn:
                 cap = ctypes.c_uint.from_address(conn + _CONN_CAPABLE_AT)
                 want = ctypes.c_uint.from_address(conn + _CONN_WANT_AT)
-                w = want.value & ~FUSE_CAP_AUTO_INVAL_DATA | (cap.value & FUSE_CAP_CACHE_SYMLINKS)
-                if not self.readdirplus_auto:
-                    w &= ~FUSE_CAP_READDIRPLUS_AUTO
-                want.value = w
+                # READDIRPLUS on every listing request, not only the first (READDIRPLUS_AUTO off)
+                want.value = want.value & ~(FUSE_CAP_AUTO_INVAL_DATA | FUSE_CAP_READDIRPLUS_AUTO) | \
+                    (cap.value & FUSE_CAP_CACHE_SYMLINKS)
             if self.on_init is not None:
                 self.on_init()
         except BaseException:  # noqa: BLE001 - nothing may escape into libfuse
@@ -324,47 +322,48 @@ class LowLevelServer:
 
     def _lookup(self, req: int, parent: int, name: bytes) -> None:
         try:
-            packed = self._dir(parent)
-            i = packed.names.get(name)
+            self.stats.lookups += 1
+            slot, listing = self._dir(parent)
+            i = listing.index(name.decode("utf-8", "surrogateescape"))
             if i is None:
                 self.api.lib.fuse_reply_buf(req, self._negative, _ENTRY_SIZE)  # a cached negative entry
             else:
-                self.api.lib.fuse_reply_buf(req, packed.addr + packed.starts[i + 2], _ENTRY_SIZE)
+                self.api.lib.fuse_reply_buf(req, self.entry_reply(slot, listing, i), _ENTRY_SIZE)
         except BaseException as exc:  # noqa: BLE001
             self._fail(req, exc, "lookup", name)
 
     def _getattr(self, req: int, node: int, fi: int | None) -> None:
         try:
+            self.stats.getattrs += 1
             if node == ROOT_NODE:
                 self.api.lib.fuse_reply_buf(req, self._root_attr, _ATTR_SIZE)
                 return
-            packed, i = self._entry(node)
-            self.api.lib.fuse_reply_buf(req, packed.addr + packed.starts[i + 2] + _ATTR_AT, _ATTR_SIZE)
+            listing, i = self._entry(node)
+            reply = self.entry_reply(node >> 32, listing, i)[_ATTR_AT:]
+            self.api.lib.fuse_reply_buf(req, reply, _ATTR_SIZE)
         except BaseException as exc:  # noqa: BLE001
             self._fail(req, exc, "getattr", node)
 
     def _readdirplus(self, req: int, node: int, size: int, off: int, fi: int | None) -> None:
         try:
-            packed = self._dir(node)
-            self._reply_records(req, packed.addr, packed.starts, size, off)
+            self.stats.listings += 1
+            data = self.listing_batch(node, off, size, plus=True)
+            self.api.lib.fuse_reply_buf(req, data, len(data))
         except BaseException as exc:  # noqa: BLE001
             self._fail(req, exc, "readdirplus", node)
 
     def _readdir(self, req: int, node: int, size: int, off: int, fi: int | None) -> None:
         try:
-            addr, starts = self._plain(self._dir(node))
-            self._reply_records(req, addr, starts, size, off)
+            self.stats.listings += 1
+            data = self.listing_batch(node, off, size, plus=False)
+            self.api.lib.fuse_reply_buf(req, data, len(data))
         except BaseException as exc:  # noqa: BLE001
             self._fail(req, exc, "readdir", node)
 
-    def _reply_records(self, req: int, addr: int, starts: array[int], size: int, off: int) -> None:
-        start, stop = record_batch(starts, size, off)
-        self.api.lib.fuse_reply_buf(req, addr + start if stop > start else None, stop - start)
-
     def _read(self, req: int, node: int, size: int, off: int, fi: int | None) -> None:
         try:
-            packed, i = self._entry(node)
-            plan = self.vfs.read_plan_at(packed.listing, i, off, size)
+            listing, i = self._entry(node)
+            plan = self.vfs.read_plan_at(listing, i, off, size)
             lib = self.api.lib
             if len(plan) == 1 and isinstance(plan[0], bytes):
                 lib.fuse_reply_buf(req, plan[0], len(plan[0]))
@@ -392,8 +391,8 @@ class LowLevelServer:
 
     def _readlink(self, req: int, node: int) -> None:
         try:
-            packed, i = self._entry(node)
-            target = self.vfs.link_target(packed.listing.entries[i], packed.listing.path_of(i))
+            listing, i = self._entry(node)
+            target = self.vfs.link_target(listing.entries[i], listing.path_of(i))
             data = target.encode("utf-8", "surrogateescape")
             self.api.lib.fuse_reply_buf(req, data, len(data))
         except BaseException as exc:  # noqa: BLE001
@@ -437,8 +436,8 @@ class LowLevelServer:
     def _xattr_entry(self, node: int) -> Any:
         if node == ROOT_NODE:
             return None
-        packed, i = self._entry(node)
-        return packed.listing.entries[i]
+        listing, i = self._entry(node)
+        return listing.entries[i]
 
     def _getxattr(self, req: int, node: int, name: bytes, size: int) -> None:
         try:
@@ -488,22 +487,10 @@ class LowLevelServer:
             self.api.lib.fuse_session_exit(self._session)
 
 
-def record_batch(starts: Sequence[int], size: int, off: int) -> tuple[int, int]:
-    """Byte range of the whole records, from record ``off`` on, that fit in ``size`` bytes (record
-    ``r`` spans ``starts[r]:starts[r + 1]``); empty past the last record. The kernel asks again from
-    the offset after the last record it got."""
-    last = len(starts) - 1
-    if off >= last or off < 0:
-        return 0, 0
-    start = starts[off]
-    stop = bisect.bisect_right(starts, start + size, off + 1) - 1
-    return start, starts[stop]
-
-
 def _describe(what: object) -> str:
     if isinstance(what, bytes):
         return repr(what.decode("utf-8", "surrogateescape"))
     return f"node {what:#x}" if isinstance(what, int) else str(what)
 
 
-__all__ = ["LowLevelServer", "NotADirectory", "WRITE_OPS", "record_batch"]
+__all__ = ["ATTRS", "LISTINGS", "NAMES", "LowLevelServer", "NotADirectory", "ServerStats", "WRITE_OPS"]

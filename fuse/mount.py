@@ -31,6 +31,7 @@ from typing import Callable
 from tessera.errors import MountError, TesseraError
 from tessera.mounting import (
     KERNEL,
+    MountOptions,
     MountRecord,
     ReadyPipe,
     find_kernel_mount,
@@ -96,14 +97,16 @@ def tune_process() -> None:
 
 def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: bool = True, threads: bool = False,
           debug: bool = False, ready: Callable[[str], None] | None = None, path: str = "fuse",
-          notify: Callable[[str], None] | None = None, progress: Progress | None = None) -> None:
+          notify: Callable[[str], None] | None = None, progress: Progress | None = None,
+          listing: str = MountOptions.listing) -> None:
     """Mount ``ref`` at ``mountpoint`` and serve until unmounted. ``ready("ok <name@hash>")`` is called
     once the mount answers; ``ready("error <code> <message>")`` if it could not be made. With ``path``
     ``auto`` or ``kernel`` the kernel path is tried first: when it mounts, ``ready("ok <name@hash>
     kernel")`` and return (``notify`` hears why it was not taken; ``progress`` sees files being cached).
     Otherwise FUSE: the low-level server (`tessera.fuse.lowlevel`), or the high-level fallback
     (`tessera.fuse.operations`) when libfuse 3's low-level API cannot be loaded or
-    ``TESSERA_FUSE_API=highlevel``."""
+    ``TESSERA_FUSE_API=highlevel``. ``listing``: ``names`` or ``attrs``, how the low-level server lists
+    directories (`tessera.fuse.lowlevel`; the high-level fallback always sends attributes)."""
     from tessera.fuse._binding import LowLevel, load_fuse
     from tessera.repo import Repo
     from tessera.vfs import VersionFS
@@ -169,7 +172,8 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
         if isinstance(binding, LowLevel):
             from tessera.fuse.lowlevel import LowLevelServer
 
-            server = LowLevelServer(binding, vfs, no_open=no_open, timeout=CACHE_TIMEOUT, on_init=on_init)
+            server = LowLevelServer(binding, vfs, no_open=no_open, timeout=CACHE_TIMEOUT, listing=listing,
+                                    on_init=on_init)
             try:
                 stopped_by = server.serve(mountpoint, fsname=fsname, threads=threads, debug=debug)
             except MountError:
@@ -177,6 +181,8 @@ def serve(home: str, ref: str, mountpoint: str, *, cache_size: int, no_open: boo
                 raise
             if stopped_by:
                 logger.info("stopped by a signal (%s)", signal.strsignal(stopped_by) or stopped_by)
+            logger.info("served %s (listing %s); directory cache %d entries", server.stats, listing,
+                        vfs.cached_entries)
         else:
             from tessera.fuse.operations import make_operations
 
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(args.home, args.ref, args.mountpoint, cache_size=args.opts.cache_size, no_open=args.opts.no_open,
               threads=args.opts.threads, debug=args.opts.debug, ready=pipe.answer, path=args.opts.path,
-              notify=pipe.note, progress=pipe)
+              notify=pipe.note, progress=pipe, listing=args.opts.listing)
     except TesseraError as exc:
         logger.error("%s", exc)
         return exc.exit_code

@@ -20,6 +20,7 @@ _new_object = object.__new__
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 KINDS = (FILE, DIR, SYMLINK)
 TREE_FORMAT = 1
+ENTRY_BYTES = 650  # memory of one parsed TreeEntry (object, attribute dict, name and id strings), measured
 
 
 def normalize_mode(kind: str, st_mode: int) -> int:

@@ -53,6 +53,7 @@ KERNEL = "kernel"  # the record kind of an EROFS + overlayfs mount (`tessera.ker
 KERNEL_FSTYPE = "overlay"
 SOURCE_PREFIX = "tessera:"
 KERNEL_DIR = "kernel"
+LISTINGS = ("attrs", "names")  # how a FUSE mount lists directories (tessera.fuse.lowlevel)
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -66,8 +67,13 @@ class MountOptions:
     timeout: float = READY_TIMEOUT
     debug: bool = False
     path: str = "auto"  # "auto" | "kernel" | "fuse": see tessera.kernelmount
+    listing: str = "attrs"  # FUSE listings: "attrs" (READDIRPLUS) | "names" (READDIR): see tessera.fuse.lowlevel
     progress: "Progress | None" = None  # materialization progress (kernel path)
     notify: "Callable[[str], None] | None" = None  # told in one line why auto chose FUSE
+
+    def __post_init__(self) -> None:
+        if self.listing not in LISTINGS:
+            raise UsageError(f"listing must be one of {', '.join(LISTINGS)}, not {self.listing!r}")
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,8 @@ class ServerArgs:
 
 def server_command(home: str, ref: str, mountpoint: str, opts: MountOptions, ready_fd: int) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--home", home, "--ref", ref, "--mountpoint", mountpoint,
-           "--cache-size", str(opts.cache_size), "--ready-fd", str(ready_fd), "--path", opts.path]
+           "--cache-size", str(opts.cache_size), "--ready-fd", str(ready_fd), "--path", opts.path,
+           "--listing", opts.listing]
     if not opts.no_open:
         cmd.append("--open")
     if opts.threads:
@@ -389,9 +396,12 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--path", choices=("auto", "kernel", "fuse"), default="fuse",
                    help="auto: the kernel path when it suits (tessera.kernelmount), else FUSE")
+    p.add_argument("--listing", choices=LISTINGS, default=MountOptions.listing,
+                   help="list directories by name (READDIR) or with attributes (READDIRPLUS)")
     a = p.parse_args(argv)
     return ServerArgs(a.home, a.ref, a.mountpoint,
-                      MountOptions(a.cache_size, not a.open, a.threads, debug=a.debug, path=a.path), a.ready_fd)
+                      MountOptions(a.cache_size, not a.open, a.threads, debug=a.debug, path=a.path, listing=a.listing),
+                      a.ready_fd)
 
 
 def ready_line(error: TesseraError | None = None, *, ref: str = "", code: int | None = None,

@@ -12,7 +12,7 @@ from tessera.catalog import Catalog
 from tessera.errors import CorruptData
 from tessera.format.pack import KIND_FILE, KIND_TREE
 from tessera.lru import LRUCache
-from tessera.model import DIR, FILE, FileRecord, Tree
+from tessera.model import DIR, ENTRY_BYTES, FILE, FileRecord, Tree
 
 TREE_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -22,7 +22,7 @@ class CatalogTrees:
 
     def __init__(self, catalog: Catalog, cache_bytes: int = TREE_CACHE_BYTES) -> None:
         self.catalog = catalog
-        self._trees: LRUCache[Tree] = LRUCache(cache_bytes, sizeof=lambda t: 200 * len(t.entries) + 100)
+        self._trees: LRUCache[Tree] = LRUCache(cache_bytes, sizeof=lambda t: ENTRY_BYTES * len(t.entries) + 100)
 
     def load_tree(self, tree_id: str) -> Tree:
         tree = self._trees.get(tree_id)

@@ -10,9 +10,10 @@ a thin layer over it; it is tested here without mounting. File bytes come from t
 How it stays fast and bounded:
 
 - **No scan at mount time.** Paths resolve directory by directory through the version's Merkle trees
-  (``Version.tree``, itself an LRU). Each directory, once resolved, is a `Listing` (its entries in
-  name order and a name -> index map), kept in an LRU bounded by entry count: a lookup of
-  ``train/x.jpg`` is two dict lookups once its directory has been seen.
+  (``Version.tree``, itself an LRU). Each directory, once resolved, is a `Listing`: its path, tree id
+  and the tree's entries (the same tuple the tree LRU holds, sorted by UTF-8 name), kept in a small LRU
+  bounded by bytes (``listing_cache_bytes``, counted at what parsed entries really cost). A name is
+  found by bisecting the entries (a few microseconds): no per-directory index to build or keep.
 - **Stable inode numbers**: a 63-bit xxh3 of the path, seeded with the version hash. Equal across mounts
   of the same version (and different between versions, so tools that cache by (dev, ino) do not
   confuse two versions); the root is inode 1. A collision (~n^2/2^64) is harmless: every entry has
@@ -28,15 +29,18 @@ Every error is a `TesseraError`: `NotFound`, `NotADirectory`, `IsADirectory`, `N
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import threading
+from collections import deque
 from typing import NamedTuple
 
 import xxhash
 
 from tessera.errors import CorruptData, IsADirectory, NotADirectory, NotASymlink, NotFound
 from tessera.lru import LRUCache
-from tessera.model import DIR, FILE, SYMLINK, TreeEntry
+from tessera.model import DIR, ENTRY_BYTES, FILE, SYMLINK, TreeEntry
 from tessera.reader import FileReader, fill_locations
 from tessera.sources import Segment
 from tessera.store import FileRange
@@ -56,9 +60,10 @@ IO_BLOCK = 1024 * 1024  # st_blksize: what cp, stdio and Python buffer by; match
 S_IFREG, S_IFDIR, S_IFLNK = 0o100000, 0o040000, 0o120000
 _INO_MASK = (1 << 63) - 1
 _KIND_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK}
-_LISTING_CACHE_ENTRIES = 1 << 18  # resolved directories, bounded by their entry count
+LISTING_CACHE_BYTES = 16 << 20  # resolved directories (their entries, counted at model.ENTRY_BYTES each)
 _READER_CACHE_CHUNKS = 1 << 17  # file readers: bounded by chunk count (~300 bytes each)
 _PREFETCH_FILES = 256
+LIST_AHEAD = 8  # directories resolved ahead of a depth-first walk (see `VersionFS.listed`)
 
 
 class Attr(NamedTuple):
@@ -85,24 +90,23 @@ class StatFS(NamedTuple):
 
 
 class Listing:
-    """One directory of the version, resolved once: its path ("" for the root), tree id, entries in
-    name order, and a name -> index map (built on the first lookup by name)."""
+    """One directory of the version: its path ("" for the root), tree id and entries, in the order of
+    their UTF-8 names (`Tree.of`'s order, which every tree id is computed over)."""
 
-    __slots__ = ("path", "tree_id", "entries", "prefix", "_index")
+    __slots__ = ("path", "tree_id", "entries", "prefix")
 
     def __init__(self, path: str, tree_id: str, entries: tuple[TreeEntry, ...]) -> None:
         self.path = path
         self.tree_id = tree_id
         self.entries = entries
         self.prefix = f"{path}/" if path else ""
-        self._index: dict[str, int] | None = None
 
     def index(self, name: str) -> int | None:
-        """Position of ``name`` among the entries, or None."""
-        index = self._index
-        if index is None:
-            index = self._index = {e.name: i for i, e in enumerate(self.entries)}
-        return index.get(name)
+        """Position of ``name`` among the entries, or None (by bisection: nothing is built or kept)."""
+        key = name.encode("utf-8", "surrogateescape")
+        entries = self.entries
+        i = bisect.bisect_left(entries, key, key=_name_key)
+        return i if i < len(entries) and entries[i].name == name else None
 
     def path_of(self, i: int) -> str:
         return self.prefix + self.entries[i].name
@@ -111,17 +115,66 @@ class Listing:
 class VersionFS:
     """A read-only file system view of one version. Thread-safe (the FUSE loop may be threaded)."""
 
-    def __init__(self, version: Version) -> None:
+    def __init__(self, version: Version, *, listing_cache_bytes: int = LISTING_CACHE_BYTES) -> None:
         self.version = version
         self.mtime_ns = int(round(version.time * 1e9))
         self._seed = int(version.hash[:16], 16)
-        self._listings: LRUCache[Listing] = LRUCache(_LISTING_CACHE_ENTRIES, sizeof=lambda d: len(d.entries) + 1)
+        self._listings: LRUCache[Listing] = LRUCache(listing_cache_bytes,
+                                                     sizeof=lambda d: ENTRY_BYTES * len(d.entries) + 200)
         self._readers: LRUCache[FileReader] = LRUCache(_READER_CACHE_CHUNKS, sizeof=lambda f: len(f.ids) + 1)
         self._scans: LRUCache[tuple[int, int]] = LRUCache(1024, sizeof=lambda _: 1)  # dir -> (next index, window)
         self.reads = 0
+        self._ahead: deque[tuple[str, str]] = deque()  # (path, tree id) to resolve in the background
+        self._ahead_cv = threading.Condition()
+        self._ahead_thread: threading.Thread | None = None
+        self._closed = False
 
     def close(self) -> None:
-        pass
+        with self._ahead_cv:
+            self._closed = True
+            self._ahead.clear()
+            self._ahead_cv.notify_all()
+
+    # -- directory read-ahead ---------------------------------------------------------------------
+
+    def listed(self, listing: Listing) -> None:
+        """A hint: ``listing`` is being listed (its first batch). The directories a depth-first walk
+        (``find``, ``os.walk``, ``du``) lists next, its first subdirectories and then its next
+        siblings, up to `LIST_AHEAD`, are resolved (their trees read and parsed) by a background
+        thread while the kernel and the walker handle this one. Memory stays within the caches."""
+        todo = [(listing.prefix + e.name, e.id or "") for e in _first_dirs(listing.entries, 0)]
+        if listing.path:
+            parent_path, _, name = listing.path.rpartition("/")
+            parent = self._listings.get(parent_path)
+            i = parent.index(name) if parent is not None else None
+            if parent is not None and i is not None:
+                todo += [(parent.prefix + e.name, e.id or "") for e in _first_dirs(parent.entries, i + 1)]
+        todo = [(path, tid) for path, tid in todo[:LIST_AHEAD] if path not in self._listings]
+        if not todo:
+            return
+        with self._ahead_cv:
+            if self._closed:
+                return
+            self._ahead.clear()  # the walk moved on: what it will list next replaces what was queued
+            self._ahead.extend(todo)
+            if self._ahead_thread is None:
+                self._ahead_thread = threading.Thread(target=self._resolve_ahead, name="tessera-list-ahead",
+                                                      daemon=True)
+                self._ahead_thread.start()
+            self._ahead_cv.notify()
+
+    def _resolve_ahead(self) -> None:
+        while True:
+            with self._ahead_cv:
+                while not self._ahead and not self._closed:
+                    self._ahead_cv.wait()
+                if self._closed:
+                    return
+                path, tid = self._ahead.popleft()
+            try:
+                self.listing(path, tid)
+            except Exception as exc:  # noqa: BLE001 - a hint: the request itself reports the error
+                logger.debug("read-ahead of %r: %s", path, exc)
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -153,13 +206,25 @@ class VersionFS:
         path = parent.prefix + te.name
         if te.kind != DIR or te.id is None:
             raise NotADirectory(f"not a directory: {path!r}")
+        return self.listing(path, te.id)
+
+    def listing(self, path: str, tree_id: str) -> Listing:
+        """The directory at ``path`` whose tree is ``tree_id`` (an adapter that remembers where a
+        directory is and what it holds resolves it without walking from the root)."""
         listing = self._listings.get(path)
-        return listing if listing is not None else self._resolve(path, te.id)
+        if listing is not None and listing.tree_id == tree_id:
+            return listing
+        return self._resolve(path, tree_id)
 
     def _resolve(self, path: str, tree_id: str) -> Listing:
         listing = Listing(path, tree_id, self.version.tree(tree_id).entries)
         self._listings.put(path, listing)
         return listing
+
+    @property
+    def cached_entries(self) -> int:
+        """Entries held by the directory cache (what it costs is bounded by ``listing_cache_bytes``)."""
+        return self._listings.size // ENTRY_BYTES
 
     def locate(self, path: str) -> tuple[Listing, int] | None:
         """(directory, index) of the entry at ``path`` ("/a/b" or "a/b"); None for the root. `NotFound`."""
@@ -192,16 +257,28 @@ class VersionFS:
     def attr(self, listing: Listing, i: int) -> Attr:
         return self._attr(listing.prefix + listing.entries[i].name, listing.entries[i])
 
-    def attrs(self, listing: Listing) -> list[Attr]:
-        """Attributes of every entry of a directory, in order (one pass: what a listing shows)."""
+    def attrs(self, listing: Listing, start: int = 0, stop: int | None = None) -> list[Attr]:
+        """Attributes of the entries ``[start:stop]`` of a directory (all by default), in order (one
+        pass: what a listing shows)."""
         prefix = listing.prefix.encode("utf-8", "surrogateescape")
         seed, mtime, digest, make = self._seed, self.mtime_ns, xxhash.xxh3_64_intdigest, tuple.__new__
         out = []
-        for te in listing.entries:
+        for te in listing.entries[start:stop]:
             n = digest(prefix + te.name.encode("utf-8", "surrogateescape"), seed=seed) & _INO_MASK
             size = te.size if te.kind == FILE else _size_of(te)
             out.append(make(Attr, (n if n > ROOT_INO else n + 2, _KIND_BITS[te.kind] | te.mode, 1, size,
                                    (size + BLOCK - 1) // BLOCK, mtime)))  # (Attr without its __new__: hot loop)
+        return out
+
+    def inos(self, listing: Listing, start: int = 0, stop: int | None = None) -> list[int]:
+        """Inode numbers of the entries ``[start:stop]`` of a directory (what a listing without
+        attributes shows)."""
+        prefix = listing.prefix.encode("utf-8", "surrogateescape")
+        seed, digest = self._seed, xxhash.xxh3_64_intdigest
+        out = []
+        for te in listing.entries[start:stop]:
+            n = digest(prefix + te.name.encode("utf-8", "surrogateescape"), seed=seed) & _INO_MASK
+            out.append(n if n > ROOT_INO else n + 2)
         return out
 
     def _attr(self, rel: str, te: TreeEntry | None) -> Attr:
@@ -317,6 +394,21 @@ class VersionFS:
 
     def read_all(self, path: str) -> bytes:
         return self.read(path, 0, self.stat(path).size)
+
+
+def _first_dirs(entries: tuple[TreeEntry, ...], start: int) -> list[TreeEntry]:
+    """Up to `LIST_AHEAD` subdirectory entries from ``start`` on."""
+    out = []
+    for e in entries[start:]:
+        if e.kind == DIR and e.id is not None:
+            out.append(e)
+            if len(out) == LIST_AHEAD:
+                break
+    return out
+
+
+def _name_key(te: TreeEntry) -> bytes:
+    return te.name.encode("utf-8", "surrogateescape")
 
 
 def _size_of(te: TreeEntry) -> int:

@@ -17,6 +17,10 @@ from tessera.cli.complete import complete_ref
               help="libfuse's multithreaded loop, or one thread (faster for Python: the GIL serialises anyway).")
 @click.option("--no-open/--open", "no_open", default=True, show_default=True,
               help="Answer open() with ENOSYS so the kernel stops asking (libfuse 3 no-open mode).")
+@click.option("--listing", type=click.Choice(["attrs", "names"]), default="attrs", show_default=True,
+              help="FUSE: list directories with every entry's attributes (ls -l, du and opening listed files "
+                   "need no lookup; the kernel builds an inode per entry listed), or by name only (find, "
+                   "os.walk, ls: several times faster on big trees; each stat or open then costs one lookup).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the mount to answer.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (libfuse debug trace) into the mount log.")
 @click.option("--kernel", "path", flag_value="kernel",
@@ -26,7 +30,7 @@ from tessera.cli.complete import complete_ref
               help="REF is a NAME that the nearest tessera.lock must pin: mount the pinned version.")
 @json_option
 def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads: bool, no_open: bool,
-          timeout: float, debug: bool, path: str | None, locked: bool, as_json: bool) -> None:
+          listing: str, timeout: float, debug: bool, path: str | None, locked: bool, as_json: bool) -> None:
     """Mount version REF read-only at MOUNTPOINT.
 
     MOUNTPOINT must be an empty directory, or not exist yet: then it is created, and removed again
@@ -56,7 +60,7 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
     require_home(_home())
     ref = _pinned(ref, locked)
     opts = MountOptions(parse_size(cache_size), no_open, threads, timeout, debug,
-                        path="fuse" if foreground else (path or "auto"), progress=progress_bar(),
+                        path="fuse" if foreground else (path or "auto"), listing=listing, progress=progress_bar(),
                         notify=lambda msg: click.echo(msg, err=True))
     if not foreground:
         # The server resolves REF and reports bad refs through its pipe: this process never opens
@@ -82,7 +86,7 @@ def mount(ref: str, mountpoint: str, foreground: bool, cache_size: str, threads:
 
     try:
         serve(str(repo.home), version.ref, mp, cache_size=opts.cache_size, no_open=no_open, threads=threads,
-              debug=debug, ready=ready)
+              debug=debug, ready=ready, listing=listing)
     finally:
         if created:
             remove_made_mountpoint(repo.home, mp)

@@ -2,8 +2,8 @@
 
 For 100,000 and 1,000,000 files of 60 bytes, 1,000 to a directory (3,000,000 too when BENCH_SCALE >= 3;
 a BENCH_SCALE below 1 shrinks the counts): `tessera commit` and an unchanged re-commit (files/s, peak RSS),
-`tessera fsck` (peak RSS), and the mount server after `find` over the whole mount (time vs native `find`,
-the server's peak RSS). Then the memory cap check: 200,000 files committed under an address-space cap
+`tessera fsck` (peak RSS), and the FUSE mount server after `find` over the whole mount, with each
+`--listing` (median of 3 fresh mounts: time vs native `find`, the server's peak RSS). Then the memory cap check: 200,000 files committed under an address-space cap
 (RLIMIT_AS) of what a one-file commit needs plus 200 MiB, which the code before issue 14 exceeds (it
 needed about 420 MiB more for this tree), with the hash of an uncapped commit and an unchanged re-commit
 that reads nothing (tests/test_3_scale.py proves the same flatness on 10,000 vs 40,000 files within
@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -46,11 +47,13 @@ def vm_hwm(pid: int) -> int:
     return 0
 
 
-def mount_find(home: Path, ref: str, mnt: Path) -> tuple[float, float, int]:
-    """(find through the mount, native find of the source is measured by the caller) -> seconds, server RSS."""
+def mount_find(home: Path, ref: str, mnt: Path, listing: str = "attrs") -> tuple[float, float, int]:
+    """(find through a fresh FUSE mount, native find of the source is measured by the caller) -> seconds
+    of the first and second find, the server's peak RSS."""
     env = {**os.environ, "TESSERA_HOME": str(home)}
     mnt.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tessera", "mount", ref, str(mnt)], env=env, check=True, capture_output=True)
+    subprocess.run(["tessera", "mount", "--fuse", "--listing", listing, ref, str(mnt)], env=env, check=True,
+                   capture_output=True)
     try:
         from tessera.mounting import list_mounts
 
@@ -66,6 +69,12 @@ def mount_find(home: Path, ref: str, mnt: Path) -> tuple[float, float, int]:
         subprocess.run(["tessera", "umount", str(mnt)], env=env, capture_output=True)
 
 
+def _timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def scale_rows() -> list[list[object]]:
     rows: list[list[object]] = []
     root = WORK / "scale"
@@ -79,14 +88,18 @@ def scale_rows() -> list[list[object]]:
         ref = out.strip().splitlines()[-1]
         t_re, rss_re, _ = peak_rss_of(["tessera", "commit", "bench", str(src)], env=env)
         t_fsck, rss_fsck, _ = peak_rss_of(["tessera", "fsck"], env=env)
-        t0 = time.perf_counter()
-        subprocess.run(["find", f"{src}/", "-type", "f"], check=True, stdout=subprocess.DEVNULL)
-        native = time.perf_counter() - t0
-        try:
-            first, second, rss_mount = mount_find(home, ref, root / "mnt")
-            mount_cells: list[object] = [f"{first:.1f} s / {second:.1f} s (native {native:.2f} s)", mib(rss_mount)]
-        except (subprocess.CalledProcessError, StopIteration) as exc:
-            mount_cells = [f"not measured ({exc})", "-"]
+        native = statistics.median(_timed(["find", f"{src}/", "-type", "f"]) for _ in range(3))
+        mount_cells: list[object] = []
+        for listing in ("attrs", "names"):
+            try:
+                runs = [mount_find(home, ref, root / "mnt", listing) for _ in range(3)]
+                first = statistics.median(r[0] for r in runs)
+                second = statistics.median(r[1] for r in runs)
+                rss_mount = max(r[2] for r in runs)
+                mount_cells += [f"{first:.2f} s / {second:.2f} s (native {native:.2f} s, {first / native:.1f}x)",
+                                mib(rss_mount)]
+            except (subprocess.CalledProcessError, StopIteration) as exc:
+                mount_cells += [f"not measured ({exc})", "-"]
         rows.append([f"{n:,}", f"{t_commit:.1f} s ({n / t_commit:,.0f}/s)", mib(rss_commit),
                      f"{t_re:.1f} s ({n / t_re:,.0f}/s)", mib(rss_re), f"{t_fsck:.1f} s", mib(rss_fsck), *mount_cells])
         shutil.rmtree(home, ignore_errors=True)
@@ -179,7 +192,8 @@ def ray_rows() -> list[list[object]]:
 def main() -> str:
     out = table(f"Commit, re-commit, fsck and mount vs file count (60-byte files, 1,000 per directory; cores={os.cpu_count()})",
                 ["files", "commit", "commit peak RSS", "re-commit", "re-commit peak RSS", "fsck", "fsck peak RSS",
-                 "find via mount, 1st / 2nd", "mount server peak RSS"], scale_rows())
+                 "find via mount (--listing attrs), 1st / 2nd", "mount server peak RSS",
+                 "find via mount (--listing names), 1st / 2nd", "mount server peak RSS"], scale_rows())
     out += "\n" + table("Commit under an address-space cap (RLIMIT_AS = a one-file commit's VmPeak + 200 MiB; "
                         "--memory 48M)", ["files", "cap", "capped commit", "time", "same hash as uncapped",
                                           "capped unchanged re-commit"], cap_rows())
