@@ -24,10 +24,12 @@ from tessera.format.pack import KIND_FILE, KIND_TREE
 from tessera.model import ChunkLocation, FileRecord, Tree
 from tessera.remote.base import Transport
 from tessera.remote.wire import (
+    WHOLE_TABLE_MAX,
     RemoteTable,
     VersionObject,
     chunk_location,
     chunk_table_key,
+    decode_chunk_table,
     fetch_meta_blobs,
     meta_key_of,
     meta_table_key,
@@ -48,6 +50,7 @@ class LazyMeta:
         self._transport = transport
         self._t: Transport | None = None
         self._tables: dict[str, RemoteTable] = {}
+        self._imported: set[str] = set()  # chunk tables read whole and recorded
         self._lock = threading.Lock()
 
     @classmethod
@@ -102,21 +105,39 @@ class LazyMeta:
 
     def chunk_locations(self, ids: Sequence[bytes]) -> dict[bytes, ChunkLocation]:
         """Where these chunks are on the remote (recorded as remote chunk locations); ids no chunk table
-        of the version locates are absent."""
-        rows = self._lookup(list(ids), [chunk_table_key(x) for x in self.vobj.chunk_tables], table.KIND_CHUNKS)
-        by_pack: dict[str, list[ChunkLocation]] = {}
-        sizes: dict[str, int] = {}
-        for r in rows.values():
-            by_pack.setdefault(r.pack, []).append(chunk_location(r))
+        of the version locates are absent.
+
+        A chunk table up to `WHOLE_TABLE_MAX` is read whole the first time it is needed (one GET, checked
+        against its SHA-256) and every row of it recorded: readers then know each pack's layout, which
+        the lazy fetcher's coalesced reads and streams need. A bigger table is read by ranges."""
+        found = self.catalog.chunks_by_id(list(ids))
         for name in self.vobj.chunk_tables:
-            t = self._tables.get(chunk_table_key(name))
-            if t is not None:
-                sizes.update(dict(t.head().packs))
+            left = [i for i in ids if i not in found]
+            if not left:
+                break
+            with self._lock:
+                if name in self._imported:
+                    continue
+            t = self._table(chunk_table_key(name), table.KIND_CHUNKS)
+            head = t.head()
+            if head.size <= WHOLE_TABLE_MAX:
+                packs = decode_chunk_table(name, t.whole(), t.where)
+                self._record({p: rows for p, (_, rows) in packs.items()}, {p: size for p, (size, _) in packs.items()})
+                with self._lock:
+                    self._imported.add(name)
+            else:
+                by_pack: dict[str, list[ChunkLocation]] = {}
+                for r in t.lookup(left).values():
+                    by_pack.setdefault(r.pack, []).append(chunk_location(r))
+                self._record(by_pack, dict(head.packs))
+            found.update(self.catalog.chunks_by_id(left))
+        return found
+
+    def _record(self, by_pack: dict[str, list[ChunkLocation]], sizes: dict[str, int]) -> None:
         with self.catalog.write():
             for pack, locs in by_pack.items():
                 self.catalog.add_remote_pack(pack, sizes[pack], locs)
             rs.mark_keys(self.catalog, self.remote, [pack_key(p) for p in by_pack])
-        return self.catalog.chunks_by_id(list(ids))
 
 
 class LazyTrees(CatalogTrees):

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 READ_AHEAD = 8 << 20  # bytes of a sequentially read file whose data is requested ahead
+LOCATE_AHEAD = 32  # chunks located together when a read needs a location not known yet
 _VERIFIED_IDS = 1 << 18  # raw chunks remembered as checked (oldest forgotten first: then checked again)
 
 
@@ -253,11 +254,11 @@ class FileReader:
 
     def _location(self, i: int) -> ChunkLocation:
         loc = self.locs[i]
-        if loc is None:
-            found = self.chunks.locations([self.ids[i]]).get(self.ids[i])
-            if found is None:
+        if loc is None:  # this chunk and the next few in one lookup (one query; remote tables: one batch)
+            fill_locations([self], i, i + LOCATE_AHEAD)
+            loc = self.locs[i]
+            if loc is None:
                 raise CorruptData(f"chunk {self.ids[i].hex()} of file {self.id[:12]} is not in the store")
-            loc = self.locs[i] = found
         return loc
 
     def _read_ahead(self, start: int) -> None:

@@ -93,6 +93,7 @@ class Repo:
                 self.store = Store(self.home, self.catalog)
                 self.settings = self._load_settings(settings)
         self.trees = CatalogTrees(self.catalog)
+        self._lazy: dict[str, LazyMeta] = {}
         self.transports = Transports(self.catalog, preferred=remote)
         self.chunks = ChunkReader(self.catalog, self.store, remote=self._open_lazy, cache_bytes=chunk_cache_bytes)
         # One-line messages for the user (the CLI prints them on stderr): "not here; asking origin", ...
@@ -228,7 +229,14 @@ class Repo:
     def version(self, info: HistoryEntry) -> Version:
         """The `Version` a history entry of this home records (a version fetched lazily from a remote
         reads its trees, file records and chunk locations from there as they are walked)."""
-        meta = LazyMeta.of(self.catalog, info.hash, self._remote_transport)
+        meta = self._lazy.get(info.hash)
+        if meta is None:
+            meta = LazyMeta.of(self.catalog, info.hash, self._remote_transport)
+            if meta is not None:
+                self._lazy[info.hash] = meta  # one per version: its tables' heads are read once
+        elif rs.lazy_version(self.catalog, info.hash) is None:
+            del self._lazy[info.hash]  # completed since
+            meta = None
         if meta is not None:
             return Version(info, LazyTrees(self.catalog, meta), LazyChunks(self.chunks, meta), self.home)
         return Version(info, self.trees, self.chunks, self.home)

@@ -268,8 +268,10 @@ class MotoProcess:
             except OSError:
                 time.sleep(0.05)
 
-    def gets(self, bucket: str) -> int:
-        return sum(1 for line in self.log.read_text(errors="replace").splitlines() if f"GET /{bucket}/" in line)  # 206s are colour-coded: no quote check
+    def gets(self, bucket: str, prefix: str = "") -> int:
+        """GETs of keys under ``prefix`` of the bucket (``repo/packs/``: data) so far."""
+        return sum(1 for line in self.log.read_text(errors="replace").splitlines()
+                   if f"GET /{bucket}/{prefix}" in line)  # 206s are colour-coded: no quote check
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -286,13 +288,14 @@ def moto_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoProce
 
 @pytest.fixture
 def big_bucket(moto_process: MotoProcess, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Any]:
-    """(s3 URL of a fresh bucket on the out-of-process moto, a function counting its GETs so far)."""
+    """(s3 URL of a fresh bucket on the out-of-process moto, a function counting its GETs of data packs so
+    far: the metadata a fresh reader fetches as it walks is counted in tests/test_4_remote_formats.py)."""
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_process.url)
     bucket = f"big-{os.getpid()}-{time.monotonic_ns()}"
     boto3.client("s3", endpoint_url=moto_process.url, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/repo", lambda: moto_process.gets(bucket)
+    return f"s3://{bucket}/repo", lambda: moto_process.gets(bucket, "repo/packs/")
 
 
 def _publish_big(tmp_path: Path, size: int, url: str) -> tuple[Path, str]:

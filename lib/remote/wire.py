@@ -38,6 +38,7 @@ INDEX_OBJECT_MAX = 128 << 20
 META_PACK_MAX = 512 << 20
 TABLE_OBJECT_MAX = 4 << 30  # a location table is read by ranges; read whole only by a full metadata pull
 TABLE_HEAD_GUESS = 64 << 10  # the first ranged read of a table: its head, usually whole
+WHOLE_TABLE_MAX = 64 << 20  # a table read by many scattered lookups is read whole (and checked) up to this size
 PACK_LIST_MAX = 64 << 20
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -450,6 +451,7 @@ class RemoteTable:
         self.kind = kind
         self.where = f"{t.url}/{key}"
         self._head: table.Head | None = None
+        self._whole: bytes | None = None  # the whole table, once lookups hit it often (checked: its SHA-256)
         self._lock = threading.Lock()
         self.requests = 0
 
@@ -480,6 +482,17 @@ class RemoteTable:
         spans = sorted((*head.bucket_span(b), b) for b in wanted)
         spans = [s for s in spans if s[1] > s[0]]
         out: dict[bytes, table.Row] = {}
+        if self._whole is None and (len(spans) > 4 or self.requests >= 16) and head.size <= WHOLE_TABLE_MAX:
+            self._read_whole(head)  # reads spread over the table: one GET of all of it beats many
+        if self._whole is not None:
+            for first, end, b in spans:
+                rows = table.decode_rows(head, self._whole[head.rows_start + first * head.row_len:
+                                                           head.rows_start + end * head.row_len], first, self.where)
+                for k in wanted[b]:
+                    row = table.find(rows, k)
+                    if row is not None:
+                        out[k] = row
+            return out
         i = 0
         while i < len(spans):  # neighbouring buckets (rows less than a few KiB apart) in one ranged read
             j = i
@@ -497,6 +510,24 @@ class RemoteTable:
                         out[k] = row
             i = j + 1
         return out
+
+
+    def _read_whole(self, head: table.Head) -> None:
+        data = self._get(0, head.size)
+        name = self.key.rsplit("/", 1)[-1]
+        if len(data) != head.size or sha256_hex(data) != name:
+            raise CorruptData(f"{self.where} fails its hash check")
+        self._whole = data
+
+    def whole(self) -> bytes:
+        """All of the table, read once and checked against its SHA-256 (its name)."""
+        with self._lock:
+            if self._whole is None:
+                head = self._head
+                assert head is not None, "head() first"
+                self._read_whole(head)
+            assert self._whole is not None
+            return self._whole
 
 
 def fetch_meta_blobs(t: Transport, rows: Sequence[table.Row]) -> tuple[list[tuple[str, bytes]], list[FileRecord]]:
