@@ -364,11 +364,6 @@ def known_files(catalog: Catalog, ids: Sequence[str]) -> set[str]:
     return {r[0] for r in catalog.select_in("SELECT id FROM files WHERE id {in}", ids)}
 
 
-def chunk_stored_sizes(catalog: Catalog) -> dict[bytes, int]:
-    """Chunk id -> stored bytes, for every chunk of the catalog (`tessera du`)."""
-    return {bytes(r[0]): int(r[1]) for r in catalog.query("SELECT id, stored_len FROM chunks")}
-
-
 def local_pack_bytes(catalog: Catalog) -> int:
     """Bytes of the packs held in this home."""
     row = catalog.query_one("SELECT coalesce(sum(size), 0) FROM packs WHERE local = 1")

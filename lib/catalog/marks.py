@@ -8,11 +8,11 @@ and works on a read-only home. `FsckMarks` owns its tables; use it as a context 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from tessera.catalog.catalog import Catalog
-from tessera.model import ChunkLocation
+from tessera.model import ChunkLocation, FileRecord
 
 _BATCH = 500  # SQLite's variable limit, with room
 _COLS = "id, pack, offset, stored_len, raw_len, codec"
@@ -202,3 +202,86 @@ def iter_rows(catalog: Catalog, sql: str, params: Sequence[object], page: int = 
     finally:
         with catalog._lock:
             cur.close()
+
+
+class UsageMarks:
+    """The chunks each kept version uses, for `tessera du`: TEMP tables ``du_trees`` and ``du_files``
+    (what the walk of each version has entered, so a subtree shared within a version is walked once) and
+    ``du_chunks`` (version number, chunk id); then sums of stored bytes by SQL, never a set in memory."""
+
+    _TABLES = ("du_trees", "du_files", "du_chunks", "du_versions", "du_refs", "du_ds", "du_ds_refs")
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def __enter__(self) -> UsageMarks:
+        with temp_writes(self.catalog) as c:
+            for t in self._TABLES:
+                c.execute(f"DROP TABLE IF EXISTS temp.{t}")
+            c.execute("CREATE TEMP TABLE du_versions (v INTEGER PRIMARY KEY, hash TEXT UNIQUE)")
+            c.execute("CREATE TEMP TABLE du_trees (v INTEGER, id TEXT, PRIMARY KEY (v, id)) WITHOUT ROWID")
+            c.execute("CREATE TEMP TABLE du_files (v INTEGER, id TEXT, PRIMARY KEY (v, id)) WITHOUT ROWID")
+            c.execute("CREATE TEMP TABLE du_chunks (v INTEGER, id BLOB, PRIMARY KEY (v, id)) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            with temp_writes(self.catalog) as c:
+                for t in self._TABLES:
+                    c.execute(f"DROP TABLE IF EXISTS temp.{t}")
+        except Exception:  # noqa: BLE001 - a closed or broken connection takes its temp tables with it
+            pass
+
+    def add_version(self, hash: str) -> int:
+        with temp_writes(self.catalog) as c:
+            cur = c.execute("INSERT INTO temp.du_versions (hash) VALUES (?)", (hash,))
+            return int(cur.lastrowid or 0)
+
+    def enter_tree(self, v: int, tree_id: str) -> bool:
+        """Record that version ``v``'s walk entered a tree; False when it had already."""
+        with temp_writes(self.catalog) as c:
+            return bool(c.execute("INSERT OR IGNORE INTO temp.du_trees VALUES (?, ?)", (v, tree_id)).rowcount)
+
+    def add_files(self, v: int, file_ids: Sequence[str]) -> None:
+        """Version ``v`` uses these files: record them, and the chunks of those it did not use yet."""
+        with temp_writes(self.catalog) as c:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS du_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
+            c.execute("DELETE FROM temp.du_batch")
+            c.executemany("INSERT OR IGNORE INTO temp.du_batch VALUES (?)", ((i,) for i in file_ids))
+            c.execute("DELETE FROM temp.du_batch WHERE id IN (SELECT id FROM temp.du_files WHERE v = ?)", (v,))
+            c.execute("INSERT INTO temp.du_files SELECT ?, id FROM temp.du_batch", (v,))
+            lists = [bytes(r[0]) for r in c.execute("SELECT f.chunks FROM temp.du_batch b JOIN files f ON f.id = b.id")]
+            c.execute("DELETE FROM temp.du_batch")
+            for blob in lists:
+                c.executemany("INSERT OR IGNORE INTO temp.du_chunks VALUES (?, ?)",
+                              ((v, cid) for cid, _ in FileRecord.chunks_from_bytes(blob)))
+
+    def version_bytes(self) -> dict[str, tuple[int, int]]:
+        """Version hash -> (stored bytes of the chunks it uses, of those no other version uses)."""
+        with temp_writes(self.catalog) as c:
+            c.execute("DROP TABLE IF EXISTS temp.du_refs")
+            c.execute("CREATE TEMP TABLE du_refs (id BLOB PRIMARY KEY, n INTEGER) WITHOUT ROWID")
+            c.execute("INSERT INTO temp.du_refs SELECT id, count(*) FROM temp.du_chunks GROUP BY id")
+        rows = self.catalog.query(
+            "SELECT v.hash, coalesce(sum(c.stored_len), 0), coalesce(sum(CASE WHEN r.n = 1 THEN c.stored_len END), 0)"
+            " FROM temp.du_versions v LEFT JOIN temp.du_chunks d ON d.v = v.v LEFT JOIN chunks c ON c.id = d.id"
+            " LEFT JOIN temp.du_refs r ON r.id = d.id GROUP BY v.hash")
+        return {h: (int(s), int(u)) for h, s, u in rows}
+
+    def dataset_bytes(self, datasets: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, int]]:
+        """Dataset -> (stored bytes of the chunks its versions (among those walked) use, of those no other
+        dataset uses); ``datasets`` maps each dataset to its version hashes."""
+        with temp_writes(self.catalog) as c:
+            c.execute("DROP TABLE IF EXISTS temp.du_ds")
+            c.execute("DROP TABLE IF EXISTS temp.du_ds_refs")
+            c.execute("CREATE TEMP TABLE du_ds (ds TEXT, id BLOB, PRIMARY KEY (ds, id)) WITHOUT ROWID")
+            for name, hashes in datasets.items():
+                for part in _parts(list(hashes)):
+                    c.execute("INSERT OR IGNORE INTO temp.du_ds SELECT ?, d.id FROM temp.du_chunks d JOIN"
+                              f" temp.du_versions v ON v.v = d.v WHERE v.hash {_in(len(part))}", (name, *part))
+            c.execute("CREATE TEMP TABLE du_ds_refs (id BLOB PRIMARY KEY, n INTEGER) WITHOUT ROWID")
+            c.execute("INSERT INTO temp.du_ds_refs SELECT id, count(*) FROM temp.du_ds GROUP BY id")
+        rows = self.catalog.query(
+            "SELECT d.ds, coalesce(sum(c.stored_len), 0), coalesce(sum(CASE WHEN r.n = 1 THEN c.stored_len END), 0)"
+            " FROM temp.du_ds d JOIN temp.du_ds_refs r ON r.id = d.id LEFT JOIN chunks c ON c.id = d.id GROUP BY d.ds")
+        return {name: (int(s), int(u)) for name, s, u in rows}
