@@ -27,6 +27,7 @@ from tessera.catalog.marks import FsckMarks, iter_pack_rows, pack_span
 from tessera.errors import CorruptData, NotFound, RemoteError
 from tessera.format.pack import KIND_CHUNK, BlobInfo, iter_blobs
 from tessera.ids import sha256_hex
+from tessera.lru import LRUCache
 from tessera.model import DIR, FILE, ChunkLocation, FileRecord, Tree
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _PACK_BATCH = 2000  # chunk blobs of a pack checked against their catalog rows at a time
 _FILE_BATCH = 2000  # entries of a directory whose file records are checked at a time
+FILE_MEMO = 8192  # file results remembered (~250 bytes each), so a file in several trees is mostly checked once
 
 
 @dataclass
@@ -272,16 +274,18 @@ def _read_remote_pack(catalog: Catalog, read_remote: Callable[[str], Transport],
 
 def check_versions(catalog: Catalog, report: FsckReport, marks: FsckMarks, require_local: bool,
                    progress: Progress) -> None:
-    """Walk every version, each tree once (children before parents, across versions too) and each file
-    record once. What is found is kept in ``marks`` (TEMP tables, on disk when big), not in memory:
-    memory stays bounded by the largest directory and the depth of the trees, whatever the number of
-    files, trees and versions."""
+    """Walk every version, each tree once (children before parents, across versions too: a tree's result
+    is kept in ``marks``, a TEMP table) and each file record once while it is among the last
+    ``FILE_MEMO`` checked (a file shared by trees far apart may be checked again; a table of every
+    file's result cost more time than the checks it saved). Memory stays bounded by the largest
+    directory and the depth of the trees, whatever the number of files, trees and versions."""
+    memo: LRUCache[tuple[int, int, int]] = LRUCache(FILE_MEMO, sizeof=lambda _: 1)
     hashes = catalog.version_hashes()
     progress.start("fsck versions", len(hashes), unit="version")
     for vh in hashes:
         report.versions += 1
         try:
-            status = _walk_version(catalog, marks, vh, report)
+            status = _walk_version(catalog, marks, memo, vh, report)
         except CorruptData as exc:
             report.errors.append(f"version {vh[:12]}: {exc}")
         else:
@@ -299,7 +303,8 @@ def _load_tree(catalog: Catalog, tid: str) -> Tree:
     return Tree.from_bytes(data)
 
 
-def _walk_version(catalog: Catalog, marks: FsckMarks, vh: str, report: FsckReport) -> _Status:
+def _walk_version(catalog: Catalog, marks: FsckMarks, memo: LRUCache[tuple[int, int, int]], vh: str,
+                  report: FsckReport) -> _Status:
     """Depth first from the root tree; a tree walked to its end (in this version or an earlier one) is
     not entered again. Only finished trees are recorded, so a tree left unfinished by a `CorruptData`
     is walked again by the next version that has it (and its problem is reported there too)."""
@@ -307,7 +312,7 @@ def _walk_version(catalog: Catalog, marks: FsckMarks, vh: str, report: FsckRepor
     while stack:
         tid, tree = stack.pop()
         if tree is not None:  # leaving: every subtree is finished
-            marks.set_tree(tid, _tree_status(catalog, marks, vh, tree, report).as_tuple())
+            marks.set_tree(tid, _tree_status(catalog, marks, memo, vh, tree, report).as_tuple())
             continue
         if marks.tree_done(tid):
             continue
@@ -318,20 +323,28 @@ def _walk_version(catalog: Catalog, marks: FsckMarks, vh: str, report: FsckRepor
     return _Status(*done[vh])
 
 
-def _tree_status(catalog: Catalog, marks: FsckMarks, vh: str, tree: Tree, report: FsckReport) -> _Status:
-    """What a tree needs that is not here: its subtrees' (finished) and its files' (checked now if not
-    yet), a slice of entries at a time."""
+def _tree_status(catalog: Catalog, marks: FsckMarks, memo: LRUCache[tuple[int, int, int]], vh: str, tree: Tree,
+                 report: FsckReport) -> _Status:
+    """What a tree needs that is not here: its subtrees' (finished) and its files' (checked now unless
+    among the last ``memo`` remembers), a slice of entries at a time."""
     status = _Status()
     entries = tree.entries
     for i in range(0, len(entries), _FILE_BATCH):
         part = entries[i:i + _FILE_BATCH]
         dirs = marks.tree_statuses([e.id for e in part if e.kind == DIR and e.id])
-        file_ids = [e.id for e in part if e.kind == FILE and e.id]
-        files = marks.file_statuses(file_ids)
-        fresh = {e.id: e.size for e in part if e.kind == FILE and e.id and e.id not in files}
+        files: dict[str, tuple[int, int, int]] = {}
+        fresh: dict[str, int] = {}
+        for e in part:
+            if e.kind == FILE and e.id and e.id not in files and e.id not in fresh:
+                known = memo.get(e.id)
+                if known is None:
+                    fresh[e.id] = e.size
+                else:
+                    files[e.id] = known
         if fresh:
             checked = _check_files(catalog, marks, vh, fresh, report)
-            marks.set_files(checked.items())
+            for fid, st in checked.items():
+                memo.put(fid, st)
             files.update(checked)
         for e in part:
             if e.kind == DIR and e.id:

@@ -265,9 +265,11 @@ class Marks:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS gc_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
             c.execute("DELETE FROM temp.gc_batch")
             c.executemany("INSERT OR IGNORE INTO temp.gc_batch VALUES (?)", ((i,) for i in ids))
-            c.execute("DELETE FROM temp.gc_batch WHERE id IN (SELECT id FROM temp.gc_files)")
+            # both forms look each batch row up (`id IN (SELECT ...)` and a plain JOIN would go through all
+            # of gc_files / files for every batch: quadratic in the file count)
+            c.execute("DELETE FROM temp.gc_batch WHERE EXISTS (SELECT 1 FROM temp.gc_files m WHERE m.id = gc_batch.id)")
             lists = [bytes(r[0]) for r in c.execute(
-                "SELECT f.chunks FROM temp.gc_batch b JOIN files f ON f.id = b.id")]
+                "SELECT f.chunks FROM temp.gc_batch b CROSS JOIN files f ON f.id = b.id")]
             fresh = c.execute("SELECT count(*) FROM temp.gc_batch").fetchone()[0]
             c.execute("INSERT INTO temp.gc_files SELECT id FROM temp.gc_batch")
             c.execute("DELETE FROM temp.gc_batch")

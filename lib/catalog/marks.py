@@ -1,9 +1,10 @@
 """Marks of a check in TEMP tables of the catalog's connection: what `tessera fsck` has checked and
-found (trees, file records, the chunks of the pack being read, chunk rows found false), so that its
-memory does not grow with the number of files, trees or chunks (SQLite spills TEMP tables to disk).
+found (trees, the chunks of the pack being read, chunk rows found false), and the chunks each version
+uses for `tessera du`, so that their memory does not grow with the number of files, trees or chunks
+(SQLite spills TEMP tables to disk).
 
 TEMP tables live in the connection's own temporary database: writing them takes no lock on the catalog
-and works on a read-only home. `FsckMarks` owns its tables; use it as a context manager.
+and works on a read-only home. `FsckMarks` and `UsageMarks` own their tables; use them as context managers.
 """
 from __future__ import annotations
 
@@ -47,14 +48,13 @@ def _in(n: int) -> str:
     return f"IN ({','.join('?' * n)})"
 
 
-_TABLES = ("fsck_trees", "fsck_files", "fsck_pack_seen", "fsck_bad")
+_TABLES = ("fsck_trees", "fsck_pack_seen", "fsck_bad")
 
 
 class FsckMarks:
     """What a `tessera fsck` run has found so far:
 
     - ``fsck_trees``: each tree walked to its end, with the status of everything below it;
-    - ``fsck_files``: each file record checked, with its status (a file shared by versions is checked once);
     - ``fsck_pack_seen``: the chunk ids found in the local pack being read (emptied per pack);
     - ``fsck_bad``: chunk rows of remote packs found false (their index is inconsistent or a chunk fails
       its check)."""
@@ -67,8 +67,6 @@ class FsckMarks:
             for t in _TABLES:
                 c.execute(f"DROP TABLE IF EXISTS temp.{t}")
             c.execute("CREATE TEMP TABLE fsck_trees (id TEXT PRIMARY KEY, remote INTEGER, missing INTEGER,"
-                      " bad INTEGER) WITHOUT ROWID")
-            c.execute("CREATE TEMP TABLE fsck_files (id TEXT PRIMARY KEY, remote INTEGER, missing INTEGER,"
                       " bad INTEGER) WITHOUT ROWID")
             c.execute("CREATE TEMP TABLE fsck_pack_seen (id BLOB PRIMARY KEY) WITHOUT ROWID")
             c.execute("CREATE TEMP TABLE fsck_bad (id BLOB, pack TEXT, offset INTEGER, PRIMARY KEY (id, pack, offset))"
@@ -96,16 +94,6 @@ class FsckMarks:
     def set_tree(self, tree_id: str, status: Status) -> None:
         with temp_writes(self.catalog) as c:
             c.execute("INSERT OR REPLACE INTO temp.fsck_trees VALUES (?, ?, ?, ?)", (tree_id, *status))
-
-    def file_statuses(self, ids: Sequence[str]) -> dict[str, Status]:
-        """Of the file ids ``ids``, those checked, with their status."""
-        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in self.catalog.select_in(
-            "SELECT id, remote, missing, bad FROM temp.fsck_files WHERE id {in}", list(dict.fromkeys(ids)))}
-
-    def set_files(self, rows: Iterable[tuple[str, Status]]) -> None:
-        with temp_writes(self.catalog) as c:
-            c.executemany("INSERT OR REPLACE INTO temp.fsck_files VALUES (?, ?, ?, ?)",
-                          ((fid, *status) for fid, status in rows))
 
     def chunk_places(self, ids: Sequence[bytes]) -> dict[bytes, tuple[bool | None, bool]]:
         """Chunk id -> (its pack is local: True / remote: False / no pack row: None, its row was found
@@ -248,13 +236,15 @@ class UsageMarks:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS du_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
             c.execute("DELETE FROM temp.du_batch")
             c.executemany("INSERT OR IGNORE INTO temp.du_batch VALUES (?)", ((i,) for i in file_ids))
-            c.execute("DELETE FROM temp.du_batch WHERE id IN (SELECT id FROM temp.du_files WHERE v = ?)", (v,))
+            # each batch row looked up (not all of du_files / files per batch: quadratic)
+            c.execute("DELETE FROM temp.du_batch WHERE EXISTS (SELECT 1 FROM temp.du_files m WHERE m.v = ?"
+                      " AND m.id = du_batch.id)", (v,))
             c.execute("INSERT INTO temp.du_files SELECT ?, id FROM temp.du_batch", (v,))
-            lists = [bytes(r[0]) for r in c.execute("SELECT f.chunks FROM temp.du_batch b JOIN files f ON f.id = b.id")]
+            lists = [bytes(r[0]) for r in c.execute(
+                "SELECT f.chunks FROM temp.du_batch b CROSS JOIN files f ON f.id = b.id")]
             c.execute("DELETE FROM temp.du_batch")
-            for blob in lists:
-                c.executemany("INSERT OR IGNORE INTO temp.du_chunks VALUES (?, ?)",
-                              ((v, cid) for cid, _ in FileRecord.chunks_from_bytes(blob)))
+            c.executemany("INSERT OR IGNORE INTO temp.du_chunks VALUES (?, ?)",
+                          ((v, cid) for blob in lists for cid, _ in FileRecord.chunks_from_bytes(blob)))
 
     def version_bytes(self) -> dict[str, tuple[int, int]]:
         """Version hash -> (stored bytes of the chunks it uses, of those no other version uses)."""

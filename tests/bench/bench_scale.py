@@ -89,7 +89,7 @@ def scale_rows() -> list[list[object]]:
         except (subprocess.CalledProcessError, StopIteration) as exc:
             mount_cells = [f"not measured ({exc})", "-"]
         t_gc, rss_gc, _ = peak_rss_of(["tessera", "gc"], env=env)  # everything kept: a full mark, nothing swept
-        subprocess.run(["tessera", "rm", "bench"], env={**os.environ, **env}, check=True, capture_output=True)
+        subprocess.run(["tessera", "rm", "bench", "--yes"], env={**os.environ, **env}, check=True, capture_output=True)
         t_sweep, rss_sweep, _ = peak_rss_of(["tessera", "gc"], env=env)  # nothing kept: every row swept
         rows.append([f"{n:,}", f"{t_commit:.1f} s ({n / t_commit:,.0f}/s)", mib(rss_commit),
                      f"{t_re:.1f} s ({n / t_re:,.0f}/s)", mib(rss_re), f"{t_fsck:.1f} s", mib(rss_fsck), *mount_cells,
