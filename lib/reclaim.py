@@ -31,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from tessera.store import PackWriter, Store, decode_chunk
 
 logger = logging.getLogger(__name__)
 
+GC_LOCK_GRACE = 1.0  # seconds gc waits for gc.lock before saying another gc runs
 LOCK_WAIT = 5.0  # seconds gc waits for a moment without commits before it gives up (its work so far stays valid)
 _CHUNK_BATCH = 20_000
 _FILE_BATCH = 5_000
@@ -179,10 +181,17 @@ def measure(catalog: Catalog, roots: RootsFn) -> Usage:
 def _one_gc(store: Store) -> Iterator[None]:
     fd = os.open(store.home / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TesseraError("another gc is already running in this home") from None
+        # a short grace: a process another thread of a finished gc's process forked and has not yet
+        # exec'd (CLOEXEC acts only at exec) still holds that gc's lock for a moment
+        deadline = time.monotonic() + GC_LOCK_GRACE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TesseraError("another gc is already running in this home") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
