@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
+from tessera.catalog.marks import FsckMarks, iter_pack_rows, pack_span
 from tessera.errors import CorruptData, NotFound, RemoteError
 from tessera.format.pack import KIND_CHUNK, BlobInfo, iter_blobs
 from tessera.ids import sha256_hex
@@ -32,11 +33,12 @@ from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
 from tessera.remote.wire import check_index_rows, history_key, pack_key, version_key
 from tessera.store import Store, decode_chunk
-from tessera.trees import CatalogTrees, walk_trees
 
 logger = logging.getLogger(__name__)
 
-FILE_MEMO_ENTRIES = 1 << 18  # file results fsck remembers (~300 bytes each)
+_PACK_BATCH = 2000  # chunk blobs of a pack checked against their catalog rows at a time
+_FILE_BATCH = 2000  # entries of a directory whose file records are checked at a time
+FILE_MEMO = 8192  # file results remembered (~250 bytes each), so a file in several trees is mostly checked once
 
 
 @dataclass
@@ -71,33 +73,39 @@ class _Status:
         self.missing += other.missing
         self.bad += other.bad
 
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.remote_bytes, self.missing, self.bad
+
 
 def fsck(catalog: Catalog, store: Store, progress: Progress | None = None, *, repair: bool = False,
-         require_local: bool = False, read_remote: Callable[[str], Transport] | None = None,
-         file_memo: int = FILE_MEMO_ENTRIES) -> FsckReport:
+         require_local: bool = False, read_remote: Callable[[str], Transport] | None = None) -> FsckReport:
     """Check the home; ``read_remote(pack)`` gives the transport to read a remote pack's chunks with.
-    ``file_memo``: how many file results are remembered (a file shared by versions is checked once
-    while remembered): memory stays bounded whatever the number of files."""
+    What the check has seen is kept in TEMP tables of the catalog (`tessera.catalog.marks`), so memory
+    stays bounded whatever the number of files, trees, chunks and versions."""
     progress = progress or NullProgress()
     report = FsckReport()
     if repair:
         with store.writing():
             reindex_local_packs(catalog, store, report, progress)
-    check_packs(catalog, store, report, progress)
-    bad_rows = check_remote_packs(catalog, report, read_remote, progress)
-    if repair and bad_rows:
-        catalog.drop_chunk_rows(bad_rows)
-        report.repaired += len(bad_rows)
-        report.notes.append(f"repair: forgot {len(bad_rows)} remote chunk locations that failed their check")
-        bad_rows = []
-    check_versions(catalog, report, {x.id for x in bad_rows}, require_local, progress, file_memo)
+    with FsckMarks(catalog) as marks:
+        check_packs(catalog, store, report, progress, marks)
+        check_remote_packs(catalog, report, read_remote, progress, marks)
+        if repair and marks.bad_count():
+            dropped = marks.drop_bad()
+            report.repaired += dropped
+            report.notes.append(f"repair: forgot {dropped} remote chunk locations that failed their check")
+        check_versions(catalog, report, marks, require_local, progress)
     check_file_cache(store.home, report, progress)
     return report
 
 
 # -- packs --------------------------------------------------------------------------------------------
 
-def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Progress) -> None:
+def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Progress,
+                marks: FsckMarks | None = None) -> None:
+    if marks is None:
+        with FsckMarks(catalog) as own:
+            return check_packs(catalog, store, report, progress, own)
     packs = [p for p in catalog.packs() if p.local]
     progress.start("fsck packs", sum(p.size for p in packs))
     for p in packs:
@@ -111,29 +119,14 @@ def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Pr
         if size == 0:
             report.errors.append(f"pack {p.id} is empty")
             continue
-        rows = {c.id: c for c in catalog.pack_chunks(p.id)}
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             try:
-                blobs = list(iter_blobs(m, f"pack {p.id}"))
+                for _ in iter_blobs(m, f"pack {p.id}"):  # the layout first: a broken pack is one error
+                    pass
             except CorruptData as exc:
                 report.errors.append(str(exc))
                 continue
-            for b in blobs:
-                if b.kind != KIND_CHUNK:
-                    continue
-                row = rows.pop(b.id, None)
-                if row is None:
-                    continue  # a duplicate copy; the catalog points elsewhere
-                loc = ChunkLocation(b.id, p.id, b.offset, b.stored_len, b.raw_len, b.codec)
-                if row != loc:
-                    report.errors.append(f"chunk {b.id.hex()}: catalog and pack {p.id} disagree on its location")
-                try:
-                    decode_chunk(loc, m[b.offset:b.offset + b.stored_len])
-                    report.chunks += 1
-                except CorruptData as exc:
-                    report.errors.append(str(exc))
-        for cid in rows:
-            report.errors.append(f"chunk {cid.hex()} is indexed in pack {p.id} but not found in it")
+            _check_pack_chunks(marks, p.id, m, report)
         progress.advance(p.size)
     progress.finish()
     known = {p.id for p in catalog.packs()}
@@ -142,6 +135,40 @@ def check_packs(catalog: Catalog, store: Store, report: FsckReport, progress: Pr
             report.garbage.append(f"unindexed pack {name}")
     for tmp in sorted(store.tmp_dir.iterdir()) if store.tmp_dir.exists() else []:
         report.garbage.append(f"temporary file tmp/{tmp.name}")
+
+
+def _check_pack_chunks(marks: FsckMarks, pack: str, m: mmap.mmap, report: FsckReport) -> None:
+    """Each chunk blob of a pack against the catalog row pointing into this pack (the first copy of a
+    chunk id answers it; later copies are duplicates the catalog does not point at), a batch at a time;
+    then every row pointing into the pack that no blob answered."""
+    marks.start_pack()
+    batch: list[BlobInfo] = []
+
+    def flush() -> None:
+        rows = marks.pack_rows(pack, [b.id for b in batch])
+        for b in batch:
+            row = rows.pop(b.id, None)
+            if row is None:
+                continue  # a duplicate copy, or a chunk the catalog points at elsewhere
+            loc = ChunkLocation(b.id, pack, b.offset, b.stored_len, b.raw_len, b.codec)
+            if row != loc:
+                report.errors.append(f"chunk {b.id.hex()}: catalog and pack {pack} disagree on its location")
+            try:
+                decode_chunk(loc, m[b.offset:b.offset + b.stored_len])
+                report.chunks += 1
+            except CorruptData as exc:
+                report.errors.append(str(exc))
+        marks.seen_in_pack(b.id for b in batch)
+        batch.clear()
+
+    for b in iter_blobs(m, f"pack {pack}"):
+        if b.kind == KIND_CHUNK:
+            batch.append(b)
+            if len(batch) >= _PACK_BATCH:
+                flush()
+    flush()
+    for cid in marks.unseen_rows(pack):
+        report.errors.append(f"chunk {cid.hex()} is indexed in pack {pack} but not found in it")
 
 
 def _pack_files(store: Store) -> list[str]:
@@ -194,69 +221,65 @@ def reindex_local_packs(catalog: Catalog, store: Store, report: FsckReport, prog
 
 
 def check_remote_packs(catalog: Catalog, report: FsckReport, read_remote: Callable[[str], Transport] | None,
-                       progress: Progress) -> list[ChunkLocation]:
-    """Check what the catalog recorded of each remote pack's index; with ``read_remote``, fetch and check
-    its chunks too. Returns the chunk rows found false."""
+                       progress: Progress, marks: FsckMarks) -> None:
+    """Check what the catalog recorded of each remote pack's index, a page of rows at a time; with
+    ``read_remote``, fetch and check its chunks too. The chunk rows found false go to ``marks``."""
     remote = [p for p in catalog.packs() if not p.local]
-    bad: list[ChunkLocation] = []
     progress.start("fsck remote packs", len(remote), unit="pack")
     for p in remote:
         report.remote_packs += 1
-        rows = catalog.pack_chunks(p.id)
-        problem = check_index_rows(rows, p.size)
+        problem = None
+        last: list[ChunkLocation] = []
+        for page in iter_pack_rows(catalog, p.id):
+            problem = check_index_rows(last + page, p.size)  # the previous page's last row: no overlap between pages
+            if problem is not None:
+                break
+            last = page[-1:]
         if problem is not None:
             report.errors.append(f"index of remote pack {p.id[:12]} is inconsistent: {problem}")
-            bad.extend(rows)
-        elif read_remote is not None and rows:
-            bad.extend(_read_remote_pack(read_remote, p.id, rows, report))
+            marks.add_bad_pack(p.id)
+        elif read_remote is not None and last:
+            _read_remote_pack(catalog, read_remote, p.id, marks, report)
         progress.advance(1)
     progress.finish()
-    return bad
 
 
-def _read_remote_pack(read_remote: Callable[[str], Transport], pack: str, rows: Sequence[ChunkLocation],
-                      report: FsckReport) -> list[ChunkLocation]:
-    bad = []
+def _read_remote_pack(catalog: Catalog, read_remote: Callable[[str], Transport], pack: str, marks: FsckMarks,
+                      report: FsckReport) -> None:
+    span = pack_span(catalog, pack)
+    if span is None:
+        return
     try:
         t = read_remote(pack)
-        with t.open_read(pack_key(pack), rows[0].offset, rows[-1].offset + rows[-1].stored_len) as reader:
-            pos = rows[0].offset
-            for x in rows:
-                if x.offset > pos:
-                    reader.read(x.offset - pos)
-                stored = reader.read(x.stored_len)
-                pos = x.offset + len(stored)
-                try:
-                    decode_chunk(x, stored)
-                except CorruptData as exc:
-                    report.errors.append(f"remote {exc}")
-                    bad.append(x)
+        with t.open_read(pack_key(pack), *span) as reader:
+            pos = span[0]
+            for rows in iter_pack_rows(catalog, pack):
+                bad = []
+                for x in rows:
+                    if x.offset > pos:
+                        reader.read(x.offset - pos)
+                    stored = reader.read(x.stored_len)
+                    pos = x.offset + len(stored)
+                    try:
+                        decode_chunk(x, stored)
+                    except CorruptData as exc:
+                        report.errors.append(f"remote {exc}")
+                        bad.append(x)
+                marks.add_bad(bad)
     except (NotFound, RemoteError, CorruptData) as exc:
         report.errors.append(f"cannot read remote pack {pack[:12]}: {exc}")
-    return bad
 
 
 # -- versions -----------------------------------------------------------------------------------------
 
-def check_versions(catalog: Catalog, report: FsckReport, bad_chunks: set[bytes], require_local: bool,
-                   progress: Progress, file_memo: int = FILE_MEMO_ENTRIES) -> None:
-    """Walk every version, each tree once (bottom-up, memoised across versions: memory grows with the
-    number of directories, ~200 bytes each) and each file record once while it is among the last
-    ``file_memo`` remembered (an LRU: a file shared by versions far apart may be checked again)."""
-    trees = CatalogTrees(catalog)
-    memo: dict[str, _Status] = {}
-    files: LRUCache[_Status] = LRUCache(file_memo, sizeof=lambda _: 1)
-    seen: set[str] = set()
-    pack_local = {p.id: p.local for p in catalog.packs()}
-
-    def load(tid: str) -> Tree:
-        data = catalog.tree(tid)
-        if data is None:
-            raise CorruptData(f"tree {tid[:12]} is missing")
-        if sha256_hex(data) != tid:
-            raise CorruptData(f"tree {tid[:12]} fails its hash check")
-        return trees.load_tree(tid)
-
+def check_versions(catalog: Catalog, report: FsckReport, marks: FsckMarks, require_local: bool,
+                   progress: Progress) -> None:
+    """Walk every version, each tree once (children before parents, across versions too: a tree's result
+    is kept in ``marks``, a TEMP table) and each file record once while it is among the last
+    ``FILE_MEMO`` checked (a file shared by trees far apart may be checked again; a table of every
+    file's result cost more time than the checks it saved). Memory stays bounded by the largest
+    directory and the depth of the trees, whatever the number of files, trees and versions."""
+    memo: LRUCache[tuple[int, int, int]] = LRUCache(FILE_MEMO, sizeof=lambda _: 1)
     hashes = catalog.version_hashes()
     lazy = rs.lazy_hashes(catalog)
     progress.start("fsck versions", len(hashes), unit="version")
@@ -267,49 +290,104 @@ def check_versions(catalog: Catalog, report: FsckReport, bad_chunks: set[bytes],
             progress.advance(1)
             continue
         try:
-            for leaving, _, tid, tree in walk_trees(load, vh, seen=seen):
-                if not leaving:
-                    continue
-                status = _Status()
-                for e in tree.entries:
-                    if e.kind == DIR and e.id:
-                        status.add(memo[e.id])
-                    elif e.kind == FILE and e.id:
-                        fstat = files.get(e.id)
-                        if fstat is None:
-                            fstat = _file_status(catalog, vh, e.id, e.size, pack_local, bad_chunks, report)
-                            files.put(e.id, fstat)
-                        status.add(fstat)
-                memo[tid] = status
+            status = _walk_version(catalog, marks, memo, vh, report)
         except CorruptData as exc:
             report.errors.append(f"version {vh[:12]}: {exc}")
-            seen.intersection_update(memo)  # trees entered but not finished: walk them again if shared
         else:
-            _judge(catalog, vh, memo[vh], require_local, report)
+            _judge(catalog, vh, status, require_local, report)
         progress.advance(1)
     progress.finish()
 
 
-def _file_status(catalog: Catalog, vh: str, file_id: str, size: int, pack_local: dict[str, bool],
-                 bad_chunks: set[bytes], report: FsckReport) -> _Status:
-    report.files += 1
-    rec: FileRecord | None = catalog.file(file_id)
-    if rec is None:
-        report.errors.append(f"version {vh[:12]}: file {file_id[:12]} is missing")
-        return _Status(missing=1)
-    if rec.size != size or sum(n for _, n in rec.chunks) != rec.size:
-        report.errors.append(f"file {file_id[:12]}: chunk sizes do not add up to its size")
-    locs = catalog.chunks_by_id([cid for cid, _ in rec.chunks])
+def _load_tree(catalog: Catalog, tid: str) -> Tree:
+    data = catalog.tree(tid)
+    if data is None:
+        raise CorruptData(f"tree {tid[:12]} is missing")
+    if sha256_hex(data) != tid:
+        raise CorruptData(f"tree {tid[:12]} fails its hash check")
+    return Tree.from_bytes(data)
+
+
+def _walk_version(catalog: Catalog, marks: FsckMarks, memo: LRUCache[tuple[int, int, int]], vh: str,
+                  report: FsckReport) -> _Status:
+    """Depth first from the root tree; a tree walked to its end (in this version or an earlier one) is
+    not entered again. Only finished trees are recorded, so a tree left unfinished by a `CorruptData`
+    is walked again by the next version that has it (and its problem is reported there too)."""
+    stack: list[tuple[str, Tree | None]] = [(vh, None)]
+    while stack:
+        tid, tree = stack.pop()
+        if tree is not None:  # leaving: every subtree is finished
+            marks.set_tree(tid, _tree_status(catalog, marks, memo, vh, tree, report).as_tuple())
+            continue
+        if marks.tree_done(tid):
+            continue
+        tree = _load_tree(catalog, tid)
+        stack.append((tid, tree))
+        stack.extend((e.id, None) for e in reversed(tree.entries) if e.kind == DIR and e.id)
+    done = marks.tree_statuses([vh])
+    return _Status(*done[vh])
+
+
+def _tree_status(catalog: Catalog, marks: FsckMarks, memo: LRUCache[tuple[int, int, int]], vh: str, tree: Tree,
+                 report: FsckReport) -> _Status:
+    """What a tree needs that is not here: its subtrees' (finished) and its files' (checked now unless
+    among the last ``memo`` remembers), a slice of entries at a time."""
     status = _Status()
-    for cid, n in rec.chunks:
-        loc = locs.get(cid)
-        if loc is None or loc.pack not in pack_local:
-            status.missing += 1
-        elif cid in bad_chunks:
-            status.bad += 1
-        elif not pack_local[loc.pack]:
-            status.remote_bytes += n
+    entries = tree.entries
+    for i in range(0, len(entries), _FILE_BATCH):
+        part = entries[i:i + _FILE_BATCH]
+        dirs = marks.tree_statuses([e.id for e in part if e.kind == DIR and e.id])
+        files: dict[str, tuple[int, int, int]] = {}
+        fresh: dict[str, int] = {}
+        for e in part:
+            if e.kind == FILE and e.id and e.id not in files and e.id not in fresh:
+                known = memo.get(e.id)
+                if known is None:
+                    fresh[e.id] = e.size
+                else:
+                    files[e.id] = known
+        if fresh:
+            checked = _check_files(catalog, marks, vh, fresh, report)
+            for fid, st in checked.items():
+                memo.put(fid, st)
+            files.update(checked)
+        for e in part:
+            if e.kind == DIR and e.id:
+                if e.id not in dirs:
+                    raise CorruptData(f"tree {e.id[:12]} was not walked")  # cannot happen: children finish first
+                status.add(_Status(*dirs[e.id]))
+            elif e.kind == FILE and e.id:
+                status.add(_Status(*files[e.id]))
     return status
+
+
+def _check_files(catalog: Catalog, marks: FsckMarks, vh: str, sizes: dict[str, int],
+                 report: FsckReport) -> dict[str, tuple[int, int, int]]:
+    """Check file records (id -> the size their tree entry says): present, sizes adding up, and where
+    each chunk is. Returns each file's status."""
+    recs = catalog.files_by_id(list(sizes))
+    places = marks.chunk_places([cid for rec in recs.values() for cid, _ in rec.chunks])
+    out: dict[str, tuple[int, int, int]] = {}
+    for fid, size in sizes.items():
+        report.files += 1
+        rec: FileRecord | None = recs.get(fid)
+        if rec is None:
+            report.errors.append(f"version {vh[:12]}: file {fid[:12]} is missing")
+            out[fid] = (0, 1, 0)
+            continue
+        if rec.size != size or sum(n for _, n in rec.chunks) != rec.size:
+            report.errors.append(f"file {fid[:12]}: chunk sizes do not add up to its size")
+        status = _Status()
+        for cid, n in rec.chunks:
+            local, bad = places.get(cid, (None, False))
+            if local is None:
+                status.missing += 1
+            elif bad:
+                status.bad += 1
+            elif not local:
+                status.remote_bytes += n
+        out[fid] = status.as_tuple()
+    return out
 
 
 def _judge(catalog: Catalog, vh: str, status: _Status, require_local: bool, report: FsckReport) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tessera.catalog import Catalog
 from tessera.catalog import lifecycle_state as ls
+from tessera.catalog.marks import UsageMarks
 from tessera.errors import NotFound, UsageError
 from tessera.ids import check_dataset_name
 from tessera.model import DIR, FILE, Tree
@@ -185,89 +186,65 @@ class DatasetUsage:
         return self.stored - self.unique
 
 
-class _ChunkSets:
-    """The chunk ids each kept version uses, walked once per version (file records read once)."""
+_FILE_BATCH = 5000
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self._files: dict[str, tuple[bytes, ...]] = {}
-        self._trees: dict[str, Tree] = {}
 
-    def _tree(self, tid: str) -> Tree:
-        tree = self._trees.get(tid)
-        if tree is None:
-            data = self.catalog.tree(tid)
-            tree = Tree.from_bytes(data) if data is not None else Tree(())
-            self._trees[tid] = tree
-        return tree
-
-    def of(self, root: str) -> set[bytes]:
-        files: set[str] = set()
-        stack, seen = [root], set()
-        while stack:
-            tid = stack.pop()
-            if tid in seen:
-                continue
-            seen.add(tid)
-            for e in self._tree(tid).entries:
-                if e.kind == DIR and e.id:
-                    stack.append(e.id)
-                elif e.kind == FILE and e.id:
-                    files.add(e.id)
-        missing = [f for f in files if f not in self._files]
-        for fid, rec in self.catalog.files_by_id(missing).items():
-            self._files[fid] = tuple(cid for cid, _ in rec.chunks)
-        out: set[bytes] = set()
-        for f in files:
-            out.update(self._files.get(f, ()))
-        return out
+def _mark_usage(catalog: Catalog, marks: UsageMarks, root: str) -> None:
+    """Record the chunks version ``root`` uses (a missing tree or file record counts as empty: `du` is
+    a report, `tessera fsck` says what is wrong)."""
+    v = marks.add_version(root)
+    stack = [root]
+    files: list[str] = []
+    while stack:
+        tid = stack.pop()
+        if not marks.enter_tree(v, tid):
+            continue
+        data = catalog.tree(tid)
+        for e in Tree.from_bytes(data).entries if data is not None else ():
+            if e.kind == DIR and e.id:
+                stack.append(e.id)
+            elif e.kind == FILE and e.id:
+                files.append(e.id)
+        if len(files) >= _FILE_BATCH:
+            marks.add_files(v, files)
+            files.clear()
+    marks.add_files(v, files)
 
 
 def disk_usage(catalog: Catalog, roots: Iterable[str], dataset: str | None = None, hash: str | None = None
                ) -> tuple[list[VersionUsage], list[DatasetUsage]]:
     """Usage of the versions of ``dataset`` (every dataset when None; only version ``hash`` when given),
     counted against every kept version (``roots``: a chunk another kept version uses is shared), and of
-    the datasets themselves (a chunk another dataset uses is shared)."""
+    the datasets themselves (a chunk another dataset uses is shared). The chunks each version uses are
+    marked in TEMP tables of the catalog (`tessera.catalog.marks.UsageMarks`): memory stays flat
+    whatever the number of files."""
 
     def wanted(name: str, h: str | None) -> bool:
         return (dataset is None or name == dataset) and (hash is None or h is None or h == hash)
 
-    sets = _ChunkSets(catalog)
-    stored = ls.chunk_stored_sizes(catalog)
-    per_version: dict[str, set[bytes]] = {}
-    refs: dict[bytes, int] = {}
-    for h in sorted(set(roots)):
-        s = sets.of(h)
-        per_version[h] = s
-        for c in s:
-            refs[c] = refs.get(c, 0) + 1
-    versions: list[VersionUsage] = []
-    by_dataset: dict[str, set[bytes]] = {}
-    counts: dict[str, int] = {}
-    for info in catalog.datasets():
-        tags = catalog.tags(info.name)
-        for e in catalog.history(info.name):
-            if e.hash not in per_version:
-                continue
-            if wanted(info.name, e.hash) and not any(v.hash == e.hash and v.dataset == info.name for v in versions):
-                s = per_version[e.hash]
-                versions.append(VersionUsage(info.name, e.hash, e.time, e.files, e.size,
-                                             sum(stored.get(c, 0) for c in s),
-                                             sum(stored.get(c, 0) for c in s if refs[c] == 1),
-                                             tuple(tags.get(e.hash, ()))))
-        hashes = set(catalog.dataset_hashes(info.name))
-        union: set[bytes] = set()
-        for h in hashes:
-            union |= per_version.get(h, set())
-        by_dataset[info.name] = union
-        counts[info.name] = len(hashes)
-    ds_refs: dict[bytes, int] = {}
-    for s in by_dataset.values():
-        for c in s:
-            ds_refs[c] = ds_refs.get(c, 0) + 1
-    datasets = [DatasetUsage(name, counts[name], sum(stored.get(c, 0) for c in s),
-                             sum(stored.get(c, 0) for c in s if ds_refs[c] == 1))
-                for name, s in sorted(by_dataset.items()) if wanted(name, None)]
+    with UsageMarks(catalog) as marks:
+        walked = sorted(set(roots))
+        for h in walked:
+            _mark_usage(catalog, marks, h)
+        per_version = marks.version_bytes()
+        versions: list[VersionUsage] = []
+        members: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
+        for info in catalog.datasets():
+            tags = catalog.tags(info.name)
+            for e in catalog.history(info.name):
+                if e.hash not in per_version:
+                    continue
+                if wanted(info.name, e.hash) and not any(v.hash == e.hash and v.dataset == info.name for v in versions):
+                    stored, unique = per_version[e.hash]
+                    versions.append(VersionUsage(info.name, e.hash, e.time, e.files, e.size, stored, unique,
+                                                 tuple(tags.get(e.hash, ()))))
+            hashes = set(catalog.dataset_hashes(info.name))
+            members[info.name] = sorted(hashes)
+            counts[info.name] = len(hashes)
+        by_dataset = marks.dataset_bytes(members)
+    datasets = [DatasetUsage(name, counts[name], *by_dataset.get(name, (0, 0)))
+                for name in sorted(members) if wanted(name, None)]
     versions.sort(key=lambda v: (v.dataset, -v.time))
     return versions, datasets
 

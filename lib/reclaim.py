@@ -31,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,9 +58,10 @@ from tessera.store import PackWriter, Store, decode_chunk
 
 logger = logging.getLogger(__name__)
 
+GC_LOCK_GRACE = 1.0  # seconds gc waits for gc.lock before saying another gc runs
 LOCK_WAIT = 5.0  # seconds gc waits for a moment without commits before it gives up (its work so far stays valid)
-_CHUNK_BATCH = 50_000
-_FILE_BATCH = 20_000
+_CHUNK_BATCH = 20_000
+_FILE_BATCH = 5_000
 
 
 @dataclass
@@ -107,43 +109,46 @@ RootsFn = Callable[[], set[str]]
 def mark_versions(catalog: Catalog, marks: Marks, roots: set[str], progress: Progress | None = None) -> None:
     """Mark everything the versions ``roots`` reach (trees already marked are skipped with their
     subtrees). A root whose tree or file record is missing stops the run: deleting anything on the word
-    of a store that is not whole could lose data (`tessera fsck` says what is wrong)."""
+    of a store that is not whole could lose data (`tessera fsck` says what is wrong). Memory stays
+    bounded whatever the number of files: marks are TEMP tables, file and chunk ids go there in batches."""
     progress = progress or NullProgress()
     # a version whose metadata is fetched as it is walked keeps nothing here: its trees, file records
     # and chunk locations are on its remote (what was fetched of them is a cache, fetched again if swept)
     roots = roots - rs.lazy_hashes(catalog)
     progress.start("gc: mark", len(roots), unit="version")
-    pending: list[bytes] = []
+    files: list[str] = []
+    chunks: list[bytes] = []
+
+    def flush(root: str) -> None:
+        lists, missing = marks.add_files(list(dict.fromkeys(files)))
+        files.clear()
+        if missing:
+            raise CorruptData(f"gc stopped, nothing was deleted: version {root[:12]} needs {missing} file "
+                              "records the catalog lacks; run `tessera fsck`")
+        for blob in lists:
+            chunks.extend(cid for cid, _ in FileRecord.chunks_from_bytes(blob))
+        if len(chunks) >= _CHUNK_BATCH:
+            marks.add_chunks(chunks)
+            chunks.clear()
+
     for root in sorted(roots):
-        entered: list[str] = []
-        files: list[str] = []
         stack = [root]
         try:
             while stack:
                 tid = stack.pop()
-                if tid in marks.trees:
+                if not marks.mark_tree(tid):
                     continue
-                marks.trees.add(tid)
-                entered.append(tid)
                 subdirs, found = tree_refs(catalog, tid)
                 stack.extend(subdirs)
                 files.extend(found)
+                if len(files) >= _FILE_BATCH:
+                    flush(root)
         except CorruptData as exc:
             raise CorruptData(f"gc stopped, nothing was deleted: version {root[:12]} is incomplete ({exc}); "
                               "run `tessera fsck`") from None
-        marks.add_trees(entered)
-        for part in range(0, len(files), _FILE_BATCH):
-            lists, missing = marks.add_files(list(dict.fromkeys(files[part:part + _FILE_BATCH])))
-            if missing:
-                raise CorruptData(f"gc stopped, nothing was deleted: version {root[:12]} needs {missing} file "
-                                  "records the catalog lacks; run `tessera fsck`")
-            for blob in lists:
-                pending.extend(cid for cid, _ in FileRecord.chunks_from_bytes(blob))
-            if len(pending) >= _CHUNK_BATCH:
-                marks.add_chunks(pending)
-                pending.clear()
+        flush(root)
         progress.advance(1)
-    marks.add_chunks(pending)
+    marks.add_chunks(chunks)
     progress.finish()
 
 
@@ -180,10 +185,17 @@ def measure(catalog: Catalog, roots: RootsFn) -> Usage:
 def _one_gc(store: Store) -> Iterator[None]:
     fd = os.open(store.home / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TesseraError("another gc is already running in this home") from None
+        # a short grace: a process another thread of a finished gc's process forked and has not yet
+        # exec'd (CLOEXEC acts only at exec) still holds that gc's lock for a moment
+        deadline = time.monotonic() + GC_LOCK_GRACE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TesseraError("another gc is already running in this home") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
@@ -257,14 +269,17 @@ def _repack(catalog: Catalog, store: Store, marks: Marks, todo: list[PackUse], t
             group: list[str] = []
             try:
                 for use in todo:
-                    blobs = _live_blobs(store, marks, use.id, report)
-                    if blobs is None:
+                    fd = _open_sound_pack(store, marks, use.id, report)
+                    if fd is None:
                         continue
-                    if writer is None:
-                        writer = PackWriter(store)
-                    for loc, stored in blobs:
-                        writer.add(loc.id, loc.codec, stored, loc.raw_len)
-                        progress.advance(len(stored))
+                    try:
+                        if writer is None:
+                            writer = PackWriter(store)
+                        for loc, stored in _live_blobs(fd, marks, use.id, verify=False):
+                            writer.add(loc.id, loc.codec, stored, loc.raw_len)
+                            progress.advance(len(stored))
+                    finally:
+                        os.close(fd)
                     group.append(use.id)
                     if writer.size >= target:
                         _seal_and_move(catalog, writer, group, report)
@@ -284,30 +299,39 @@ def _repack(catalog: Catalog, store: Store, marks: Marks, todo: list[PackUse], t
         progress.finish()
 
 
-def _live_blobs(store: Store, marks: Marks, pack: str, report: GcReport) -> list[tuple[ChunkLocation, bytes]] | None:
-    """The live chunks of one pack, read and verified (None: leave this pack alone, it has a problem)."""
-    rows = marks.live_chunks_of(pack)
-    out: list[tuple[ChunkLocation, bytes]] = []
+def _open_sound_pack(store: Store, marks: Marks, pack: str, report: GcReport) -> int | None:
+    """An fd on ``pack`` once each of its live chunks was read and verified (a first pass, keeping
+    nothing), or None: leave this pack alone, it has a problem."""
     try:
         fd = os.open(store.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         report.errors.append(f"pack {pack[:12]} is missing; not repacked (run `tessera fsck`)")
         return None
     try:
+        for _ in _live_blobs(fd, marks, pack, verify=True):
+            pass
+    except CorruptData as exc:
+        os.close(fd)
+        report.errors.append(f"not repacking pack {pack[:12]}: {exc} (run `tessera fsck`)")
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _live_blobs(fd: int, marks: Marks, pack: str, *, verify: bool) -> Iterator[tuple[ChunkLocation, bytes]]:
+    """The live chunks of one pack, read one at a time (``verify``: decoded and checked). A pack cut
+    short is `CorruptData` either way: the copying pass stops there and the new pack is not sealed."""
+    for rows in marks.live_chunks_of(pack):
         for cid, offset, stored_len, raw_len, codec in rows:
             loc = ChunkLocation(cid, pack, offset, stored_len, raw_len, codec)
             stored = os.pread(fd, stored_len, offset)
-            try:
-                if len(stored) != stored_len:
-                    raise CorruptData(f"pack {pack} is truncated")
+            if len(stored) != stored_len:
+                raise CorruptData(f"pack {pack} is truncated")
+            if verify:
                 decode_chunk(loc, stored)
-            except CorruptData as exc:
-                report.errors.append(f"not repacking pack {pack[:12]}: {exc} (run `tessera fsck`)")
-                return None
-            out.append((loc, stored))
-    finally:
-        os.close(fd)
-    return out
+            yield loc, stored
 
 
 def _seal_and_move(catalog: Catalog, writer: PackWriter, group: list[str], report: GcReport) -> None:

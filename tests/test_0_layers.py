@@ -23,7 +23,8 @@ RANKS = [
     "tessera.config", "tessera.retention",
     # the catalog: the only SQL
     "tessera.catalog.sqlite", "tessera.catalog.schema", "tessera.catalog.catalog", "tessera.catalog", "tessera.catalog.remote_state",
-    "tessera.catalog.daemon_state", "tessera.catalog.worktree_state", "tessera.catalog.lifecycle_state",
+    "tessera.catalog.daemon_state", "tessera.catalog.worktree_state", "tessera.catalog.marks",
+    "tessera.catalog.lifecycle_state",
     # local packs; remotes: transports (keys and bytes) and what tessera writes under the keys
     "tessera.store", "tessera.remote.base", "tessera.remote.memory", "tessera.remote.local", "tessera.remote.s3",
     "tessera.remote.retry", "tessera.remote", "tessera.remote.wire", "tessera.diskcache",

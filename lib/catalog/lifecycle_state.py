@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from tessera.catalog.catalog import Catalog
+from tessera.catalog.marks import iter_rows, temp_writes
 from tessera.config import parse_size
 from tessera.errors import UsageError
 from tessera.format.pack import BlobInfo, PACK_MAGIC
@@ -233,7 +234,6 @@ class Marks:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.trees: set[str] = set()  # tree ids marked (kept in memory too: the walker's `seen` set)
 
     def __enter__(self) -> Marks:
         with self.catalog.write() as c:
@@ -255,30 +255,30 @@ class Marks:
         except Exception:  # noqa: BLE001 - a closed or broken connection takes its temp tables with it
             pass
 
-    def add_trees(self, ids: Iterable[str]) -> None:
-        """Record tree ids a walk entered (the walker already added them to `trees`, its ``seen`` set)."""
-        ids = list(ids)
-        self.trees.update(ids)
-        with self.catalog.write() as c:
-            c.executemany("INSERT OR IGNORE INTO temp.gc_trees VALUES (?)", ((i,) for i in ids))
+    def mark_tree(self, tree_id: str) -> bool:
+        """Mark a tree; False when it was marked already (then so is everything below it)."""
+        with temp_writes(self.catalog) as c:
+            return bool(c.execute("INSERT OR IGNORE INTO temp.gc_trees VALUES (?)", (tree_id,)).rowcount)
 
     def add_files(self, ids: Sequence[str]) -> tuple[list[bytes], int]:
         """Mark file records. Returns the packed chunk lists of those not marked before (their chunks
         still need marking) and how many of those the catalog lacks (0 in a sound store)."""
-        with self.catalog.write() as c:
+        with temp_writes(self.catalog) as c:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS gc_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
             c.execute("DELETE FROM temp.gc_batch")
             c.executemany("INSERT OR IGNORE INTO temp.gc_batch VALUES (?)", ((i,) for i in ids))
-            c.execute("DELETE FROM temp.gc_batch WHERE id IN (SELECT id FROM temp.gc_files)")
+            # both forms look each batch row up (`id IN (SELECT ...)` and a plain JOIN would go through all
+            # of gc_files / files for every batch: quadratic in the file count)
+            c.execute("DELETE FROM temp.gc_batch WHERE EXISTS (SELECT 1 FROM temp.gc_files m WHERE m.id = gc_batch.id)")
             lists = [bytes(r[0]) for r in c.execute(
-                "SELECT f.chunks FROM temp.gc_batch b JOIN files f ON f.id = b.id")]
+                "SELECT f.chunks FROM temp.gc_batch b CROSS JOIN files f ON f.id = b.id")]
             fresh = c.execute("SELECT count(*) FROM temp.gc_batch").fetchone()[0]
             c.execute("INSERT INTO temp.gc_files SELECT id FROM temp.gc_batch")
             c.execute("DELETE FROM temp.gc_batch")
         return lists, int(fresh) - len(lists)
 
     def add_chunks(self, ids: Iterable[bytes]) -> None:
-        with self.catalog.write() as c:
+        with temp_writes(self.catalog) as c:
             c.executemany("INSERT OR IGNORE INTO temp.gc_chunks VALUES (?)", ((i,) for i in ids))
 
     def counts(self) -> tuple[int, int, int]:
@@ -299,12 +299,13 @@ class Marks:
             out.append(PackUse(pid, int(size), bool(local), int(n), int(b) + overhead))
         return out
 
-    def live_chunks_of(self, pack: str) -> list[tuple[bytes, int, int, int, int]]:
-        """(id, offset, stored_len, raw_len, codec) of the live chunks whose rows point into ``pack``."""
-        rows = self.catalog.query(
-            "SELECT c.id, c.offset, c.stored_len, c.raw_len, c.codec FROM chunks c JOIN temp.gc_chunks l"
-            " ON l.id = c.id WHERE c.pack = ? ORDER BY c.offset", (pack,))
-        return [(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+    def live_chunks_of(self, pack: str, page: int = 2000) -> Iterator[list[tuple[bytes, int, int, int, int]]]:
+        """(id, offset, stored_len, raw_len, codec) of the live chunks whose rows point into ``pack``, in
+        offset order, ``page`` rows at a time (a pack of small chunks holds hundreds of thousands)."""
+        for rows in iter_rows(self.catalog, "SELECT c.id, c.pack, c.offset, c.stored_len, c.raw_len, c.codec"
+                              " FROM chunks c JOIN temp.gc_chunks l ON l.id = c.id WHERE c.pack = ? ORDER BY c.offset",
+                              (pack,), page):
+            yield [(r.id, r.offset, r.stored_len, r.raw_len, r.codec) for r in rows]
 
     def marked_files(self, ids: Sequence[str]) -> set[str]:
         """Of the file ids ``ids``, those marked."""
@@ -365,11 +366,6 @@ def move_chunks(catalog: Catalog, new_pack: str, size: int, blobs: Sequence[Blob
 def known_files(catalog: Catalog, ids: Sequence[str]) -> set[str]:
     """Of the file ids (SHA-256) ``ids``, those the catalog has a record of."""
     return {r[0] for r in catalog.select_in("SELECT id FROM files WHERE id {in}", ids)}
-
-
-def chunk_stored_sizes(catalog: Catalog) -> dict[bytes, int]:
-    """Chunk id -> stored bytes, for every chunk of the catalog (`tessera du`)."""
-    return {bytes(r[0]): int(r[1]) for r in catalog.query("SELECT id, stored_len FROM chunks")}
 
 
 def local_pack_bytes(catalog: Catalog) -> int:

@@ -2,12 +2,14 @@
 
 For 100,000 and 1,000,000 files of 60 bytes, 1,000 to a directory (3,000,000 too when BENCH_SCALE >= 3;
 a BENCH_SCALE below 1 shrinks the counts): `tessera commit` and an unchanged re-commit (files/s, peak RSS),
-`tessera fsck` (peak RSS), and the FUSE mount server after `find` over the whole mount, with each
-`--listing` (median of 3 fresh mounts: time vs native `find`, the server's peak RSS). Then the memory cap check: 200,000 files committed under an address-space cap
+`tessera fsck` (peak RSS), the FUSE mount server after `find` over the whole mount, with each
+`--listing` (median of 3 fresh mounts: time vs native `find`, the server's peak RSS), and `tessera gc`
+twice: with the version kept (a full mark, nothing to delete), then after `tessera rm` (every row and
+pack swept); time and peak RSS. Then the memory cap check: 200,000 files committed under an address-space cap
 (RLIMIT_AS) of what a one-file commit needs plus 200 MiB, which the code before issue 14 exceeds (it
 needed about 420 MiB more for this tree), with the hash of an uncapped commit and an unchanged re-commit
-that reads nothing (tests/test_3_scale.py proves the same flatness on 10,000 vs 40,000 files within
-`make test`'s time). Then a distributed commit on a local Ray cluster (`ray.init(num_cpus=2)`) of
+that reads nothing (tests/test_3_scale.py proves the same flatness for commit, fsck and gc on 8,000 vs 32,000
+files within `make test`'s time). Then a distributed commit on a local Ray cluster (`ray.init(num_cpus=2)`) of
 512 MiB of 8 MiB files to a `file://` remote, with 1 and 2 tasks (MB/s).
 
 Run: `make bench` or `python tests/bench/bench_scale.py` (BENCH_SCALE=0.1 for a quick look). Trees are
@@ -100,8 +102,12 @@ def scale_rows() -> list[list[object]]:
                                 mib(rss_mount)]
             except (subprocess.CalledProcessError, StopIteration) as exc:
                 mount_cells += [f"not measured ({exc})", "-"]
+        t_gc, rss_gc, _ = peak_rss_of(["tessera", "gc"], env=env)  # everything kept: a full mark, nothing swept
+        subprocess.run(["tessera", "rm", "bench", "--yes"], env={**os.environ, **env}, check=True, capture_output=True)
+        t_sweep, rss_sweep, _ = peak_rss_of(["tessera", "gc"], env=env)  # nothing kept: every row swept
         rows.append([f"{n:,}", f"{t_commit:.1f} s ({n / t_commit:,.0f}/s)", mib(rss_commit),
-                     f"{t_re:.1f} s ({n / t_re:,.0f}/s)", mib(rss_re), f"{t_fsck:.1f} s", mib(rss_fsck), *mount_cells])
+                     f"{t_re:.1f} s ({n / t_re:,.0f}/s)", mib(rss_re), f"{t_fsck:.1f} s", mib(rss_fsck), *mount_cells,
+                     f"{t_gc:.1f} s / {t_sweep:.1f} s", f"{mib(rss_gc)} / {mib(rss_sweep)}"])
         shutil.rmtree(home, ignore_errors=True)
     return rows
 
@@ -190,10 +196,11 @@ def ray_rows() -> list[list[object]]:
 
 
 def main() -> str:
-    out = table(f"Commit, re-commit, fsck and mount vs file count (60-byte files, 1,000 per directory; cores={os.cpu_count()})",
+    out = table(f"Commit, re-commit, fsck, mount and gc vs file count (60-byte files, 1,000 per directory; cores={os.cpu_count()})",
                 ["files", "commit", "commit peak RSS", "re-commit", "re-commit peak RSS", "fsck", "fsck peak RSS",
                  "find via mount (--listing attrs), 1st / 2nd", "mount server peak RSS",
-                 "find via mount (--listing names), 1st / 2nd", "mount server peak RSS"], scale_rows())
+                 "find via mount (--listing names), 1st / 2nd", "mount server peak RSS",
+                 "gc: mark all / after rm, sweep all", "gc peak RSS"], scale_rows())
     out += "\n" + table("Commit under an address-space cap (RLIMIT_AS = a one-file commit's VmPeak + 200 MiB; "
                         "--memory 48M)", ["files", "cap", "capped commit", "time", "same hash as uncapped",
                                           "capped unchanged re-commit"], cap_rows())
