@@ -63,11 +63,6 @@ class LazyMeta:
         vobj = VersionObject.from_bytes(hash, obj, f"{remote}/{version_key(hash)}")
         return cls(catalog, remote, lambda: transport(remote), vobj)
 
-    @property
-    def requests(self) -> int:
-        """Ranged reads of location tables so far (tests and benchmarks count them)."""
-        return sum(x.requests for x in self._tables.values())
-
     def _table(self, key: str, kind: int) -> RemoteTable:
         with self._lock:
             if self._t is None:

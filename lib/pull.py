@@ -187,8 +187,9 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
             progress.advance(1)
 
         run_parallel(FETCH_WORKERS, [partial(get_list, s) for s in vobj.pack_lists])
-        _need_count(len(packs) == vobj.pack_count, where, f"its pack lists name {len(packs)} packs, it says "
-                                                           f"{vobj.pack_count}")
+        if len(packs) != vobj.pack_count:
+            raise CorruptData(f"{where} is malformed: its pack lists name {len(packs)} packs, it says "
+                              f"{vobj.pack_count}")
         local = catalog.pack_states(sorted(packs))
         covered: set[str] = set()
 
@@ -221,11 +222,6 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
     closure = _check_closure(catalog, t, vobj, where)
     keys = vobj.keys + [pack_key(p) for p in packs]
     return closure.files, closure.size, keys
-
-
-def _need_count(ok: bool, where: str, what: str) -> None:
-    if not ok:
-        raise CorruptData(f"{where} is malformed: {what}")
 
 
 def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, required_by: str,

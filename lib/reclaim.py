@@ -27,11 +27,9 @@ when the pack it knew is gone (`tessera.reader`); an fd already open on a delete
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,13 +46,13 @@ from tessera.catalog.lifecycle_state import (
     move_chunks,
     pack_ids,
 )
-from tessera.errors import CorruptData, TesseraError, raise_os_error
+from tessera.errors import CorruptData, raise_os_error
 from tessera.faults import crash_point
 from tessera.filecache import FileCache, images_dir
 from tessera.model import DIR, FILE, ChunkLocation, FileRecord
 from tessera.mounting import kernel_records, record_active
 from tessera.progress import NullProgress, Progress
-from tessera.store import PackWriter, Store, decode_chunk
+from tessera.store import PackWriter, Store, decode_chunk, flock_polling
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +185,7 @@ def _one_gc(store: Store) -> Iterator[None]:
     try:
         # a short grace: a process another thread of a finished gc's process forked and has not yet
         # exec'd (CLOEXEC acts only at exec) still holds that gc's lock for a moment
-        deadline = time.monotonic() + GC_LOCK_GRACE
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TesseraError("another gc is already running in this home") from None
-                time.sleep(0.05)
+        flock_polling(fd, GC_LOCK_GRACE, "another gc is already running in this home")
         yield
     finally:
         os.close(fd)

@@ -38,6 +38,20 @@ from tessera.model import ChunkLocation
 logger = logging.getLogger(__name__)
 
 
+def flock_polling(fd: int, wait: float, busy: str) -> None:
+    """Take an exclusive ``flock`` on ``fd``, trying for ``wait`` seconds (polling, so the caller never
+    queues behind other waiters); `TesseraError` ``busy`` if it stays taken."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TesseraError(busy) from None
+            time.sleep(0.05)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -269,15 +283,7 @@ class Store:
         ``wait``: keep trying that many seconds (polling, so writers are never queued behind us)."""
         fd = os.open(self.home / "write.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TesseraError("another tessera process is writing to this home; run gc later") from None
-                    time.sleep(0.05)
+            flock_polling(fd, wait, "another tessera process is writing to this home; run gc later")
             yield
         finally:
             os.close(fd)

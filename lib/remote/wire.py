@@ -474,35 +474,24 @@ class RemoteTable:
             return self._head
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, table.Row]:
-        """The rows of ``keys`` that this table holds."""
+        """The rows of ``keys`` that this table holds: each key's bucket, neighbouring buckets (rows less
+        than 16 KiB apart) in one ranged read, or from the whole table once lookups spread over it."""
         head = self.head()
         wanted: dict[int, list[bytes]] = {}
         for k in keys:
             wanted.setdefault(head.bucket(k), []).append(k)
-        spans = sorted((*head.bucket_span(b), b) for b in wanted)
-        spans = [s for s in spans if s[1] > s[0]]
-        out: dict[bytes, table.Row] = {}
+        spans = [s for s in sorted((*head.bucket_span(b), b) for b in wanted) if s[1] > s[0]]
         if self._whole is None and (len(spans) > 4 or self.requests >= 16) and head.size <= WHOLE_TABLE_MAX:
-            self._read_whole(head)  # reads spread over the table: one GET of all of it beats many
-        if self._whole is not None:
-            for first, end, b in spans:
-                rows = table.decode_rows(head, self._whole[head.rows_start + first * head.row_len:
-                                                           head.rows_start + end * head.row_len], first, self.where)
-                for k in wanted[b]:
-                    row = table.find(rows, k)
-                    if row is not None:
-                        out[k] = row
-            return out
+            self.whole()  # reads spread over the table: one GET of all of it beats many
+        out: dict[bytes, table.Row] = {}
         i = 0
-        while i < len(spans):  # neighbouring buckets (rows less than a few KiB apart) in one ranged read
+        while i < len(spans):
             j = i
-            while j + 1 < len(spans) and (spans[j + 1][0] - spans[j][1]) * head.row_len < 16 << 10:
+            while (self._whole is None and j + 1 < len(spans)
+                   and (spans[j + 1][0] - spans[j][1]) * head.row_len < 16 << 10):
                 j += 1
             first, end = spans[i][0], spans[j][1]
-            data = self._get(head.rows_start + first * head.row_len, (end - first) * head.row_len)
-            if len(data) != (end - first) * head.row_len:
-                raise CorruptData(f"{self.where} is malformed: truncated")
-            rows = table.decode_rows(head, data, first, self.where)
+            rows = table.decode_rows(head, self._rows(head, first, end), first, self.where)
             for _, _, b in spans[i:j + 1]:
                 for k in wanted[b]:
                     row = table.find(rows, k)
@@ -511,22 +500,22 @@ class RemoteTable:
             i = j + 1
         return out
 
-
-    def _read_whole(self, head: table.Head) -> None:
-        data = self._get(0, head.size)
-        name = self.key.rsplit("/", 1)[-1]
-        if len(data) != head.size or sha256_hex(data) != name:
-            raise CorruptData(f"{self.where} fails its hash check")
-        self._whole = data
+    def _rows(self, head: table.Head, first: int, end: int) -> bytes:
+        start, length = head.rows_start + first * head.row_len, (end - first) * head.row_len
+        data = self._whole[start:start + length] if self._whole is not None else self._get(start, length)
+        if len(data) != length:
+            raise CorruptData(f"{self.where} is malformed: truncated")
+        return data
 
     def whole(self) -> bytes:
         """All of the table, read once and checked against its SHA-256 (its name)."""
+        head = self.head()
         with self._lock:
             if self._whole is None:
-                head = self._head
-                assert head is not None, "head() first"
-                self._read_whole(head)
-            assert self._whole is not None
+                data = self._get(0, head.size)
+                if len(data) != head.size or sha256_hex(data) != self.key.rsplit("/", 1)[-1]:
+                    raise CorruptData(f"{self.where} fails its hash check")
+                self._whole = data
             return self._whole
 
 

@@ -21,17 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SCALE, WORK, peak_rss_of, table  # noqa: E402
+from common import WORK, peak_rss_of, table  # noqa: E402
+from bench_scale import counts, mib  # noqa: E402  (the same file counts as bench_scale.py)
 from scale_tree import make_flat_files  # noqa: E402
-
-
-def counts() -> list[int]:
-    base = [100_000, 1_000_000] + ([3_000_000] if SCALE >= 3 else [])
-    return [max(1000, int(n * min(SCALE, 1.0))) for n in base]
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
 
 
 def _find_via_mount(home: Path, ref: str, mnt: Path) -> str:
