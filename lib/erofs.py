@@ -1,5 +1,5 @@
-"""A metadata-only EROFS image writer (bytes in, bytes out): the directory tree of a version, with
-every regular file's data left out and its content named by extended attributes instead.
+"""An EROFS image writer (bytes in, bytes out): the directory tree of a version, with every regular
+file's data either left out and named by extended attributes, or (small files) inline in the image.
 
 The image is one half of the kernel mount (the composefs design, see docs/mount.md): overlayfs stacks
 it over a directory of whole files named by SHA-256, and each file's ``trusted.overlay.redirect`` /
@@ -22,21 +22,26 @@ What is written (4 KiB blocks, little endian; the format tessera uses, versioned
 - after the inodes: directory blocks (``FLAT_PLAIN``), entries (``.`` and ``..`` included) sorted
   by name bytes, as the kernel's binary search expects;
 - regular files with data are ``CHUNK_BASED`` with a single chunk covering the whole file whose
-  block address is ``EROFS_NULL_ADDR``: a hole, so the image holds no file data at all; empty files
-  are ``FLAT_PLAIN`` with size 0.
+  block address is ``EROFS_NULL_ADDR``: a hole, so the image holds none of their data; empty files
+  are ``FLAT_PLAIN`` with size 0; a file the caller marks ``inline`` is ``FLAT_INLINE``: its bytes
+  follow its inode and xattrs in the same metadata block (`fits_inline` says whether they can).
 
 Compact (32-byte) inodes are used unless a file is 4 GiB or larger (then the 64-byte form).
+
+The writer streams: it lists the tree twice through a `DirSource` (once to place every inode and
+directory block, once to write them), holding one directory's entries and one small record per
+directory, never the whole tree, so a million-file image costs the memory of its largest directory.
 """
 from __future__ import annotations
 
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Protocol
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FORMAT = 1  # bump when the layout tessera writes changes (the image cache is keyed by it)
+IMAGE_FORMAT = 2  # bump when the layout tessera writes changes (the image cache is keyed by it)
 
 BLOCK_BITS = 12
 BLOCK = 1 << BLOCK_BITS
@@ -76,8 +81,33 @@ class Node:
     target: bytes = b""
     xattrs: list[tuple[str, bytes]] = field(default_factory=list)
     children: list["Node"] = field(default_factory=list)
+    inline: bool = False  # a file whose bytes the image holds (`DirSource.fill` gives them as ``data``)
+    data: bytes | None = None
+    ref: object = None  # the source's handle of a directory (what `DirSource.children` is given)
     nid: int = 0
-    _xattr_body: bytes = b""
+    _xattr_len: int = 0
+
+
+class DirSource(Protocol):
+    """What the writer lists: a directory's entries (grandchildren not needed), and inline files' bytes."""
+
+    def children(self, directory: Node) -> list[Node]:
+        """The entries of ``directory``; the same list each time it is asked."""
+
+    def fill(self, files: list[Node]) -> None:
+        """Set ``data`` of these ``inline`` files (their bytes, checked by the source)."""
+
+
+class _TreeSource:
+    """A tree of `Node` held in memory as a `DirSource`."""
+
+    def children(self, directory: Node) -> list[Node]:
+        return directory.children
+
+    def fill(self, files: list[Node]) -> None:
+        for f in files:
+            if f.data is None:
+                raise ImageError(f"inline file {f.name!r} has no data")
 
 
 @dataclass(frozen=True)
@@ -111,24 +141,35 @@ def encode_xattrs(xattrs: list[tuple[str, bytes]]) -> bytes:
     return bytes(out)
 
 
+def xattrs_size(xattrs: list[tuple[str, bytes]]) -> int:
+    """``len(encode_xattrs(xattrs))``, without encoding them."""
+    if not xattrs:
+        return 0
+    n = _XATTR_HEADER.size
+    for name, value in xattrs:
+        for prefix, _ in XATTR_PREFIXES:
+            if name.startswith(prefix):
+                n += _align(_XATTR_ENTRY.size + len(name) - len(prefix) + len(value), 4)
+                break
+        else:
+            raise ImageError(f"xattr {name!r} has no EROFS name index (user., trusted., security.)")
+    return n
+
+
 def _record_size(node: Node, extended: bool) -> int:
-    size = (64 if extended else 32) + len(node._xattr_body)
-    if node.kind == "file" and node.size:
+    size = (64 if extended else 32) + node._xattr_len
+    if node.kind == "file" and node.inline:
+        size += node.size
+    elif node.kind == "file" and node.size:
         size = _align(size, 4) + 4  # one block-map entry
     elif node.kind == "symlink":
         size += len(node.target)
     return size
 
 
-def _walk(root: Node) -> Iterator[Node]:
-    queue = [root]
-    i = 0
-    while i < len(queue):
-        node = queue[i]
-        i += 1
-        yield node
-        if node.kind == "dir":
-            queue.extend(node.children)
+def fits_inline(size: int, xattrs: list[tuple[str, bytes]]) -> bool:
+    """Whether a file of ``size`` bytes with these xattrs can keep its bytes in its inode's block."""
+    return 0 < size < BLOCK and 32 + xattrs_size(xattrs) + size <= BLOCK
 
 
 def _dir_blocks(entries: list[tuple[bytes, int, int]]) -> list[bytes]:
@@ -159,104 +200,192 @@ def _dir_block(entries: list[tuple[bytes, int, int]], pad: bool) -> bytes:
 
 
 def write_image(out: BinaryIO, root: Node, *, mtime_ns: int, uuid: bytes = b"\0" * 16,
-                volume_name: bytes = b"tessera") -> ImageStats:
+                volume_name: bytes = b"tessera", source: DirSource | None = None) -> ImageStats:
     """Write ``root`` (a "dir" Node) as an EROFS image to ``out`` (positioned at 0). Every inode shows
-    ``mtime_ns``, owner 0:0. Deterministic: the same tree gives the same bytes."""
+    ``mtime_ns``, owner 0:0. Deterministic: the same tree gives the same bytes. Directories are listed
+    through ``source`` (default: each Node's ``children``), twice."""
     if root.kind != "dir":
         raise ImageError("the image root must be a directory")
-    nodes = list(_walk(root))
-    # 1. inode records in the metadata area: nids. Slot 0 stays unused: nid 0 would show as inode
-    #    number 0, which readdir(3) takes for a deleted entry (it would hide "." and "..").
-    pos = SLOT
-    for node in nodes:
-        if len(node.name) > NAME_MAX:
-            raise ImageError(f"name too long for EROFS ({len(node.name)} bytes): {node.name[:40]!r}...")
-        node._xattr_body = encode_xattrs(node.xattrs)
-        size = _record_size(node, node.size >= 1 << 32)
-        pos = _align(pos, SLOT)
-        if size <= BLOCK and pos // BLOCK != (pos + size - 1) // BLOCK:
-            pos = _align(pos, BLOCK)
-        if node.kind == "symlink" and size > BLOCK:
-            raise ImageError(f"symlink target too long: {node.name!r}")
-        node.nid = pos // SLOT
-        pos += size
-    meta_blocks = max(1, _align(pos, BLOCK) // BLOCK)
-    if nodes[0].nid != 1:
+    src: DirSource = source or _TreeSource()
+    layout = _Layout()
+    layout.place(root)
+    if root.nid != 1:
         raise AssertionError("the root must be nid 1")
-    # 2. directory blocks after the metadata area
-    dir_data: dict[int, list[bytes]] = {}
-    parents: dict[int, int] = {id(root): root.nid}
-    next_block = 1 + meta_blocks
-    dir_start: dict[int, int] = {}
-    for node in nodes:
-        if node.kind != "dir":
-            continue
-        for child in node.children:
-            parents[id(child)] = node.nid
-        ents = [(b".", node.nid, FT_DIR), (b"..", parents[id(node)], FT_DIR)]
-        ents += [(c.name, c.nid, {"file": FT_REG_FILE, "dir": FT_DIR, "symlink": FT_SYMLINK}[c.kind])
-                 for c in node.children]
-        ents.sort(key=lambda e: e[0])
-        for a, b in zip(ents, ents[1:]):
-            if a[0] == b[0]:
-                raise ImageError(f"duplicate name {a[0]!r} in a directory")
-        blocks = _dir_blocks(ents)
-        dir_data[node.nid] = blocks
-        dir_start[node.nid] = next_block
-        node.size = (len(blocks) - 1) * BLOCK + len(blocks[-1])
-        next_block += len(blocks)
-    total_blocks = next_block
-    # 3. the metadata area
-    meta = bytearray(meta_blocks * BLOCK)
+    # 1. place every inode (nids, breadth first) and size every directory, one directory at a time
+    dirs = [_Dir(root, root.nid)]
+    i = 0
+    while i < len(dirs):
+        d = dirs[i]
+        i += 1
+        kids = src.children(d.node)
+        for child in kids:
+            layout.place(child)
+        d.nlink = 2 + sum(1 for c in kids if c.kind == "dir")
+        d.blocks = _dir_blocks(_dirents(d, kids))
+        d.size = (len(d.blocks) - 1) * BLOCK + len(d.blocks[-1])
+        d.blocks = []  # only the size is kept: the blocks are made again when written
+        dirs += [_Dir(c, d.node.nid) for c in kids if c.kind == "dir"]
+    meta_blocks = max(1, _align(layout.pos, BLOCK) // BLOCK)
+    start = 1 + meta_blocks
+    for d in dirs:
+        d.start = start
+        start += (d.size + BLOCK - 1) // BLOCK
+    total_blocks = start
+    # 2. write: superblock, then the metadata area and the directory blocks as two sequential streams
     sec, nsec = divmod(mtime_ns, 10**9)
-    for node in nodes:
-        _put_inode(meta, node, dir_start.get(node.nid, 0), sec, nsec)
-    # 4. superblock, then everything in order
-    sb = _SUPER.pack(MAGIC, 0, 0, BLOCK_BITS, 0, root.nid, len(nodes), sec, nsec, total_blocks, 1, 0,
+    sb = _SUPER.pack(MAGIC, 0, 0, BLOCK_BITS, 0, root.nid, layout.count, sec, nsec, total_blocks, 1, 0,
                      uuid[:16].ljust(16, b"\0"), volume_name[:16].ljust(16, b"\0"), FEATURE_INCOMPAT_CHUNKED_FILE,
                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     block0 = bytearray(BLOCK)
     block0[SUPER_OFFSET:SUPER_OFFSET + len(sb)] = sb
     out.write(block0)
-    out.write(meta)
-    for node in nodes:
-        if node.kind == "dir":
-            blocks = dir_data[node.nid]
-            out.write(b"".join(blocks[:-1]) + blocks[-1] + b"\0" * (BLOCK - len(blocks[-1])))
-    return ImageStats(len(nodes), total_blocks * BLOCK, meta_blocks, total_blocks - 1 - meta_blocks)
+    meta = _Stream(out, BLOCK)
+    dir_out = _Stream(out, (1 + meta_blocks) * BLOCK)
+    by_nid = {d.node.nid: d for d in dirs}
+    again = _Layout()
+    again.place(root)
+    meta.put(root.nid * SLOT, _inode(root, dirs[0], sec, nsec))
+    for d in dirs:
+        kids = src.children(d.node)
+        inline = [c for c in kids if c.kind == "file" and c.inline]
+        if inline:
+            src.fill(inline)
+        for child in kids:
+            again.place(child)
+            d_child = by_nid.get(child.nid)
+            if (child.kind == "dir") != (d_child is not None and d_child.node.name == child.name):
+                raise ImageError("the tree changed while its image was written")
+            meta.put(child.nid * SLOT, _inode(child, d_child, sec, nsec))
+            child.data = None
+        blocks = _dir_blocks(_dirents(d, kids))
+        dir_out.put((d.start - 1 - meta_blocks) * BLOCK, b"".join(blocks))
+    if (again.pos, again.count) != (layout.pos, layout.count):
+        raise ImageError("the tree changed while its image was written")
+    meta.pad_to(meta_blocks * BLOCK)
+    meta.flush()
+    dir_out.pad_to((total_blocks - 1 - meta_blocks) * BLOCK)
+    dir_out.flush()
+    return ImageStats(layout.count, total_blocks * BLOCK, meta_blocks, total_blocks - 1 - meta_blocks)
 
 
-def _put_inode(meta: bytearray, node: Node, dir_block: int, sec: int, nsec: int) -> None:
-    xbody = node._xattr_body
+@dataclass
+class _Dir:
+    """What the writer keeps of one directory between its two passes."""
+
+    node: Node
+    parent: int
+    nlink: int = 2
+    size: int = 0
+    start: int = 0
+    blocks: list[bytes] = field(default_factory=list)
+
+
+class _Layout:
+    """Places inode records one after another in the metadata area (32-byte slots; a record that fits
+    in a block never straddles two). Slot 0 stays unused: nid 0 would show as inode number 0, which
+    readdir(3) takes for a deleted entry (it would hide "." and "..")."""
+
+    def __init__(self) -> None:
+        self.pos = SLOT
+        self.count = 0
+
+    def place(self, node: Node) -> None:
+        if len(node.name) > NAME_MAX:
+            raise ImageError(f"name too long for EROFS ({len(node.name)} bytes): {node.name[:40]!r}...")
+        node._xattr_len = xattrs_size(node.xattrs)
+        if node.inline and not (node.kind == "file" and 0 < node.size < BLOCK
+                                and 32 + node._xattr_len + node.size <= BLOCK):
+            raise ImageError(f"file {node.name!r} cannot be held inline")
+        size = _record_size(node, node.size >= 1 << 32)
+        pos = _align(self.pos, SLOT)
+        if size <= BLOCK and pos // BLOCK != (pos + size - 1) // BLOCK:
+            pos = _align(pos, BLOCK)
+        if node.kind == "symlink" and size > BLOCK:
+            raise ImageError(f"symlink target too long: {node.name!r}")
+        node.nid = pos // SLOT
+        self.pos = pos + size
+        self.count += 1
+
+
+class _Stream:
+    """Sequential writes at increasing offsets from ``base`` of ``out``, gaps filled with zeros."""
+
+    FLUSH = 1 << 20
+
+    def __init__(self, out: BinaryIO, base: int) -> None:
+        self.out = out
+        self.base = base
+        self.done = 0  # bytes written out so far
+        self.buf = bytearray()
+
+    def put(self, at: int, data: bytes) -> None:
+        end = self.done + len(self.buf)
+        if at < end:
+            raise AssertionError("image records out of order")
+        self.buf += b"\0" * (at - end)
+        self.buf += data
+        if len(self.buf) >= self.FLUSH:
+            self.flush()
+
+    def pad_to(self, size: int) -> None:
+        self.put(size, b"")
+
+    def flush(self) -> None:
+        if self.buf:
+            self.out.seek(self.base + self.done)
+            self.out.write(self.buf)
+            self.done += len(self.buf)
+            self.buf = bytearray()
+
+
+def _dirents(d: _Dir, kids: list[Node]) -> list[tuple[bytes, int, int]]:
+    ents = [(b".", d.node.nid, FT_DIR), (b"..", d.parent, FT_DIR)]
+    ents += [(c.name, c.nid, {"file": FT_REG_FILE, "dir": FT_DIR, "symlink": FT_SYMLINK}[c.kind]) for c in kids]
+    ents.sort(key=lambda e: e[0])
+    for a, b in zip(ents, ents[1:]):
+        if a[0] == b[0]:
+            raise ImageError(f"duplicate name {a[0]!r} in a directory")
+    return ents
+
+
+def _inode(node: Node, d: _Dir | None, sec: int, nsec: int) -> bytes:
+    """The inode record of ``node`` (``d``: its directory's layout, for a directory)."""
+    xbody = encode_xattrs(node.xattrs)
     icount = (len(xbody) - _XATTR_HEADER.size) // 4 + 1 if xbody else 0
-    extended = node.size >= 1 << 32
     tail = b""
+    size = node.size
     if node.kind == "dir":
-        layout, i_u, kind_bits = FLAT_PLAIN, dir_block, S_IFDIR
-        nlink = 2 + sum(1 for c in node.children if c.kind == "dir")
+        if d is None:
+            raise AssertionError("a directory without its layout")
+        layout, i_u, kind_bits, nlink, size = FLAT_PLAIN, d.start, S_IFDIR, d.nlink, d.size
     elif node.kind == "symlink":
         layout, i_u, kind_bits, nlink = FLAT_INLINE, 0, S_IFLNK, 1
         tail = node.target
-        node.size = len(node.target)
-    elif node.size:
-        chunkbits = max(BLOCK_BITS, (node.size - 1).bit_length())
+        size = len(node.target)
+    elif node.inline:
+        if node.data is None or len(node.data) != node.size:
+            raise ImageError(f"inline file {node.name!r}: {0 if node.data is None else len(node.data)} bytes "
+                             f"given for {node.size}")
+        layout, i_u, kind_bits, nlink = FLAT_INLINE, 0, S_IFREG, 1
+        tail = node.data
+    elif size:
+        chunkbits = max(BLOCK_BITS, (size - 1).bit_length())
         if chunkbits - BLOCK_BITS > 31:
             raise ImageError(f"file too large for one EROFS chunk: {node.name!r}")
         layout, i_u, kind_bits, nlink = CHUNK_BASED, chunkbits - BLOCK_BITS, S_IFREG, 1
     else:
         layout, i_u, kind_bits, nlink = FLAT_PLAIN, 0, S_IFREG, 1
+    extended = size >= 1 << 32
     mode = kind_bits | (node.mode & 0o7777)
     ino = node.nid & 0xFFFFFFFF
     if extended:
-        raw = _EXTENDED.pack(1 | layout << 1, icount, mode, 0, node.size, i_u, ino, 0, 0, sec, nsec, nlink)
+        raw = _EXTENDED.pack(1 | layout << 1, icount, mode, 0, size, i_u, ino, 0, 0, sec, nsec, nlink)
     else:
-        raw = _COMPACT.pack(layout << 1, icount, mode, nlink, node.size, 0, i_u, ino, 0, 0, 0)
-    at = node.nid * SLOT
+        raw = _COMPACT.pack(layout << 1, icount, mode, nlink, size, 0, i_u, ino, 0, 0, 0)
     rec = raw + xbody
     if layout == CHUNK_BASED:
         rec += b"\0" * (_align(len(rec), 4) - len(rec)) + struct.pack("<I", NULL_ADDR32)
-    rec += tail
-    meta[at:at + len(rec)] = rec
+    return rec + tail
 
 
 def read_superblock(data: bytes) -> dict[str, int]:
@@ -270,4 +399,5 @@ def read_superblock(data: bytes) -> dict[str, int]:
             "blocks": f[9], "meta_blkaddr": f[10], "feature_incompat": f[14]}
 
 
-__all__ = ["IMAGE_FORMAT", "ImageError", "ImageStats", "Node", "write_image", "encode_xattrs", "read_superblock"]
+__all__ = ["IMAGE_FORMAT", "ImageError", "ImageStats", "Node", "DirSource", "write_image", "encode_xattrs",
+           "fits_inline", "read_superblock"]

@@ -372,13 +372,14 @@ class FileCache:
 
     def evict(self, want: int, keep: set[str]) -> int:
         """Delete files not in ``keep``, least recently read first, until ``want`` bytes are freed
-        (``want < 0``: every such file). Images of unmounted versions go first (`on_evict`)."""
+        (``want < 0``: every such file, and every image of an unmounted version even when no file
+        goes: an image of small files only needs none). Images of unmounted versions go first (`on_evict`)."""
         with self.locked():
             victims = sorted((st.st_atime_ns, sha, st.st_size) for sha, st in self.iter_files() if sha not in keep)
+            if (victims or want < 0) and self._on_evict is not None:
+                self._on_evict()
             if not victims:
                 return 0
-            if self._on_evict is not None:
-                self._on_evict()
             freed = 0
             for _, sha, size in victims:
                 if 0 <= want <= freed:

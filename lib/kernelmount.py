@@ -9,19 +9,23 @@ Mounting (`mount_kernel`), under the file cache lock:
 
 1. a registry record (kind ``kernel``, the mounting process's pid) is written first, so a process
    killed at any later step leaves something `tessera umount` finds and cleans;
-2. the version's files the cache lacks are materialized (`FileCache.materialize`);
-3. its image is built unless cached: every file's inode carries ``trusted.overlay.metacopy`` and
-   ``trusted.overlay.redirect=/ab/<sha256>`` (plus ``user.tessera.sha256``), every inode shows the
-   version's commit time; written to a temp name, fsynced, renamed;
+2. the version's files larger than ``INLINE_MAX`` the cache lacks are materialized
+   (`FileCache.materialize`);
+3. its image is built unless cached: every such file's inode carries ``trusted.overlay.metacopy`` and
+   ``trusted.overlay.redirect=/ab/<sha256>``, a smaller file holds its bytes in the image itself (read
+   from the packs and checked against its SHA-256 while the image is written), every file carries
+   ``user.tessera.sha256``, every inode shows the version's commit time; written to a temp name,
+   fsynced, renamed. The image is written in two streaming passes over the version's trees
+   (`tessera.erofs`): memory is bounded by the largest directory, not by the file count;
 4. the image is mounted read-only (file-backed EROFS) at the staging directory, then overlayfs at the
    mountpoint: ``lowerdir=<staging>::<files>,redirect_dir=on,metacopy=on`` (``::`` makes ``files``
    a data-only layer: never listed, only reached by redirects), source ``tessera:<name>@<hash12>``;
 5. the staging mount is detached (overlayfs holds its own reference), so one mount remains: the
    overlay. The record's pid becomes 0 (no process serves the mount).
 
-An image exists only while all of its version's files are in the cache: it is written after they
-are, and eviction removes every image of an unmounted version before it removes a file. So an image
-on disk means "this version mounts now, without reading anything".
+An image exists only while all of its version's cached (larger) files are in the cache: it is written
+after they are, and eviction removes every image of an unmounted version before it removes a file. So
+an image on disk means "this version mounts now, without reading anything".
 """
 from __future__ import annotations
 
@@ -39,15 +43,17 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Callable
 
 from tessera.config import FileCacheSettings
-from tessera.erofs import IMAGE_FORMAT, Node, write_image
-from tessera.errors import DiskFull, MountError, TesseraError, UsageError
+from tessera.erofs import IMAGE_FORMAT, Node, fits_inline, write_image
+from tessera.errors import CorruptData, DiskFull, MountError, TesseraError, UsageError
 from tessera.faults import crash_point
 from tessera.home import is_read_only
-from tessera.filecache import IMAGES_DIR, FileCache, Missing, file_entries
-from tessera.model import DIR, FILE, SYMLINK, Entry
+from tessera.filecache import IMAGES_DIR, FileCache, Missing
+from tessera.ids import sha256_hex
+from tessera.model import DIR, FILE, SYMLINK, Entry, TreeEntry
 from tessera.mounting import (
     KERNEL,
     KERNEL_DIR,
@@ -79,6 +85,8 @@ XATTR_META = "user.tessera.meta"
 XATTR_REF = "user.tessera.ref"
 MS_RDONLY = 1
 PROBE_VERSION = 1
+INLINE_MAX = 2048  # files up to this size live in the image itself: nothing to cache, one inode read
+BATCH = 4096  # files whose records and chunk locations are looked up at once
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -160,47 +168,104 @@ def image_path(home: Path, version: "Version") -> Path:
     return home / IMAGES_DIR / f"{version.hash}-{key}.erofs"
 
 
-def image_tree(version: "Version", cache: FileCache, walked: "list[Entry] | None" = None) -> Node:
-    """The version as image nodes: files redirect into ``cache``; directories, symlinks, modes and
-    per-entry metadata as committed. ``walked``: ``list(version.walk(dirs=True))`` if already made."""
-    root = Node(b"", "dir", 0o755, xattrs=[(XATTR_REF, version.ref.encode())])
-    dirs: dict[str, Node] = {"": root}
-    for e in version.walk(dirs=True) if walked is None else walked:
-        parent_path, _, name = e.path.rpartition("/")
-        parent = dirs[parent_path]
-        xattrs: list[tuple[str, bytes]] = []
-        if e.kind == FILE and e.sha256:
-            if e.size:
-                xattrs += [("trusted.overlay.metacopy", b""),
-                           ("trusted.overlay.redirect", cache.redirect(e.sha256).encode())]
-            xattrs.append((XATTR_SHA256, e.sha256.encode()))
-        if e.meta and e.kind != SYMLINK:  # the kernel allows user.* xattrs on files and directories only
-            xattrs.append((XATTR_META, json.dumps(e.meta, sort_keys=True, ensure_ascii=False).encode()))
-        node = Node(name.encode("utf-8", "surrogateescape"), e.kind, e.mode, e.size if e.kind == FILE else 0,
-                    (e.target or "").encode("utf-8", "surrogateescape"), xattrs)
-        parent.children.append(node)
-        if e.kind == DIR:
-            dirs[e.path] = node
-    return root
+def _file_xattrs(sha: str, meta: dict[str, object], cache: FileCache | None) -> list[tuple[str, bytes]]:
+    """A file's xattrs: redirected into ``cache`` (a file the cache holds), or not (``None``: inline or empty)."""
+    xattrs: list[tuple[str, bytes]] = []
+    if cache is not None:
+        xattrs += [("trusted.overlay.metacopy", b""), ("trusted.overlay.redirect", cache.redirect(sha).encode())]
+    xattrs.append((XATTR_SHA256, sha.encode()))
+    if meta:
+        xattrs.append((XATTR_META, json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()))
+    return xattrs
 
 
-def build_image(version: "Version", cache: FileCache, path: Path, walked: "list[Entry] | None" = None) -> Path:
+def is_inline(e: Entry | TreeEntry) -> bool:
+    """Whether the image holds this file's bytes (a file of at most ``INLINE_MAX`` bytes whose inode,
+    xattrs and bytes fit in one block); otherwise the file cache does."""
+    sha = e.sha256 if isinstance(e, Entry) else e.id
+    return (e.kind == FILE and sha is not None and 0 < e.size <= INLINE_MAX
+            and fits_inline(e.size, _file_xattrs(sha, e.meta, None)))
+
+
+def cached_files(entries: "Iterable[Entry]") -> "Iterator[Entry]":
+    """The files of ``entries`` the kernel path needs in the file cache (content, not inline)."""
+    return (e for e in entries if e.is_file and e.sha256 and e.size > 0 and not is_inline(e))
+
+
+class _ImageSource:
+    """The version's trees as the image writer lists them (`tessera.erofs.DirSource`); inline files'
+    bytes are read from its chunks, checked against their SHA-256. ``local_only``: refuse (MountError)
+    to read a chunk that is not in a local pack instead of fetching it."""
+
+    def __init__(self, version: "Version", cache: FileCache, *, local_only: bool) -> None:
+        self.version = version
+        self.cache = cache
+        self.local_only = local_only
+
+    def root(self) -> Node:
+        return Node(b"", "dir", 0o755, xattrs=[(XATTR_REF, self.version.ref.encode())], ref=self.version.hash)
+
+    def children(self, directory: Node) -> list[Node]:
+        out = []
+        for te in self.version.tree(str(directory.ref)).entries:
+            name = te.name.encode("utf-8", "surrogateescape")
+            if te.kind == FILE:
+                inline = is_inline(te)
+                xattrs = (_file_xattrs(te.id, te.meta, None if inline or not te.size else self.cache) if te.id else
+                          [(XATTR_META, json.dumps(te.meta, sort_keys=True, ensure_ascii=False).encode())] if te.meta else [])
+                out.append(Node(name, FILE, te.mode, te.size, xattrs=xattrs, inline=inline, ref=te.id))
+            elif te.kind == DIR:
+                meta = [(XATTR_META, json.dumps(te.meta, sort_keys=True, ensure_ascii=False).encode())] if te.meta else []
+                out.append(Node(name, DIR, te.mode, xattrs=meta, ref=te.id))
+            else:  # the kernel allows user.* xattrs on files and directories only
+                out.append(Node(name, te.kind, te.mode, target=(te.target or "").encode("utf-8", "surrogateescape")))
+        return out
+
+    def fill(self, files: list[Node]) -> None:
+        for i in range(0, len(files), BATCH):
+            self._fill(files[i:i + BATCH])
+
+    def _fill(self, files: list[Node]) -> None:
+        v = self.version
+        records = v.trees.file_records(sorted({str(f.ref) for f in files}))
+        ids = sorted({cid for r in records.values() for cid, _ in r.chunks})
+        locs = v.chunks.locations(ids)
+        if self.local_only and not all(cid in locs and v.chunks.is_local(locs[cid].pack) for cid in ids):
+            raise MountError(f"{v.name}@{v.hash[:12]}: its files are not all local (lazy remote version); "
+                             "`tessera pull` it first, or mount with --kernel to fetch them")
+        data = {cid: v.chunks.read_chunk(locs[cid])
+                for cid in sorted(ids, key=lambda c: (locs[c].pack, locs[c].offset) if c in locs else ("", 0))
+                if cid in locs}
+        for f in files:
+            sha = str(f.ref)
+            rec = records.get(sha)
+            if rec is None or any(cid not in data for cid, _ in rec.chunks):
+                raise CorruptData(f"{v.name}@{v.hash[:12]}: the file record or a chunk of {f.name!r} is missing")
+            body = b"".join(data[cid] for cid, _ in rec.chunks)
+            if len(body) != f.size or sha256_hex(body) != sha:
+                raise CorruptData(f"{v.name}@{v.hash[:12]}:{f.name!r}: the bytes read do not match its SHA-256 "
+                                  f"{sha[:16]}...; no image written")
+            f.data = body
+
+
+def build_image(version: "Version", cache: FileCache, path: Path, *, local_only: bool = False) -> Path:
     """Write the version's image to ``path`` (temp name, fsync, rename); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     try:
         with open(tmp, "wb") as f:
-            st = write_image(f, image_tree(version, cache, walked), mtime_ns=mtime_ns_of(version),
-                             uuid=bytes.fromhex(version.hash[:32]))
+            source = _ImageSource(version, cache, local_only=local_only)
+            st = write_image(f, source.root(), mtime_ns=mtime_ns_of(version), uuid=bytes.fromhex(version.hash[:32]),
+                             source=source)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o444)
         os.rename(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"disk full while writing the mount image {path} (nothing was mounted)") from None
         raise
     logger.info("image of %s: %d inodes, %d bytes in %.2f s", version.ref, st.inodes, st.bytes,
@@ -314,12 +379,18 @@ def _probe_now(kdir: Path) -> tuple[str | None, str]:
 class Choice:
     kernel: bool
     why: str = ""  # when not: one line for the user
-    missing: Missing | None = None
-    walked: "list[Entry] | None" = None  # list(version.walk(dirs=True)), when it was made
+    needs: "Needs | None" = None  # what the version needs, when it was counted
 
-    @property
-    def entries(self) -> "list[Entry] | None":
-        return None if self.walked is None else only_files(self.walked)
+
+@dataclass(frozen=True)
+class Needs:
+    """What a kernel mount of a version needs: the files it keeps in the file cache (``files``: their
+    SHA-256) and those of them the cache lacks (``missing``); ``local``: whether every byte it would
+    read (those files and the inline ones) is in a local pack (when it was checked)."""
+
+    missing: Missing
+    files: frozenset[str]
+    local: bool = True
 
 
 def _human(n: float) -> str:
@@ -332,35 +403,60 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
     """The default (auto) rule: the kernel path when the version's image exists (all its files are
     cached), or the files it lacks are local, at most ``auto_max_bytes``, estimated at most
     ``auto_max_seconds`` at the measured rates (per byte and per file), and fit in the budget;
-    otherwise FUSE, saying why."""
+    otherwise FUSE, saying why. One streaming walk of the version (memory: the missing files)."""
     if image_path(repo.home, version).exists():
         return Choice(True)
-    walked = list(version.walk(dirs=True))
-    missing = cache.missing(only_files(walked))
-    if not missing.entries:
-        return Choice(True, missing=missing, walked=walked)
-    if not _all_local(version, missing):
+    need = needs(version, cache, check_local=True)
+    missing = need.missing
+    if not need.local:
         return Choice(False, "its files are not all local (lazy remote version); the kernel path would "
                              f"download and cache {_human(missing.bytes)} first (`tessera pull`, then --kernel)",
-                      missing)
+                      need)
+    if not missing.entries:
+        return Choice(True, needs=need)
     seconds = cache.estimate(missing.files, missing.bytes)
     cost = f"--kernel would first cache {_human(missing.bytes)} in {missing.files} files (~{seconds:.0f} s)"
     if missing.bytes > settings.max_size:
         return Choice(False, f"the version needs {_human(missing.bytes)}, more than the file cache budget "
-                             f"{_human(settings.max_size)}", missing)
+                             f"{_human(settings.max_size)}", need)
     if missing.bytes > settings.auto_max_bytes or seconds > settings.auto_max_seconds:
-        return Choice(False, f"{_human(missing.bytes)} of it is not in the file cache yet; {cost}", missing)
-    return Choice(True, missing=missing, walked=walked)
+        return Choice(False, f"{_human(missing.bytes)} of it is not in the file cache yet; {cost}", need)
+    return Choice(True, needs=need)
 
 
-def only_files(walked: "list[Entry]") -> "list[Entry]":
-    return [e for e in walked if e.is_file and e.sha256 and e.size > 0]
+def needs(version: "Version", cache: FileCache, *, check_local: bool = False) -> Needs:
+    """What a kernel mount of ``version`` needs (`Needs`; ``local`` only checked with ``check_local``)."""
+    inline: list[str] = []
+    local = True
+    cached: list[Entry] = []
+    for e in version.walk():
+        if not (e.is_file and e.sha256 and e.size > 0):
+            continue
+        if not is_inline(e):
+            cached.append(e)
+        elif check_local and local:
+            inline.append(e.sha256)
+            if len(inline) >= BATCH:
+                local, inline = _local(version, inline), []
+    missing = cache.missing(cached)
+    files = frozenset(e.sha256 for e in cached if e.sha256)
+    del cached
+    if check_local and local:
+        local = _local(version, inline + [e.sha256 for e in missing.entries if e.sha256])
+    return Needs(missing, files, local)
 
 
-def _all_local(version: "Version", missing: Missing) -> bool:
-    """Whether every chunk of the missing files is in a local pack (else they would be fetched lazily)."""
-    ids = [cid for e in missing.entries for cid, _ in version.file_record(e).chunks]
-    return all(version.chunks.is_local(loc.pack) for loc in version.chunks.locations(ids).values())
+def _local(version: "Version", shas: list[str]) -> bool:
+    """Whether every chunk of these files is in a local pack (else they would be fetched lazily)."""
+    for i in range(0, len(shas), BATCH):
+        records = version.trees.file_records(shas[i:i + BATCH])
+        ids = [cid for r in records.values() for cid, _ in r.chunks]
+        locs = version.chunks.locations(ids)
+        if len(records) < len(set(shas[i:i + BATCH])) or len(locs) < len(set(ids)):
+            return False
+        if not all(version.chunks.is_local(p) for p in {loc.pack for loc in locs.values()}):
+            return False
+    return True
 
 
 # -- registry and pins ------------------------------------------------------------------------------
@@ -383,7 +479,7 @@ def pinned_files(repo: "Repo", *, except_mountpoint: str | None = None) -> set[s
             v = repo.get(rec.ref)
         except TesseraError:
             continue
-        out.update(e.sha256 for e in file_entries(v) if e.sha256)
+        out.update(e.sha256 for e in cached_files(v.walk()) if e.sha256)
     return out
 
 
@@ -437,16 +533,13 @@ def mount_kernel(repo: "Repo", version: "Version", mountpoint: str, *, progress:
         mounted: list[str] = []
         try:
             if not image.exists():
-                walked = choice.walked if choice is not None and choice.walked is not None else None
-                if walked is None:
-                    walked = list(version.walk(dirs=True))
-                    missing = None
-                else:
-                    missing = choice.missing if choice is not None else None
-                cache.materialize(version, only_files(walked), pinned=pinned_files(repo, except_mountpoint=mp),
-                                  progress=progress, missing=missing)
+                need = choice.needs if choice is not None else None
+                if need is None:
+                    need = needs(version, cache)
+                cache.materialize(version, need.missing.entries, progress=progress, missing=need.missing,
+                                  pinned=pinned_files(repo, except_mountpoint=mp) | need.files)
                 crash_point("kernel-materialized")
-                build_image(version, cache, image, walked)
+                build_image(version, cache, image, local_only=choice is not None)
             clean_staging(staging)  # what a mount killed at this mountpoint may have left
             staging.mkdir(parents=True, exist_ok=True)
             mount_image(str(image), str(staging), image_backing(home))
@@ -510,5 +603,6 @@ def kernel_or_none(repo: "Repo", version: "Version", mountpoint: str, path: str,
         return None
 
 
-__all__ = ["probe", "choose", "active_images", "Choice", "mount_kernel", "kernel_or_none", "image_path",
-           "image_tree", "build_image", "pinned_files", "drop_images", "open_cache", "KIND"]
+__all__ = ["probe", "choose", "needs", "Needs", "active_images", "Choice", "mount_kernel", "kernel_or_none", "image_path",
+           "build_image", "is_inline", "cached_files", "pinned_files", "drop_images", "open_cache", "KIND",
+           "INLINE_MAX"]

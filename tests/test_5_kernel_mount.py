@@ -25,7 +25,7 @@ import pytest
 
 import tessera
 from kernel_probe import kernel_unavailable_reason
-from tessera.erofs import Node, read_superblock, write_image
+from tessera.erofs import Node, encode_xattrs, fits_inline, read_superblock, write_image
 from tessera.mounting import is_mounted, list_mounts
 from test_5_fuse import _PathDataset, assert_every_write_fails_with_erofs, make_extra, tessera_cli
 from trees import tree_digest, write_random
@@ -238,9 +238,18 @@ def test_random_offset_reads_match(env: dict) -> None:
 
 
 def test_every_kind_of_write_fails_with_erofs(env: dict) -> None:
-    assert_every_write_fails_with_erofs(env["mnt"])
-    cached = _cached(env["home"])[env["paths"]["a/hello.txt"].sha256]
-    assert cached.read_bytes() == b"hello tessera\n" and cached.stat().st_mode & 0o777 == 0o444
+    assert_every_write_fails_with_erofs(env["mnt"])  # on a/hello.txt: a small file, held by the image
+    assert env["paths"]["a/hello.txt"].sha256 not in _cached(env["home"])
+    deep = env["mnt"] / "a" / "b" / "c" / "deep.txt"  # 5,000 bytes: read through the shared file cache
+    for flags in (os.O_RDWR, os.O_WRONLY | os.O_APPEND, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as info:
+            os.open(deep, flags)
+        assert info.value.errno == errno.EROFS
+    with pytest.raises(OSError) as info:
+        os.truncate(deep, 0)
+    assert info.value.errno == errno.EROFS
+    cached = _cached(env["home"])[env["paths"]["a/b/c/deep.txt"].sha256]
+    assert cached.read_bytes() == b"deep\n" * 1000 and cached.stat().st_mode & 0o777 == 0o444
 
 
 def test_xattrs_and_stable_inodes_across_mounts(env: dict) -> None:
@@ -325,6 +334,116 @@ def test_umount_refuses_a_busy_mount_then_succeeds(env: dict) -> None:
     finally:
         f.close()
     umount(env["home"], mp)
+
+
+# -- small files held by the image ------------------------------------------------------------------
+
+def test_inline_files_are_read_from_the_image_itself(tmp_path: Path, _kernel_available: None) -> None:
+    from tessera.erofs import ImageError
+    from tessera.kernelmount import MNT_DETACH, MS_RDONLY, _mount, _umount
+
+    rng = random.Random(5)
+    x = [("user.tessera.sha256", b"z" * 24)]
+    most = 4096 - 32 - len(encode_xattrs(x))  # inode, xattrs and bytes in one block
+    assert fits_inline(most, x) and not fits_inline(most + 1, x) and not fits_inline(0, [])
+    sizes = [1, 2, 100, 2048, 3000, most]
+    payload = {f"s{n}".encode(): rng.randbytes(n) for n in sizes}
+    files = [Node(n, "file", 0o644, len(d), xattrs=x, inline=True, data=d) for n, d in payload.items()]
+    tree = Node(b"", "dir", 0o755, children=[Node(b"d", "dir", 0o755, children=files),
+                                             Node(b"hole", "file", 0o644, 10)])
+    img = tmp_path / "i.erofs"
+    with open(img, "wb") as f:
+        write_image(f, tree, mtime_ns=0)
+    if shutil.which("fsck.erofs"):
+        p = subprocess.run(["fsck.erofs", str(img)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+    mp = tmp_path / "m"
+    mp.mkdir()
+    _mount(str(img), str(mp), "erofs", MS_RDONLY, None)
+    try:
+        for name, data in payload.items():
+            assert (mp / "d" / name.decode()).read_bytes() == data
+        assert (mp / "hole").read_bytes() == b"\0" * 10
+    finally:
+        _umount(str(mp), MNT_DETACH)
+    too_big = Node(b"", "dir", 0o755, children=[Node(b"f", "file", 0o644, most + 1, xattrs=x, inline=True, data=b"a" * (most + 1))])
+    with pytest.raises(ImageError):
+        write_image(io.BytesIO(), too_big, mtime_ns=0)
+    short = Node(b"", "dir", 0o755, children=[Node(b"f", "file", 0o644, 10, inline=True, data=b"a" * 9)])
+    with pytest.raises(ImageError):
+        write_image(io.BytesIO(), short, mtime_ns=0)
+
+
+def _small_files(root: Path, n: int, seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        size = [0, 1, 2047, 2048, 2049, 5000][i % 6] if i < 12 else rng.randint(1, 1500)
+        rel = f"d{i % 7}/f{i:04d}.txt"
+        out[rel] = rng.randbytes(size)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(out[rel])
+    return out
+
+
+def test_small_files_mount_without_caching_and_read_back_exactly(tmp_path: Path, _kernel_available: None) -> None:
+    """Files of at most 2 KiB live in the image: the default mount takes the kernel path without caching
+    them; only the larger files are in the file cache; every byte matches."""
+    src = tmp_path / "src"
+    files = _small_files(src, 600, 1)
+    home = tmp_path / "home"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("small", src).ref
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    p = _cli(home, "mount", ref, str(mp))
+    assert p.returncode == 0 and "kernel" in p.stdout and p.stderr == "", p.stderr
+    try:
+        for rel, data in files.items():
+            assert (mp / rel).read_bytes() == data, rel
+        big = {hashlib_sha256(d) for d in files.values() if len(d) > 2048}
+        assert set(_cached(home)) == big and len(big) == 4
+        inline = next(rel for rel, d in files.items() if len(d) == 2048)
+        assert os.getxattr(mp / inline, "user.tessera.sha256").decode() == hashlib_sha256(files[inline])
+        assert not [x for x in os.listxattr(mp / inline) if x.startswith("trusted.")]
+        image = next((home / "images").glob("*.erofs"))
+        if shutil.which("fsck.erofs"):
+            q = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
+            assert q.returncode == 0, q.stdout + q.stderr
+    finally:
+        umount(home, mp)
+    assert _cli(home, "cache", "evict", "--all").returncode == 0  # the image goes too, not only files
+    assert not list((home / "images").glob("*.erofs")) and not _cached(home)
+
+
+def test_lazy_remote_small_files_auto_takes_fuse_and_kernel_fetches(tmp_path: Path, _kernel_available: None) -> None:
+    src = tmp_path / "src"
+    files = _small_files(src, 60, 2)
+    home, fresh = tmp_path / "home", tmp_path / "fresh"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("small", src).ref
+    url = f"file://{tmp_path / 'remote'}"
+    for h in (home, fresh):
+        assert _cli(h, "remote", "add", "origin", url).returncode == 0
+    assert _cli(home, "push", ref).returncode == 0
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    p = _cli(fresh, "mount", ref, str(mp))  # its bytes are on the remote only: FUSE, saying why
+    assert p.returncode == 0 and "pid" in p.stdout, p.stderr
+    assert p.stderr.startswith("mounting with FUSE:") and "not all local" in p.stderr
+    umount(fresh, mp)
+    kmount(fresh, ref, mp)  # forced: fetched while the image is written
+    try:
+        for rel, data in files.items():
+            assert (mp / rel).read_bytes() == data, rel
+    finally:
+        umount(fresh, mp)
+
+
+def hashlib_sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 # -- the default choice -----------------------------------------------------------------------------
