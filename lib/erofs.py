@@ -57,6 +57,7 @@ FT_REG_FILE, FT_DIR, FT_SYMLINK = 1, 2, 7
 S_IFREG, S_IFDIR, S_IFLNK = 0o100000, 0o040000, 0o120000
 
 XATTR_PREFIXES = (("user.", 1), ("trusted.", 4), ("security.", 6))
+_PREFIX_LEN = {prefix: len(prefix) for prefix, _ in XATTR_PREFIXES}
 
 _SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB3xIQQQQ")
 _COMPACT = struct.Struct("<HHHHIIIIHHI")
@@ -147,12 +148,10 @@ def xattrs_size(xattrs: list[tuple[str, bytes]]) -> int:
         return 0
     n = _XATTR_HEADER.size
     for name, value in xattrs:
-        for prefix, _ in XATTR_PREFIXES:
-            if name.startswith(prefix):
-                n += _align(_XATTR_ENTRY.size + len(name) - len(prefix) + len(value), 4)
-                break
-        else:
+        cut = _PREFIX_LEN.get(name[:name.find(".") + 1])
+        if cut is None:
             raise ImageError(f"xattr {name!r} has no EROFS name index (user., trusted., security.)")
+        n += (_XATTR_ENTRY.size + len(name) - cut + len(value) + 3) & ~3
     return n
 
 

@@ -86,7 +86,9 @@ XATTR_REF = "user.tessera.ref"
 MS_RDONLY = 1
 PROBE_VERSION = 1
 INLINE_MAX = 2048  # files up to this size live in the image itself: nothing to cache, one inode read
+# (an inode of 32 bytes + the sha256 xattr's 96 + 2048 bytes of data always fits in a 4 KiB block)
 BATCH = 4096  # files whose records and chunk locations are looked up at once
+IMAGE_SECONDS_PER_FILE = 80e-6  # a first kernel mount per file, image included (100,000 tiny files: 8 s here)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -183,8 +185,9 @@ def is_inline(e: Entry | TreeEntry) -> bool:
     """Whether the image holds this file's bytes (a file of at most ``INLINE_MAX`` bytes whose inode,
     xattrs and bytes fit in one block); otherwise the file cache does."""
     sha = e.sha256 if isinstance(e, Entry) else e.id
-    return (e.kind == FILE and sha is not None and 0 < e.size <= INLINE_MAX
-            and fits_inline(e.size, _file_xattrs(sha, e.meta, None)))
+    if e.kind != FILE or sha is None or not 0 < e.size <= INLINE_MAX:
+        return False
+    return not e.meta or fits_inline(e.size, _file_xattrs(sha, e.meta, None))  # without metadata it always fits
 
 
 def cached_files(entries: "Iterable[Entry]") -> "Iterator[Entry]":
@@ -403,9 +406,14 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
     """The default (auto) rule: the kernel path when the version's image exists (all its files are
     cached), or the files it lacks are local, at most ``auto_max_bytes``, estimated at most
     ``auto_max_seconds`` at the measured rates (per byte and per file), and fit in the budget;
-    otherwise FUSE, saying why. One streaming walk of the version (memory: the missing files)."""
+    otherwise FUSE, saying why. Writing the image counts too: a version too big to write it in time
+    takes FUSE without being walked. One streaming walk of the version (memory: the missing files)."""
     if image_path(repo.home, version).exists():
         return Choice(True)
+    image_seconds = version.files * IMAGE_SECONDS_PER_FILE
+    if image_seconds > settings.auto_max_seconds:
+        return Choice(False, f"its image is not written yet; --kernel would first write it ({version.files} files, "
+                             f"~{image_seconds:.0f} s), then later mounts take the kernel path at once")
     need = needs(version, cache, check_local=True)
     missing = need.missing
     if not need.local:
@@ -414,7 +422,7 @@ def choose(repo: "Repo", version: "Version", settings: FileCacheSettings, cache:
                       need)
     if not missing.entries:
         return Choice(True, needs=need)
-    seconds = cache.estimate(missing.files, missing.bytes)
+    seconds = cache.estimate(missing.files, missing.bytes) + image_seconds
     cost = f"--kernel would first cache {_human(missing.bytes)} in {missing.files} files (~{seconds:.0f} s)"
     if missing.bytes > settings.max_size:
         return Choice(False, f"the version needs {_human(missing.bytes)}, more than the file cache budget "

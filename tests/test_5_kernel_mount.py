@@ -416,6 +416,29 @@ def test_small_files_mount_without_caching_and_read_back_exactly(tmp_path: Path,
     assert not list((home / "images").glob("*.erofs")) and not _cached(home)
 
 
+def test_auto_takes_fuse_when_writing_the_image_would_take_too_long(tmp_path: Path,
+                                                                    _kernel_available: None) -> None:
+    src = tmp_path / "src"
+    _small_files(src, 100, 3)
+    home = tmp_path / "home"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("small", src).ref
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    quick = {"TESSERA_KERNEL_AUTO_SECONDS": "0.001"}  # 100 files: ~0.008 s of image at the assumed rate
+    p = _cli(home, "mount", ref, str(mp), env=quick)
+    assert p.returncode == 0 and "pid" in p.stdout, p.stderr
+    assert p.stderr.strip() == ("mounting with FUSE: its image is not written yet; --kernel would first write it "
+                                "(100 files, ~0 s), then later mounts take the kernel path at once")
+    umount(home, mp)
+    assert not (home / "images").is_dir() or not list((home / "images").iterdir())
+    kmount(home, ref, mp)
+    umount(home, mp)
+    p = _cli(home, "mount", ref, str(mp), env=quick)  # the image exists: the kernel path, silently
+    assert p.returncode == 0 and "kernel" in p.stdout and p.stderr == "", p.stderr
+    umount(home, mp)
+
+
 def test_lazy_remote_small_files_auto_takes_fuse_and_kernel_fetches(tmp_path: Path, _kernel_available: None) -> None:
     src = tmp_path / "src"
     files = _small_files(src, 60, 2)

@@ -3,7 +3,9 @@
 For 100,000 and 1,000,000 files of 60 bytes, 1,000 to a directory (3,000,000 too when BENCH_SCALE >= 3;
 a BENCH_SCALE below 1 shrinks the counts): `tessera commit` and an unchanged re-commit (files/s, peak RSS),
 `tessera fsck` (peak RSS), the FUSE mount server after `find` over the whole mount, with each
-`--listing` (median of 3 fresh mounts: time vs native `find`, the server's peak RSS), and `tessera gc`
+`--listing` (median of 3 fresh mounts: time vs native `find`, the server's peak RSS), a first kernel mount
+(`mount_kernel` in a process of its own: files cached, image written, mounted: time and peak RSS; then `find`
+through it twice; as root where the machine can), and `tessera gc`
 twice: with the version kept (a full mark, nothing to delete), then after `tessera rm` (every row and
 pack swept); time and peak RSS. Then the memory cap check: 200,000 files committed under an address-space cap
 (RLIMIT_AS) of what a one-file commit needs plus 200 MiB, which the code before issue 14 exceeds (it
@@ -71,6 +73,34 @@ def mount_find(home: Path, ref: str, mnt: Path, listing: str = "attrs") -> tuple
         subprocess.run(["tessera", "umount", str(mnt)], env=env, capture_output=True)
 
 
+KERNEL_MOUNT = """
+import sys, tessera
+from tessera.kernelmount import mount_kernel
+with tessera.Repo(sys.argv[1]) as repo:
+    mount_kernel(repo, repo.get(sys.argv[2]), sys.argv[3])
+"""
+
+
+def kernel_find(home: Path, ref: str, mnt: Path) -> tuple[float, int, float, float]:
+    """A first kernel mount (cache what it needs, write the image, mount) in a process of its own:
+    (its seconds, its peak RSS, the first and second `find` through it). Raises when the machine
+    cannot make kernel mounts."""
+    from tessera.kernelmount import probe
+
+    why = probe(home)
+    if why is not None:
+        raise RuntimeError(why)
+    mnt.mkdir(parents=True, exist_ok=True)
+    t_mount, rss, _ = peak_rss_of([sys.executable, "-c", KERNEL_MOUNT, str(home), ref, str(mnt)])
+    try:
+        first = _timed(["find", str(mnt), "-type", "f"])
+        second = _timed(["find", str(mnt), "-type", "f"])
+        return t_mount, rss, first, second
+    finally:
+        subprocess.run(["tessera", "umount", str(mnt)], env={**os.environ, "TESSERA_HOME": str(home)},
+                       capture_output=True)
+
+
 def _timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -102,6 +132,12 @@ def scale_rows() -> list[list[object]]:
                                 mib(rss_mount)]
             except (subprocess.CalledProcessError, StopIteration) as exc:
                 mount_cells += [f"not measured ({exc})", "-"]
+        try:
+            t_km, rss_km, first, second = kernel_find(home, ref, root / "kmnt")
+            mount_cells += [f"{t_km:.1f} s / {mib(rss_km)}",
+                            f"{first:.2f} s / {second:.2f} s ({first / native:.1f}x native)"]
+        except RuntimeError as exc:
+            mount_cells += [f"not measured ({exc})", "-"]
         t_gc, rss_gc, _ = peak_rss_of(["tessera", "gc"], env=env)  # everything kept: a full mark, nothing swept
         subprocess.run(["tessera", "rm", "bench", "--yes"], env={**os.environ, **env}, check=True, capture_output=True)
         t_sweep, rss_sweep, _ = peak_rss_of(["tessera", "gc"], env=env)  # nothing kept: every row swept
@@ -200,6 +236,7 @@ def main() -> str:
                 ["files", "commit", "commit peak RSS", "re-commit", "re-commit peak RSS", "fsck", "fsck peak RSS",
                  "find via mount (--listing attrs), 1st / 2nd", "mount server peak RSS",
                  "find via mount (--listing names), 1st / 2nd", "mount server peak RSS",
+                 "kernel mount: first mount (image) / its peak RSS", "find via kernel mount, 1st / 2nd",
                  "gc: mark all / after rm, sweep all", "gc peak RSS"], scale_rows())
     out += "\n" + table("Commit under an address-space cap (RLIMIT_AS = a one-file commit's VmPeak + 200 MiB; "
                         "--memory 48M)", ["files", "cap", "capped commit", "time", "same hash as uncapped",
