@@ -15,6 +15,7 @@ forgets remote chunk locations that failed their check.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class FsckReport:
     notes: list[str] = field(default_factory=list)  # versions that read lazily from a remote, repairs made
     repaired: int = 0
     cached_files: int = 0  # whole files checked in the kernel mount's file cache
+    image_files: int = 0  # small files checked inside the kernel mount's images
 
     @property
     def ok(self) -> bool:
@@ -451,5 +453,36 @@ def check_file_cache(home: "str | Path", report: FsckReport, progress: Progress)
         report.cached_files = cache.verify_files(errors, progress)
         if errors:
             drop_all_images(home)
+        else:
+            report.image_files = _check_images(home, errors)
     report.errors.extend(errors)
+
+
+def _check_images(home: "str | Path", errors: list[str]) -> int:
+    """Hash every small file an image holds against its ``user.tessera.sha256``; an image with one
+    that fails, or that does not parse, is an error and is removed (the next kernel mount writes it
+    again; a mount using it keeps its open copy). Returns the number of files checked."""
+    from tessera.erofs import ImageError, inline_files
+    from tessera.filecache import images_dir
+
+    d = images_dir(home)
+    n = 0
+    for image in sorted(d.glob("*.erofs")) if d.is_dir() else []:
+        bad = ""
+        try:
+            with open(image, "rb") as f:
+                for path, data, xattrs in inline_files(f):
+                    n += 1
+                    if sha256_hex(data) != xattrs.get(b"user.tessera.sha256", b"").decode("ascii", "replace"):
+                        bad = f"{path.decode('utf-8', 'surrogateescape')} fails its SHA-256 check"
+                        break
+        except ImageError as exc:
+            bad = f"is malformed ({exc})"
+        except OSError as exc:
+            bad = f"cannot be read ({exc.strerror})"
+        if bad:
+            errors.append(f"mount image {image}: {bad} (removed; the next kernel mount writes it again)")
+            with contextlib.suppress(OSError):
+                image.unlink()
+    return n
 

@@ -687,6 +687,38 @@ def test_corrupt_cache_file_is_found_by_fsck_and_rewritten(tmp_path: Path, _kern
         umount(home, mp)
 
 
+def test_corrupt_small_file_in_an_image_is_found_by_fsck_and_rewritten(tmp_path: Path,
+                                                                      _kernel_available: None) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    victim = b"tessera inline victim " * 20  # 440 bytes: held by the image
+    (src / "d" / "victim.txt").write_bytes(victim)
+    (src / "ok.txt").write_text("fine\n")
+    home = tmp_path / "home"
+    with tessera.Repo(home) as repo:
+        ref = repo.commit("c", src).ref
+    mp = tmp_path / "mp"
+    kmount(home, ref, mp)
+    umount(home, mp)
+    p = tessera_cli(home, "fsck", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["image_files"] == 2, p.stdout + p.stderr
+    image = next((home / "images").glob("*.erofs"))
+    data = bytearray(image.read_bytes())
+    at = data.find(victim)
+    assert at > 0 and data.find(victim, at + 1) < 0
+    data[at + 100] ^= 0xFF
+    os.chmod(image, 0o644)
+    image.write_bytes(bytes(data))
+    p = tessera_cli(home, "fsck")
+    assert p.returncode == 5 and "d/victim.txt fails its SHA-256 check" in p.stdout, p.stdout + p.stderr
+    assert not image.exists() and tessera_cli(home, "fsck").returncode == 0
+    kmount(home, ref, mp)
+    try:
+        assert (mp / "d" / "victim.txt").read_bytes() == victim
+    finally:
+        umount(home, mp)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "tmpfs"

@@ -669,7 +669,8 @@ def fsck(repair: bool, read_remote: bool, require_local: bool, as_json: bool) ->
         emit_json({"ok": report.ok, "packs": report.packs, "bytes": nbytes, "chunks": report.chunks,
                    "remote_packs": report.remote_packs, "versions": report.versions, "files": report.files,
                    "errors": report.errors, "notes": report.notes, "garbage": report.garbage,
-                   "cached_files": report.cached_files, "repaired": report.repaired, "seconds": round(seconds, 3)})
+                   "cached_files": report.cached_files, "image_files": report.image_files, "repaired": report.repaired,
+                   "seconds": round(seconds, 3)})
     else:
         for line in report.notes:
             click.echo(f"note: {line}")
