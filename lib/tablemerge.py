@@ -57,11 +57,15 @@ _KEY = {rs.KIND_PACK_TABLE: chunk_table_key, rs.KIND_META_TABLE: meta_table_key}
 
 @dataclass(frozen=True)
 class Source:
-    """One small table read whole (and checked) to be merged."""
+    """One table a merge may read: its head, and its bytes when the first read brought all of them."""
 
     name: str
     head: table.Head
-    data: bytes
+    data: bytes | None
+
+    @property
+    def small(self) -> bool:
+        return not is_settled(len(self.head.packs), self.head.nrows)
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,18 @@ def is_settled(npacks: int, nrows: int) -> bool:
     return npacks >= TABLE_PACKS // 2 or nrows >= TABLE_ROWS // 2
 
 
-def should_merge(small: int, settled: int, fan_in: int = FAN_IN) -> bool:
+def should_merge(small: int, settled: int, fan_in: int) -> bool:
     """Whether a version naming ``small`` small and ``settled`` big tables of a kind merges the small ones."""
     return small >= 2 and small > max(fan_in - settled, fan_in // 2)
 
 
 def merge_tables(catalog: Catalog, t: Transport, remote: str, kind: int, packs: Collection[str], *,
-                 announce: Callable[[Iterable[str]], None] | None = None, fan_in: int = FAN_IN) -> list[Merged]:
+                 announce: Callable[[Iterable[str]], None] | None = None, fan_in: int | None = None) -> list[Merged]:
     """Before a version naming the tables that cover ``packs`` (data packs: ``kind`` `rs.KIND_PACK_TABLE`;
     metadata packs: `rs.KIND_META_TABLE`) is written: when that is more than ``fan_in`` tables, merge the
     small ones into as few tables as the caps allow, write them (``announce`` first: the push's session)
     and record that they cover those packs. Returns what was written (usually nothing)."""
+    fan_in = FAN_IN if fan_in is None else fan_in
     covering = rs.meta_locations(catalog, remote, kind, sorted(packs))
     by_table: dict[str, list[str]] = {}
     for p, name in covering.items():
@@ -102,49 +107,50 @@ def merge_tables(catalog: Catalog, t: Transport, remote: str, kind: int, packs: 
     candidates = sorted(set(by_table) - settled)
     if not should_merge(len(candidates), len(settled), fan_in):
         return []
-    sources = _read_sources(catalog, t, remote, kind, candidates)
-    small = [s for s in sources if not is_settled(len(s.head.packs), s.head.nrows)]
+    heads = _read_heads(catalog, t, remote, kind, candidates)
+    small = [h for h in heads if h.small]
     if not should_merge(len(small), len(by_table) - len(small), fan_in):
         return []
-    out = []
-    for group in _groups(small):
-        out.append(_write_merged(catalog, t, remote, kind, group, announce))
-    return out
+    return [_write_merged(catalog, t, remote, kind, group, announce) for group in _groups(small)]
 
 
-def _read_sources(catalog: Catalog, t: Transport, remote: str, kind: int, names: list[str]) -> list[Source]:
-    """The tables ``names``, each read whole and checked (its SHA-256, its head), but those whose head
-    shows them near the caps (read no further than the head)."""
+def _read_heads(catalog: Catalog, t: Transport, remote: str, kind: int, names: list[str]) -> list[Source]:
+    """The heads of tables ``names`` (one ranged read each, which brings a small table whole)."""
     found: dict[str, Source] = {}
     lock = threading.Lock()
 
     def one(name: str) -> None:
         key = _KEY[kind](name)
         where = f"{t.url}/{key}"
+        data = _get(catalog, t, remote, key, TABLE_HEAD_GUESS)
         try:
-            data = t.get(key, 0, TABLE_HEAD_GUESS)
-            try:
-                head = table.decode_head(data, where, kind=_TABLE_KIND[kind])
-            except table.NeedMore as more:
-                data = t.get(key, 0, more.size)
-                head = table.decode_head(data, where, kind=_TABLE_KIND[kind])
-            if is_settled(len(head.packs), head.nrows):
-                src = Source(name, head, b"")
-            else:
-                if len(data) < head.size:
-                    data = t.get(key, 0, head.size + 1)
-                if len(data) != head.size or sha256_hex(data) != name:
-                    raise CorruptData(f"{where} fails its hash check")
-                src = Source(name, head, data)
-        except NotFound:
-            rs.forget_keys(catalog, remote, [key])  # its packs are uncovered now: the next push indexes them again
-            raise CorruptData(f"{where} is missing (pruned?): this home recorded it on {remote}; "
-                              "push again (what it covered is written again)") from None
+            head = table.decode_head(data, where, kind=_TABLE_KIND[kind])
+        except table.NeedMore as more:
+            data = _get(catalog, t, remote, key, more.size)
+            head = table.decode_head(data, where, kind=_TABLE_KIND[kind])
         with lock:
-            found[name] = src
+            found[name] = Source(name, head, data if len(data) >= head.size else None)
 
     run_parallel(READ_WORKERS, [partial(one, n) for n in names])
     return [found[n] for n in names]
+
+
+def _get(catalog: Catalog, t: Transport, remote: str, key: str, size: int) -> bytes:
+    try:
+        return t.get(key, 0, size)
+    except NotFound:
+        rs.forget_keys(catalog, remote, [key])  # its packs are uncovered now: the next push indexes them again
+        raise CorruptData(f"{t.url}/{key} is missing (pruned?) though this home recorded it on {remote}: "
+                          "push again (what it covered is then written again)") from None
+
+
+def _whole(catalog: Catalog, t: Transport, remote: str, kind: int, source: Source) -> bytes:
+    """All of a small table, checked against its SHA-256 (its name)."""
+    key = _KEY[kind](source.name)
+    data = source.data if source.data is not None else _get(catalog, t, remote, key, source.head.size + 1)
+    if len(data) != source.head.size or sha256_hex(data) != source.name:
+        raise CorruptData(f"{t.url}/{key} fails its hash check")
+    return data
 
 
 def _groups(sources: list[Source]) -> list[list[Source]]:
@@ -165,6 +171,13 @@ def _groups(sources: list[Source]) -> list[list[Source]]:
 
 def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group: list[Source],
                   announce: Callable[[Iterable[str]], None] | None) -> Merged:
+    """Read the tables of ``group`` whole (checked), merge their rows, write the merged table, record it."""
+    datas: dict[str, bytes] = {}
+
+    def read(s: Source) -> None:
+        datas[s.name] = _whole(catalog, t, remote, kind, s)
+
+    run_parallel(READ_WORKERS, [partial(read, s) for s in group])
     sizes: dict[str, int] = {}
     for s in group:
         for p, size in s.head.packs:
@@ -174,7 +187,7 @@ def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group:
     counted: list[int] = [0]
 
     def rows() -> Iterator[table.Row]:
-        for row in _merged_rows(catalog, remote, kind, group, f"{t.url}/{_KEY[kind]('')}"):
+        for row in _merged_rows(catalog, remote, kind, group, datas, f"{t.url}/{_KEY[kind]('')}"):
             counted[0] += 1
             yield row
 
@@ -193,13 +206,14 @@ def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group:
     return merged
 
 
-def _merged_rows(catalog: Catalog, remote: str, kind: int, group: list[Source], where: str) -> Iterator[table.Row]:
+def _merged_rows(catalog: Catalog, remote: str, kind: int, group: list[Source], datas: dict[str, bytes],
+                 where: str) -> Iterator[table.Row]:
     """Every row of the tables of ``group`` in key order, each key once. A key two tables locate in
     different places (a chunk stored in two packs, a tree sent twice) keeps the place this home's catalog
     gives it: the pack a version pushed from here lists, so no version naming the merged table depends
     on a pack it does not list (else the first table's row, deterministically)."""
     same: list[table.Row] = []
-    for row in heapq.merge(*(_rows_of(s, where + s.name) for s in group), key=lambda r: r.key):
+    for row in heapq.merge(*(_rows_of(s.head, datas[s.name], where + s.name) for s in group), key=lambda r: r.key):
         if same and row.key != same[0].key:
             yield _choose(catalog, remote, kind, same)
             same = []
@@ -208,13 +222,12 @@ def _merged_rows(catalog: Catalog, remote: str, kind: int, group: list[Source], 
         yield _choose(catalog, remote, kind, same)
 
 
-def _rows_of(source: Source, where: str) -> Iterator[table.Row]:
-    head = source.head
+def _rows_of(head: table.Head, data: bytes, where: str) -> Iterator[table.Row]:
     prev = b""
     for first in range(0, head.nrows, ROWS_PER_SLICE):
         end = min(head.nrows, first + ROWS_PER_SLICE)
         start = head.rows_start + first * head.row_len
-        part = table.decode_rows(head, source.data[start:start + (end - first) * head.row_len], first, where)
+        part = table.decode_rows(head, data[start:start + (end - first) * head.row_len], first, where)
         if part and part[0].key <= prev:
             raise CorruptData(f"{where} is malformed: row {first} is out of order")
         prev = part[-1].key if part else prev

@@ -1,0 +1,208 @@
+"""Location tables merged over time (`tessera.tablemerge`, docs/format.md "Location tables").
+
+A dataset pushed after every small change (the daemon's pattern) would otherwise name one more chunk table
+and one more metadata table per push. Here: 20 pushes of a dataset growing by one small file each name at
+most `FAN_IN` tables of each kind; a fresh home lists, reads (with a bounded number of requests, counted by
+the proxy in front of moto), verifies and checks the last version; forgetting the older versions and
+pruning deletes the superseded tables and keeps what the live version names; a push killed between the
+merged table and the version object leaves a readable remote and finishes when run again; big tables are
+left as they are (tiers), and a chunk two tables locate in different packs keeps this home's location.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_cli
+from inprocess import tessera_main
+
+import tessera
+from tessera import tablemerge
+from tessera.catalog import remote_state as rs
+from tessera.catalog.lifecycle_state import set_lifecycle_setting
+from tessera.format import table
+from tessera.ids import sha256_hex
+from tessera.model import ChunkLocation
+from tessera.remote import open_transport
+from tessera.remote.wire import VersionObject, chunk_table_key, version_key
+
+STEPS = 20
+
+
+def grow(src: Path, step: int) -> None:
+    """Step ``step`` of a dataset that gains one small file per step."""
+    src.mkdir(parents=True, exist_ok=True)
+    (src / f"f{step:02d}.txt").write_text(f"file {step}\n" * (step + 1))
+
+
+def push_steps(home: Path, url: str, src: Path, steps: range) -> list[str]:
+    """Commit and push one version per step (what the daemon does); returns the version hashes."""
+    hashes = []
+    with tessera.Repo(home) as r:
+        if not rs.remote_names(r.catalog):
+            rs.add_remote(r.catalog, "origin", url, default=True)
+        for step in steps:
+            grow(src, step)
+            hashes.append(r.commit("ds", src).hash)
+            r.push("ds")
+    return hashes
+
+
+def version_object(url: str, hash: str) -> VersionObject:
+    with open_transport(url) as t:
+        return VersionObject.from_bytes(hash, t.get(version_key(hash)), hash)
+
+
+def keys(url: str, prefix: str) -> set[str]:
+    with open_transport(url) as t:
+        return {i.key.removeprefix(prefix) for i in t.list(prefix)}
+
+
+def env(home: Path, **extra: str) -> dict[str, str]:
+    return {"TESSERA_HOME": str(home), **extra}
+
+
+def ok(home: Path, *args: str) -> str:
+    """`tessera ARGS` in this process (tests/inprocess.py): exit 0, its output."""
+    proc = tessera_main(home, *args)
+    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def test_twenty_small_pushes_name_at_most_the_fan_in_then_prune_sweeps_the_superseded_tables(
+        tmp_path: Path, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    src = tmp_path / "src"
+    hashes = push_steps(tmp_path / "a", s3_bucket, src, range(STEPS))
+    last = version_object(s3_bucket, hashes[-1])
+    assert 1 <= len(last.chunk_tables) <= tablemerge.FAN_IN and 1 <= len(last.meta_tables) <= tablemerge.FAN_IN
+    assert last.pack_count == STEPS and len(last.meta) == STEPS
+    chunk_tables, meta_tables = keys(s3_bucket, "chunkidx/"), keys(s3_bucket, "metaidx/")
+    # one table of each kind per push, plus the merged ones; pushing deleted nothing
+    assert len(chunk_tables) > STEPS and len(meta_tables) > STEPS
+    first = version_object(s3_bucket, hashes[0])
+    assert set(first.chunk_tables) <= chunk_tables and set(first.meta_tables) <= meta_tables
+
+    # a fresh home reads the last version lazily: the table probes are bounded by the tables it names
+    stats = fault_proxy.stats
+    with tessera.Repo(tmp_path / "fresh", remote=s3_bucket) as fresh:
+        v = fresh.get("ds")
+        assert v.hash == hashes[-1]
+        for name in ("f00.txt", f"f{STEPS - 1:02d}.txt"):
+            before = stats.requests
+            assert v.read_bytes(name) == (src / name).read_bytes()
+            used = stats.requests - before
+            print(f"lazy read of {name}: {used} requests ({len(last.meta_tables)} metadata tables, "
+                  f"{len(last.chunk_tables)} chunk tables)")
+            # per metadata table probed: its head and a bucket (tree), a bucket (file record); per chunk
+            # table: its head and the whole table; then the two metadata blobs and the chunk
+            assert used <= 3 * len(last.meta_tables) + 2 * len(last.chunk_tables) + 3, stats.methods[-used:]
+            assert used < 2 * STEPS  # naming one table of each kind per push, reading f00.txt took 44
+    fresh_home = tmp_path / "fresh"
+    assert ok(fresh_home, "ls", "ds").split() == [f"f{i:02d}.txt" for i in range(STEPS)]
+    ok(fresh_home, "verify", "ds", str(src))
+    ok(fresh_home, "fsck")
+
+    # forget all but the last version: prune sweeps every table only older versions named
+    with tessera.Repo(tmp_path / "a") as a:
+        for key, value in (("prune.margin", "2s"), ("prune.sweep_window", "20s"), ("prune.max_clock_skew", "60s")):
+            set_lifecycle_setting(a.catalog, key, value)
+    ok(tmp_path / "a", "forget", "--remote", "origin", "ds", "--keep-last", "1")
+    ok(tmp_path / "a", "prune")
+    ok(tmp_path / "a", "prune", "--wait")
+    assert keys(s3_bucket, "chunkidx/") == set(last.chunk_tables)
+    assert keys(s3_bucket, "metaidx/") == set(last.meta_tables)
+    assert keys(s3_bucket, "versions/") == {hashes[-1]}
+    ok(tmp_path / "after", "remote", "add", "origin", s3_bucket)
+    ok(tmp_path / "after", "verify", "ds", str(src))
+    # the home that pushed goes on: its next versions name the live tables and merge again
+    hashes += push_steps(tmp_path / "a", s3_bucket, src, range(STEPS, STEPS + tablemerge.FAN_IN))
+    nxt = version_object(s3_bucket, hashes[-1])
+    assert len(nxt.chunk_tables) <= tablemerge.FAN_IN and len(nxt.meta_tables) <= tablemerge.FAN_IN
+    ok(tmp_path / "later", "remote", "add", "origin", s3_bucket)
+    ok(tmp_path / "later", "verify", "ds", str(src))
+
+
+@pytest.mark.parametrize("point", ["merge-after-table", "push-after-merge"])
+def test_a_push_killed_after_the_merged_table_leaves_a_readable_remote_and_finishes_when_run_again(
+        tmp_path: Path, point: str) -> None:
+    url = f"file://{tmp_path / 'remote'}"
+    src = tmp_path / "src"
+    home = tmp_path / "a"
+    hashes = push_steps(home, url, src, range(tablemerge.FAN_IN))
+    grow(src, tablemerge.FAN_IN)
+    with tessera.Repo(home) as r:
+        ninth = r.commit("ds", src).hash
+    killed = subprocess.run(["tessera", "push", "ds"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **env(home, TESSERA_CRASH_AT=point)}, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert len(keys(url, "chunkidx/")) == tablemerge.FAN_IN + 2  # the 9th push's table and the merged one
+    assert ninth not in keys(url, "versions/")
+    fresh = env(tmp_path / "fresh")
+    run_cli("remote", "add", "origin", url, env=fresh, check=True)
+    assert run_cli("log", "ds", "--json", env=fresh, check=True).stdout.count('"hash"') == tablemerge.FAN_IN
+    assert run_cli("cat", f"ds@{hashes[-1]}", "f00.txt", env=fresh, check=True).stdout == "file 0\n"
+
+    run_cli("push", "ds", env=env(home), check=True)
+    v = version_object(url, ninth)
+    assert len(v.chunk_tables) == 1 and len(v.meta_tables) == 1
+    assert len(keys(url, "chunkidx/")) == tablemerge.FAN_IN + 2  # the same merged table, written again or kept
+    again = env(tmp_path / "again")
+    run_cli("remote", "add", "origin", url, env=again, check=True)
+    run_cli("verify", "ds", str(src), env=again, check=True)
+    assert run_cli("fsck", env=again).returncode == 0
+
+
+def test_tables_near_the_caps_stay_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiers: with caps of 4 packs a table, tables of 2 packs or more are settled: merged once, never again."""
+    monkeypatch.setattr(tablemerge, "TABLE_PACKS", 4)
+    url = f"file://{tmp_path / 'remote'}"
+    src = tmp_path / "src"
+    hashes = push_steps(tmp_path / "a", url, src, range(9))
+    ninth = version_object(url, hashes[-1])
+    with open_transport(url) as t:
+        def npacks(name: str) -> int:
+            return len(table.decode(t.get(chunk_table_key(name)), name, kind=table.KIND_CHUNKS)[0].packs)
+
+        assert sorted(npacks(x) for x in ninth.chunk_tables) == [1, 4, 4]  # 9 tables of 1 pack, merged by 4
+        settled = {x for x in ninth.chunk_tables if npacks(x) == 4}
+        hashes += push_steps(tmp_path / "a", url, src, range(9, STEPS))
+        last = version_object(url, hashes[-1])
+        assert settled <= set(last.chunk_tables)  # never merged again
+        assert all(npacks(x) <= 4 for x in last.chunk_tables) and len(last.chunk_tables) <= tablemerge.FAN_IN
+    e = env(tmp_path / "fresh")
+    run_cli("remote", "add", "origin", url, env=e, check=True)
+    run_cli("verify", "ds", str(src), env=e, check=True)
+
+
+@pytest.mark.parametrize("preferred", [0, 1])
+def test_a_chunk_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Path, preferred: int) -> None:
+    """A chunk stored in two packs (a commit's own copy of a chunk it knew only from a remote) is one row
+    of a merged table: the one in the pack this home's versions list, so none depends on the other pack."""
+    url = f"file://{tmp_path / 'remote'}"
+    cid, other = bytes(range(16)), bytes(range(1, 17))
+    packs = ["a" * 64, "b" * 64]
+    locs = [ChunkLocation(cid, p, 100 + 50 * i, 10, 10, 0) for i, p in enumerate(packs)]
+    with tessera.Repo(tmp_path / "home") as r, open_transport(url) as t:
+        names = []
+        for loc in locs:
+            rows = [table.Row(cid, loc.pack, loc.offset, 10, 10, 0), table.Row(other, loc.pack, 40, 10, 10, 0)]
+            data = table.encode(table.KIND_CHUNKS, [(loc.pack, 1000)], rows)
+            names.append(sha256_hex(data))
+            t.put(chunk_table_key(names[-1]), data)
+            rs.mark_meta_pack(r.catalog, "origin", names[-1], [(rs.KIND_PACK_TABLE, loc.pack)],
+                              key=chunk_table_key(names[-1]))
+        with r.catalog.write():
+            r.catalog.add_remote_pack(packs[preferred], 1000, [locs[preferred]])
+        [merged] = tablemerge.merge_tables(r.catalog, t, "origin", rs.KIND_PACK_TABLE, packs, fan_in=1)
+        assert merged.tables == tuple(sorted(names)) and merged.packs == 2 and merged.rows == 2
+        head, rows = table.decode(t.get(chunk_table_key(merged.name)), "merged", kind=table.KIND_CHUNKS)
+        assert head.packs == (("a" * 64, 1000), ("b" * 64, 1000))
+        assert table.find(rows, cid) == table.Row(cid, packs[preferred], locs[preferred].offset, 10, 10, 0)
+        assert rs.meta_locations(r.catalog, "origin", rs.KIND_PACK_TABLE, packs) == dict.fromkeys(packs, merged.name)
+        # a version naming one table needs no merge
+        assert tablemerge.merge_tables(r.catalog, t, "origin", rs.KIND_PACK_TABLE, packs, fan_in=1) == []
