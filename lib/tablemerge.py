@@ -235,6 +235,8 @@ def _rows_of(head: table.Head, data: bytes, where: str) -> Iterator[table.Row]:
 
 
 def _choose(catalog: Catalog, remote: str, kind: int, rows: list[table.Row]) -> table.Row:
+    if len(rows) == 1:
+        return rows[0]
     places = {(r.pack, r.offset, r.stored_len, r.raw_len, r.codec) for r in rows}
     if len(places) == 1:
         return rows[0]
