@@ -27,7 +27,7 @@ from tessera.format import table
 from tessera.ids import sha256_hex
 from tessera.model import ChunkLocation
 from tessera.remote import open_transport
-from tessera.remote.wire import SessionObject, VersionObject, chunk_table_key, version_key
+from tessera.remote.wire import SessionObject, VersionObject, chunk_table_key, meta_table_key, version_key
 
 STEPS = 20
 
@@ -144,7 +144,8 @@ def test_a_push_killed_after_the_merged_table_leaves_a_readable_remote_and_finis
     new = keys(url, "chunkidx/") - named
     assert len(new) == 2 and ninth not in keys(url, "versions/")  # the 9th push's own table and the merged one
     with open_transport(url) as t:
-        [merged] = [x for x in new if len(table.decode(t.get(chunk_table_key(x)), x, kind=table.KIND_CHUNKS)[0].packs) > 1]
+        heads = {x: table.decode(t.get(chunk_table_key(x)), x, kind=table.KIND_CHUNKS)[0] for x in new}
+        [merged] = [x for x, head in heads.items() if len(head.packs) > 1]
         [session] = [SessionObject.from_bytes(i.key, t.get(i.key), i.key) for i in t.list("sessions/")]
     assert chunk_table_key(merged) in session.keys  # announced before it was written
     fresh = tmp_path / "fresh"
@@ -183,30 +184,39 @@ def test_tables_near_the_caps_stay_as_they_are(tmp_path: Path, monkeypatch: pyte
     ok(tmp_path / "fresh", "verify", "ds", str(src))
 
 
+@pytest.mark.parametrize("kind", [rs.KIND_PACK_TABLE, rs.KIND_META_TABLE])
 @pytest.mark.parametrize("preferred", [0, 1])
-def test_a_chunk_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Path, preferred: int) -> None:
-    """A chunk stored in two packs (a commit's own copy of a chunk it knew only from a remote) is one row
-    of a merged table: the one in the pack this home's versions list, so none depends on the other pack."""
+def test_a_key_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Path, preferred: int, kind: int) -> None:
+    """A chunk stored in two packs (a commit's own copy of a chunk it knew only from a remote), or a tree
+    sent in two metadata packs, is one row of a merged table: the one in the pack this home's versions
+    list, so none of them depends on the other pack."""
     url = f"file://{tmp_path / 'remote'}"
-    cid, other = bytes(range(16)), bytes(range(1, 17))
+    tkind = table.KIND_CHUNKS if kind == rs.KIND_PACK_TABLE else table.KIND_META
+    table_key = chunk_table_key if kind == rs.KIND_PACK_TABLE else meta_table_key
+    twice, once = (bytes(range(16)), bytes(range(1, 17))) if tkind == table.KIND_CHUNKS else \
+        (bytes(range(32)) + b"\x01", bytes(range(1, 33)) + b"\x02")
     packs = ["a" * 64, "b" * 64]
-    locs = [ChunkLocation(cid, p, 100 + 50 * i, 10, 10, 0) for i, p in enumerate(packs)]
+    offsets = [100, 150]
     with tessera.Repo(tmp_path / "home") as r, open_transport(url) as t:
         names = []
-        for loc in locs:
-            rows = [table.Row(cid, loc.pack, loc.offset, 10, 10, 0), table.Row(other, loc.pack, 40, 10, 10, 0)]
-            data = table.encode(table.KIND_CHUNKS, [(loc.pack, 1000)], rows)
+        for pack, offset in zip(packs, offsets):
+            rows = [table.Row(twice, pack, offset, 10, 10, 0), table.Row(once, pack, 40, 10, 10, 0)]
+            data = table.encode(tkind, [(pack, 1000)], rows)
             names.append(sha256_hex(data))
-            t.put(chunk_table_key(names[-1]), data)
-            rs.mark_meta_pack(r.catalog, "origin", names[-1], [(rs.KIND_PACK_TABLE, loc.pack)],
-                              key=chunk_table_key(names[-1]))
-        with r.catalog.write():
-            r.catalog.add_remote_pack(packs[preferred], 1000, [locs[preferred]])
-        [merged] = tablemerge.merge_tables(r.catalog, t, "origin", rs.KIND_PACK_TABLE, packs, fan_in=1)
+            key = table_key(names[-1])
+            t.put(key, data)
+            rs.mark_meta_pack(r.catalog, "origin", names[-1], [(kind, pack)], key=key)
+        if kind == rs.KIND_PACK_TABLE:
+            with r.catalog.write():
+                r.catalog.add_remote_pack(packs[preferred], 1000,
+                                          [ChunkLocation(twice, packs[preferred], offsets[preferred], 10, 10, 0)])
+        else:
+            rs.mark_meta_pack(r.catalog, "origin", packs[preferred], [(1, twice[:32].hex())])
+        [merged] = tablemerge.merge_tables(r.catalog, t, "origin", kind, packs, fan_in=1)
         assert merged.tables == tuple(sorted(names)) and merged.packs == 2 and merged.rows == 2
-        head, rows = table.decode(t.get(chunk_table_key(merged.name)), "merged", kind=table.KIND_CHUNKS)
+        head, rows = table.decode(t.get(table_key(merged.name)), "merged", kind=tkind)
         assert head.packs == (("a" * 64, 1000), ("b" * 64, 1000))
-        assert table.find(rows, cid) == table.Row(cid, packs[preferred], locs[preferred].offset, 10, 10, 0)
-        assert rs.meta_locations(r.catalog, "origin", rs.KIND_PACK_TABLE, packs) == dict.fromkeys(packs, merged.name)
+        assert table.find(rows, twice) == table.Row(twice, packs[preferred], offsets[preferred], 10, 10, 0)
+        assert rs.meta_locations(r.catalog, "origin", kind, packs) == dict.fromkeys(packs, merged.name)
         # a version naming one table needs no merge
-        assert tablemerge.merge_tables(r.catalog, t, "origin", rs.KIND_PACK_TABLE, packs, fan_in=1) == []
+        assert tablemerge.merge_tables(r.catalog, t, "origin", kind, packs, fan_in=1) == []

@@ -121,7 +121,8 @@ def main() -> str:
     root = WORK / "table-merge"
     steps = scaled(200)
     rows = [_daemon_pattern(root / f"fan{f}", steps, f) for f in (8, 10 ** 9)]
-    out = [table("Location tables merged over time: the daemon's pattern", ["", "chunk tables named", "metadata tables named", "table objects", "table bytes",
+    out = [table("Location tables merged over time: the daemon's pattern",
+                 ["", "chunk tables named", "metadata tables named", "table objects", "table bytes",
                   "push (median)", "fresh `cat` (median)", "GETs of that read"], rows)]
     merge_rows = []
     for n in (scaled(10_000), scaled(50_000)):
@@ -133,7 +134,8 @@ def main() -> str:
         merged, secs, before, peak = proc.stdout.split()
         merge_rows.append([f"9 x {n:,} rows", f"{int(merged):,}", f"{float(secs):.2f} s",
                            f"{int(before) // 1024} MiB", f"{int(peak) // 1024} MiB"])
-    out.append(table("One merge of 9 chunk tables", ["merge of", "rows out", "time", "RSS before", "peak RSS"], merge_rows))
+    out.append(table("One merge of 9 chunk tables", ["merge of", "rows out", "time", "RSS before", "peak RSS"],
+                     merge_rows))
     shutil.rmtree(root, ignore_errors=True)
     return "\n".join(out)
 
