@@ -184,6 +184,25 @@ def test_tables_near_the_caps_stay_as_they_are(tmp_path: Path, monkeypatch: pyte
     ok(tmp_path / "fresh", "verify", "ds", str(src))
 
 
+def test_a_home_whose_packs_are_not_local_merges_too(tmp_path: Path) -> None:
+    """A distributed commit's driver holds none of the packs (its workers uploaded them): it merges from
+    the tables on the remote all the same."""
+    from tessera.distributed import LocalExecutor
+
+    url = f"file://{tmp_path / 'remote'}"
+    src = tmp_path / "src"
+    with tessera.Repo(tmp_path / "driver") as r:
+        rs.add_remote(r.catalog, "origin", url, default=True)
+        for step in range(tablemerge.FAN_IN + 1):
+            grow(src, step)
+            h = r.commit("ds", src, executor=LocalExecutor(1)).hash
+        assert r.catalog.query_one("SELECT count(*) FROM packs WHERE local = 1")[0] == 0
+    v = version_object(url, h)
+    assert len(v.chunk_tables) == 1 and len(v.meta_tables) == 1 and v.pack_count == tablemerge.FAN_IN + 1
+    ok(tmp_path / "fresh", "remote", "add", "origin", url)
+    ok(tmp_path / "fresh", "verify", "ds", str(src))
+
+
 @pytest.mark.parametrize("kind", [rs.KIND_PACK_TABLE, rs.KIND_META_TABLE])
 @pytest.mark.parametrize("preferred", [0, 1])
 def test_a_key_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Path, preferred: int, kind: int) -> None:
