@@ -4,10 +4,12 @@ Every push writes a chunk table for the data packs it uploads and a metadata tab
 (`tessera.push`), and a version object names every table covering one of its packs. A dataset pushed every
 few seconds (the daemon) would soon name hundreds of tiny tables, and a fresh home's lazy lookup probes
 them in turn. So when a version is about to name more than `FAN_IN` tables of a kind, `merge_tables`
-writes one table holding every row of the small ones (tables already near the size caps stay as they
-are: tiers), records in the catalog that their packs are now covered by it (`remote_meta` kinds 3 and
-4), and the version object names the merged table instead. Later pushes merge it again with the small
-tables that follow, until it is near the caps itself.
+writes one table holding the rows of the small ones (tables already near the size caps stay as they
+are: tiers) for the version's packs, records in the catalog that those packs are now covered by it
+(`remote_meta` kinds 3 and 4), and the version object names the merged table instead. Rows of packs the
+version does not list are left out: its readers never need them, and a key also stored in such a pack
+(a chunk stored twice) must not lead a lazy reader of the version to a pack a prune may delete. Later
+pushes merge it again with the small tables that follow, until it is near the caps itself.
 
 Rows come from the old tables, each read whole from the remote and checked against its SHA-256 (its
 name): a metadata table's rows (where each tree and file record sits in its metadata pack) exist nowhere
@@ -18,7 +20,8 @@ time and merged in key order (`heapq.merge`), so memory is bounded by the caps, 
 A merged table is an ordinary table (docs/format.md, "Location tables"): no format change. The old tables
 stay while older version objects name them; a prune sweeps them once no kept version does. The merged
 table is announced in the push's session before it is written, and its name is a pure function of its
-inputs and of this home's catalog, so a push killed after writing it writes the same object again.
+inputs, the version's packs and this home's catalog, so a push killed after writing it writes the same
+object again.
 """
 from __future__ import annotations
 
@@ -111,7 +114,8 @@ def merge_tables(catalog: Catalog, t: Transport, remote: str, kind: int, packs: 
     small = [h for h in heads if h.small]
     if not should_merge(len(small), len(by_table) - len(small), fan_in):
         return []
-    return [_write_merged(catalog, t, remote, kind, group, announce) for group in _groups(small)]
+    mine = set(covering)
+    return [_write_merged(catalog, t, remote, kind, group, mine, announce) for group in _groups(small)]
 
 
 def _read_heads(catalog: Catalog, t: Transport, remote: str, kind: int, names: list[str]) -> list[Source]:
@@ -169,9 +173,10 @@ def _groups(sources: list[Source]) -> list[list[Source]]:
     return [g for g in groups if len(g) >= 2]
 
 
-def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group: list[Source],
+def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group: list[Source], mine: set[str],
                   announce: Callable[[Iterable[str]], None] | None) -> Merged:
-    """Read the tables of ``group`` whole (checked), merge their rows, write the merged table, record it."""
+    """Read the tables of ``group`` whole (checked), merge their rows for the packs ``mine`` (the version's),
+    write the merged table, record that it covers those packs."""
     datas: dict[str, bytes] = {}
 
     def read(s: Source) -> None:
@@ -181,13 +186,13 @@ def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group:
     sizes: dict[str, int] = {}
     for s in group:
         for p, size in s.head.packs:
-            if sizes.setdefault(p, size) != size:
+            if p in mine and sizes.setdefault(p, size) != size:
                 raise CorruptData(f"{t.url}: location tables disagree on the size of pack {p[:12]}")
     packs = sorted(sizes.items())
     counted: list[int] = [0]
 
     def rows() -> Iterator[table.Row]:
-        for row in _merged_rows(catalog, remote, kind, group, datas, f"{t.url}/{_KEY[kind]('')}"):
+        for row in _merged_rows(catalog, remote, kind, group, datas, set(sizes), f"{t.url}/{_KEY[kind]('')}"):
             counted[0] += 1
             yield row
 
@@ -207,13 +212,15 @@ def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group:
 
 
 def _merged_rows(catalog: Catalog, remote: str, kind: int, group: list[Source], datas: dict[str, bytes],
-                 where: str) -> Iterator[table.Row]:
-    """Every row of the tables of ``group`` in key order, each key once. A key two tables locate in
+                 packs: set[str], where: str) -> Iterator[table.Row]:
+    """Every row of the tables of ``group`` in one of ``packs``, in key order, each key once. A key two tables locate in
     different places (a chunk stored in two packs, a tree sent twice) keeps the place this home's catalog
     gives it: the pack a version pushed from here lists, so no version naming the merged table depends
     on a pack it does not list (else the first table's row, deterministically)."""
     same: list[table.Row] = []
     for row in heapq.merge(*(_rows_of(s.head, datas[s.name], where + s.name) for s in group), key=lambda r: r.key):
+        if row.pack not in packs:
+            continue
         if same and row.key != same[0].key:
             yield _choose(catalog, remote, kind, same)
             same = []

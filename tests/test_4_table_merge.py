@@ -208,23 +208,28 @@ def test_a_home_whose_packs_are_not_local_merges_too(tmp_path: Path) -> None:
 def test_a_key_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Path, preferred: int, kind: int) -> None:
     """A chunk stored in two packs (a commit's own copy of a chunk it knew only from a remote), or a tree
     sent in two metadata packs, is one row of a merged table: the one in the pack this home's versions
-    list, so none of them depends on the other pack."""
+    list, so none of them depends on the other pack. Packs of the small tables the version does not use
+    are left out (and stay covered by their old table)."""
     url = f"file://{tmp_path / 'remote'}"
     tkind = table.KIND_CHUNKS if kind == rs.KIND_PACK_TABLE else table.KIND_META
     table_key = chunk_table_key if kind == rs.KIND_PACK_TABLE else meta_table_key
-    twice, once = (bytes(range(16)), bytes(range(1, 17))) if tkind == table.KIND_CHUNKS else \
-        (bytes(range(32)) + b"\x01", bytes(range(1, 33)) + b"\x02")
+    twice, once, third = (bytes(range(16)), bytes(range(1, 17)), bytes(range(2, 18))) if tkind == table.KIND_CHUNKS \
+        else (bytes(range(32)) + b"\x01", bytes(range(1, 33)) + b"\x02", bytes(range(2, 34)) + b"\x02")
     packs = ["a" * 64, "b" * 64]
+    unused = "c" * 64  # in the first table, not in the version
     offsets = [100, 150]
     with tessera.Repo(tmp_path / "home") as r, open_transport(url) as t:
         names = []
         for pack, offset in zip(packs, offsets):
             rows = [table.Row(twice, pack, offset, 10, 10, 0), table.Row(once, pack, 40, 10, 10, 0)]
-            data = table.encode(tkind, [(pack, 1000)], rows)
+            covered = [pack] if names else [pack, unused]
+            if not names:
+                rows.append(table.Row(third, unused, 200, 10, 10, 0))
+            data = table.encode(tkind, [(p, 1000) for p in covered], rows)
             names.append(sha256_hex(data))
             key = table_key(names[-1])
             t.put(key, data)
-            rs.mark_meta_pack(r.catalog, "origin", names[-1], [(kind, pack)], key=key)
+            rs.mark_meta_pack(r.catalog, "origin", names[-1], [(kind, p) for p in covered], key=key)
         if kind == rs.KIND_PACK_TABLE:
             with r.catalog.write():
                 r.catalog.add_remote_pack(packs[preferred], 1000,
@@ -232,10 +237,12 @@ def test_a_key_two_tables_locate_keeps_the_location_this_home_uses(tmp_path: Pat
         else:
             rs.mark_meta_pack(r.catalog, "origin", packs[preferred], [(1, twice[:32].hex())])
         [merged] = tablemerge.merge_tables(r.catalog, t, "origin", kind, packs, fan_in=1)
-        assert merged.tables == tuple(sorted(names)) and merged.packs == 2 and merged.rows == 2
+        assert sorted(merged.tables) == sorted(names) and merged.packs == 2 and merged.rows == 2
         head, rows = table.decode(t.get(table_key(merged.name)), "merged", kind=tkind)
         assert head.packs == (("a" * 64, 1000), ("b" * 64, 1000))
         assert table.find(rows, twice) == table.Row(twice, packs[preferred], offsets[preferred], 10, 10, 0)
+        assert table.find(rows, third) is None  # the unused pack's row
         assert rs.meta_locations(r.catalog, "origin", kind, packs) == dict.fromkeys(packs, merged.name)
+        assert rs.meta_locations(r.catalog, "origin", kind, [unused]) == {unused: names[0]}
         # a version naming one table needs no merge
         assert tablemerge.merge_tables(r.catalog, t, "origin", kind, packs, fan_in=1) == []
