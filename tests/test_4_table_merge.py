@@ -6,7 +6,9 @@ most `FAN_IN` tables of each kind; a fresh home lists, reads (with a bounded num
 the proxy in front of moto), verifies and checks the last version; forgetting the older versions and
 pruning deletes the superseded tables and keeps what the live version names; a push killed between the
 merged table and the version object leaves a readable remote and finishes when run again; big tables are
-left as they are (tiers), and a chunk two tables locate in different packs keeps this home's location.
+left as they are (tiers); a home holding none of the packs (a distributed commit's driver) merges too; a
+chunk or tree two tables locate in different packs keeps this home's location, and packs the version does
+not use are left out.
 """
 from __future__ import annotations
 
