@@ -52,14 +52,15 @@ from tessera.remote.wire import (
 from tessera.remotes import Remote
 from tessera.sessions import Plans, PushSession, remote_layout
 from tessera.store import Store
+from tessera.tablemerge import TABLE_PACKS, TABLE_ROWS, merge_tables
 from tessera.trees import Closure, ClosureWalk
 
 logger = logging.getLogger(__name__)
 
 UPLOAD_WORKERS = 4
 SESSION_EXPIRY = 3600.0
-CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data)
-CHUNK_TABLE_ROWS = 1 << 20  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
+CHUNK_TABLE_PACKS = TABLE_PACKS  # data packs per chunk table (~48 GiB of data)
+CHUNK_TABLE_ROWS = TABLE_ROWS  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
 SEEN_FILES = 100_000  # file ids a push's walk remembers to skip a record met twice (memory: bounded)
 
@@ -375,6 +376,9 @@ class Pusher:
                 self.t.put(pack_list_key(name), data)
                 rs.mark_keys(self.cat, self.remote.name, [pack_list_key(name)])
                 res.objects += 1
+        for kind, packs in ((rs.KIND_PACK_TABLE, closure.packs), (rs.KIND_META_TABLE, meta)):  # tables merged over time
+            res.objects += len(merge_tables(self.cat, self.t, self.remote.name, kind, packs,
+                                            announce=self._session.announce if self._session is not None else None))
         chunk_tables = set(self._tables(rs.KIND_PACK_TABLE, closure.packs).values())
         meta_tables = set(self._tables(rs.KIND_META_TABLE, meta).values())
         obj = VersionObject(hash, closure.files, closure.size, tuple(sorted(meta)), format=VERSION_FORMAT,

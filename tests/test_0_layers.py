@@ -33,7 +33,7 @@ RANKS = [
     "tessera.lazymeta",
     # what reads and writes versions
     "tessera.version", "tessera.filecache", "tessera.worktree", "tessera.treebuild", "tessera.snapshot", "tessera.vfs", "tessera.checkout", "tessera.fsck",
-    "tessera.push", "tessera.pull", "tessera.lockfile", "tessera.reclaim", "tessera.lifecycle", "tessera.prune",
+    "tessera.tablemerge", "tessera.push", "tessera.pull", "tessera.lockfile", "tessera.reclaim", "tessera.lifecycle", "tessera.prune",
     # a commit spread over workers (the plan, the worker task, combining); Ray itself, imported only when used
     "tessera.distributed", "tessera.raycluster",
     # the facade, and what works on a whole home through it

@@ -120,6 +120,16 @@ def mark_meta_pack(catalog: Catalog, remote: str, pack: str, blobs: Iterable[tup
                       ((remote, kind, bid, pack) for kind, bid in blobs))
 
 
+def cover_packs(catalog: Catalog, remote: str, kind: int, table: str, packs: Iterable[str], *, key: str) -> None:
+    """Record that location table ``table`` (the object ``key``, a merged table: `tessera.tablemerge`) is
+    on the remote and now covers ``packs`` (`KIND_PACK_TABLE` or `KIND_META_TABLE`), replacing the tables
+    recorded for them before, so versions pushed from now on name it instead."""
+    with catalog.write() as c:
+        c.execute("INSERT OR IGNORE INTO remote_objects VALUES (?, ?)", (remote, key))
+        c.executemany("INSERT OR REPLACE INTO remote_meta VALUES (?, ?, ?, ?)",
+                      ((remote, kind, p, table) for p in packs))
+
+
 # -- versions whose metadata is fetched as it is walked ----------------------------------------------
 
 def lazy_version(catalog: Catalog, hash: str) -> tuple[str, bytes] | None:

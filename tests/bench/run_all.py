@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 MODULES = ["bench_chunking", "bench_commit", "bench_mount", "bench_s3", "bench_daemon", "bench_worktree",
-           "bench_readers", "bench_lifecycle", "bench_scale", "bench_fresh_home"]
+           "bench_readers", "bench_lifecycle", "bench_scale", "bench_fresh_home", "bench_table_merge"]
 
 
 def main() -> int:
