@@ -15,9 +15,11 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from tessera.catalog import Catalog
@@ -26,7 +28,7 @@ from tessera.diskcache import DiskCache
 from tessera.errors import CorruptData, NotFound, UsageError, raise_os_error
 from tessera.format.pack import KIND_CHUNK, KIND_FILE, KIND_TREE, iter_blobs
 from tessera.ids import check_dataset_name, check_tag, sha256_hex
-from tessera.model import ChunkLocation, HistoryEntry
+from tessera.model import ChunkLocation, FileRecord, HistoryEntry
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
@@ -40,17 +42,18 @@ from tessera.remote.wire import (
     VERSION_OBJECT_MAX,
     RemoteTable,
     VersionObject,
+    check_index_rows,
     chunk_table_key,
-    decode_chunk_table,
     decode_history,
     decode_index,
-    decode_meta_pack,
     decode_pack_list,
     decode_tag,
     get_object,
     history_key_of_tombstone,
     history_prefix,
     index_key,
+    iter_chunk_table,
+    iter_meta_pack,
     meta_key,
     meta_table_key,
     pack_key,
@@ -68,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 4
 FETCH_WORKERS = 8
+META_WORKERS = 2  # metadata packs fetched and imported at once (each up to 16 MiB, decoded a batch at a time)
+TABLE_WORKERS = 2  # chunk tables fetched and imported at once (each up to ~40 MiB, read whole)
+IMPORT_BATCH = 4096  # trees and file records decoded before they go to the catalog
 _PROBLEM = "remote.problem"  # settings key prefix: a remote's history of a dataset that did not all read
 
 
@@ -174,8 +180,8 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
     todo = [m for m in vobj.meta if meta_key(m) not in known]
     progress.start(f"metadata {hash[:12]}", len(todo) + len(vobj.pack_lists) + len(vobj.chunk_tables))
     try:
-        run_parallel(FETCH_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by, progress)
-                                     for m in todo])
+        run_parallel(META_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by, progress)
+                                    for m in todo])
         packs: set[str] = set()
         lock = threading.Lock()
 
@@ -195,18 +201,13 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
 
         def get_chunk_table(name: str) -> None:
             key = chunk_table_key(name)
-            found = decode_chunk_table(name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
-                                       f"{t.url}/{key}")
-            mine = [p for p in found if p in packs]
-            for p in mine:
-                if not local.get(p, (0, False))[1]:  # rows a lazy lookup recorded are completed
-                    catalog.add_remote_pack(p, *found[p])
-            rs.mark_meta_pack(catalog, remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in found], key=key)
+            mine = _import_chunk_table(catalog, name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
+                                       f"{t.url}/{key}", packs, local)
             with lock:
                 covered.update(mine)
             progress.advance(1)
 
-        run_parallel(FETCH_WORKERS, [partial(get_chunk_table, x) for x in vobj.chunk_tables])
+        run_parallel(TABLE_WORKERS, [partial(get_chunk_table, x) for x in vobj.chunk_tables])
         missing = packs - covered
         if missing:
             raise CorruptData(f"{where} is malformed: no chunk table covers pack {min(missing)[:12]}")
@@ -224,16 +225,54 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
     return closure.files, closure.size, keys
 
 
+def _import_chunk_table(catalog: Catalog, name: str, data: bytes, where: str, packs: set[str],
+                        local: dict[str, tuple[int, bool]]) -> list[str]:
+    """Record the rows of chunk table ``name`` (``data``, whole) for the packs of ``packs`` not local here
+    (rows a lazy lookup recorded are completed); returns the packs of ``packs`` it covers. Rows go to the
+    catalog as they are decoded, each pack's layout is then checked there (in offset order), all in one
+    transaction: a table that fails a check leaves nothing behind."""
+    table_packs, rows = iter_chunk_table(name, data, where)
+    del data  # the generator holds the bytes until its last row
+    mine = [p for p, _ in table_packs if p in packs]
+    record = {p for p in mine if not local.get(p, (0, False))[1]}
+    counts = dict.fromkeys(record, 0)
+
+    def recorded() -> Iterator[ChunkLocation]:
+        for c in rows:
+            if c.pack in record:
+                counts[c.pack] += 1
+                yield c
+
+    with catalog.write():
+        catalog.add_remote_chunks(recorded())
+        catalog.add_remote_packs((p, size, counts[p]) for p, size in table_packs if p in record)
+        for p, size in table_packs:
+            if p in record:
+                with closing(catalog.iter_pack_chunks(p)) as found:
+                    problem = check_index_rows(found, size)
+                if problem:
+                    raise CorruptData(f"{where}: pack {p[:12]}: {problem}")
+    return mine
+
+
 def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, required_by: str,
                    progress: Progress | None = None) -> None:
+    """Fetch metadata pack ``pack`` and record its trees and file records, a batch at a time (decoded and
+    checked as they go; one transaction: a pack that fails a check leaves nothing behind)."""
     key = meta_key(pack)
-    trees, files = decode_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by),
-                                    f"{t.url}/{key}")
+    blobs = iter_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by), f"{t.url}/{key}")
     with catalog.write():
-        catalog.add_trees(trees)
-        catalog.add_files(files)
-        rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
-                          [(KIND_FILE, r.id) for r in files])
+        while True:
+            batch = list(islice(blobs, IMPORT_BATCH))
+            if not batch:
+                break
+            trees = [b for b in batch if not isinstance(b, FileRecord)]
+            files = [b for b in batch if isinstance(b, FileRecord)]
+            catalog.add_trees(trees)
+            catalog.add_files(files)
+            rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
+                              [(KIND_FILE, r.id) for r in files])
+        rs.mark_meta_pack(catalog, remote.name, pack, [])  # the pack's key, whatever it held
     if progress is not None:
         progress.advance(1)
 

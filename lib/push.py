@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -269,7 +269,7 @@ class Pusher:
         def rows() -> Iterator[ChunkLocation]:  # one pack's rows at a time
             for p in packs:
                 if states[p][1] and self.store.has_pack_file(p):
-                    yield from self.store.pack_index(p)[1]
+                    yield from self.store.iter_pack_index(p)
                 else:
                     yield from self.cat.pack_chunks(p)
 
@@ -286,29 +286,34 @@ class Pusher:
 
     # metadata packs: only trees and file records the remote lacks, children first
 
-    def _meta_have(self, blobs: list[tuple[int, str]]) -> dict[int, dict[str, str]]:
+    def _meta_have(self, blobs: list[tuple[int, str]], pending: Container[str] = ()) -> dict[int, dict[str, str]]:
         """For these trees and file records, the metadata pack on the remote holding each (only packs a
-        metadata table covers: blobs of older pushes without one are sent again, so a format-2 version
-        object can name tables locating all of its metadata)."""
+        metadata table covers, or ``pending``: packs this push uploaded whose table is still to come;
+        blobs of older pushes without one are sent again, so a format-2 version object can name tables
+        locating all of its metadata)."""
         trees = [bid for kind, bid in blobs if kind == KIND_TREE]
         files = [bid for kind, bid in blobs if kind == KIND_FILE]
         have = {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
                 KIND_FILE: rs.meta_locations(self.cat, self.remote.name, KIND_FILE, files)}
-        covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()})
-        return {kind: {b: m for b, m in found.items() if m in covered} for kind, found in have.items()}
+        covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()
+                                                    if m not in pending})
+        return {kind: {b: m for b, m in found.items() if m in covered or m in pending} for kind, found in have.items()}
 
     def _push_meta(self, walk: ClosureWalk, res: PushResult) -> set[str]:
         """Upload the trees and file records of the version the remote lacks, batch by batch; returns
-        every metadata pack holding one of them."""
+        every metadata pack holding one of them. Memory: the pack being built (its blob ids, to skip a
+        blob met twice) and, per pack uploaded since the last metadata table, its table rows as bytes;
+        what was sent before is looked up in the catalog (``remote_meta``)."""
         builder = MetaPackBuilder()
-        pending: list[tuple[str, int, list[table.Row]]] = []  # metadata packs uploaded, not yet in a table
-        untabled: dict[int, dict[str, str]] = {KIND_TREE: {}, KIND_FILE: {}}  # sent, their table not yet written
+        pending: list[tuple[str, int, bytes]] = []  # metadata packs uploaded, not yet in a table: (id, size, rows)
+        building: set[bytes] = set()  # blob ids (+ kind) in the builder
         used: set[str] = set()
         for batch in walk:
-            have = self._meta_have(batch)
+            have = self._meta_have(batch, {p for p, _, _ in pending})
             used.update(m for kind in have.values() for m in kind.values())
             for kind, bid in batch:
-                if bid in have[kind] or bid in untabled[kind]:
+                key = bytes.fromhex(bid) + bytes((kind,))
+                if bid in have[kind] or key in building:
                     continue
                 if kind == KIND_TREE:
                     raw = self.cat.tree(bid)
@@ -318,46 +323,46 @@ class Pusher:
                 if raw is None:
                     raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
                 builder.add(kind, bid, raw)
-                untabled[kind][bid] = ""
+                building.add(key)
                 if builder.size >= META_PACK_TARGET:
-                    pending.append(self._upload_meta(builder, untabled, res))
+                    pending.append(self._upload_meta(builder, len(pending), res))
                     used.add(pending[-1][0])
                     builder = MetaPackBuilder()
+                    building.clear()
                     if len(pending) >= META_TABLE_PACKS:
                         self._push_meta_table(pending, res)
-                        untabled = {KIND_TREE: {}, KIND_FILE: {}}
-        if builder.blobs:
-            pending.append(self._upload_meta(builder, untabled, res))
+        if builder.count:
+            pending.append(self._upload_meta(builder, len(pending), res))
             used.add(pending[-1][0])
         if pending:
             self._push_meta_table(pending, res)
         return used
 
-    def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]],
-                     res: PushResult) -> tuple[str, int, list[table.Row]]:
+    def _upload_meta(self, builder: MetaPackBuilder, ordinal: int, res: PushResult) -> tuple[str, int, bytes]:
+        """Upload the built pack; returns (its id, its size, its rows for the table listing it at ``ordinal``)."""
         pack, data = builder.finish()
         if self._session is not None:
             self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
         self.t.put(meta_key(pack), data)
         rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs)
-        for kind, bid in builder.blobs:
-            have[kind][bid] = pack
         res.meta_packs += 1
         res.objects += 1
-        return pack, len(data), builder.rows(pack)
+        return pack, len(data), builder.packed_rows(ordinal)
 
-    def _push_meta_table(self, pending: list[tuple[str, int, list[table.Row]]], res: PushResult) -> None:
-        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded."""
-        data = table.encode(table.KIND_META, [(p, size) for p, size, _ in pending],
-                            (row for _, _, rows in pending for row in rows))
+    def _push_meta_table(self, pending: list[tuple[str, int, bytes]], res: PushResult) -> None:
+        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded (``pending``, emptied:
+        its rows are handed to the encoder)."""
+        packs = [(p, size) for p, size, _ in pending]
+        rows = [r for _, _, r in pending]
+        pending.clear()
+        data = table.encode_packed(table.KIND_META, packs, rows)
         name = sha256_hex(data)
         if self._session is not None:
             self._session.announce([meta_table_key(name)])
         self.t.put(meta_table_key(name), data)
-        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _, _ in pending],
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in packs],
                           key=meta_table_key(name))
         res.objects += 1
-        pending.clear()
 
     # the version object, history entries, tags
 
