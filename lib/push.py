@@ -14,10 +14,12 @@ history entries a tombstone forgot, announces what it relies on in a session, an
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import IO
 
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
@@ -36,7 +38,6 @@ from tessera.remote.wire import (
     MetaPackBuilder,
     VersionObject,
     chunk_table_key,
-    encode_chunk_table,
     encode_history,
     encode_tag,
     history_key,
@@ -48,6 +49,7 @@ from tessera.remote.wire import (
     tag_key,
     tombstone_prefix,
     version_key,
+    write_chunk_table,
 )
 from tessera.remotes import Remote
 from tessera.sessions import Plans, PushSession, remote_layout
@@ -61,7 +63,7 @@ SESSION_EXPIRY = 3600.0
 CHUNK_TABLE_PACKS = 1024  # data packs per chunk table (~48 GiB of data)
 CHUNK_TABLE_ROWS = 1 << 20  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
-SEEN_FILES = 100_000  # file ids a push's walk remembers to skip a record met twice (memory: bounded)
+SEEN_FILES = 8192  # file ids a push's walk remembers to skip a record met twice (older repeats are found in the catalog)
 
 
 @dataclass
@@ -273,11 +275,12 @@ class Pusher:
                 else:
                     yield from self.cat.pack_chunks(p)
 
-        data = encode_chunk_table(sizes, rows())
-        name = sha256_hex(data)
-        if self._session is not None:
-            self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
-        self.t.put(chunk_table_key(name), data)
+        with tempfile.NamedTemporaryFile(prefix="tessera-chunkidx-") as out:
+            name = write_chunk_table(sizes, rows(), out)
+            out.flush()
+            if self._session is not None:
+                self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
+            self.t.put_file(chunk_table_key(name), out.name)
         rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in packs],
                           key=chunk_table_key(name))
         with self._lock:
@@ -301,45 +304,47 @@ class Pusher:
 
     def _push_meta(self, walk: ClosureWalk, res: PushResult) -> set[str]:
         """Upload the trees and file records of the version the remote lacks, batch by batch; returns
-        every metadata pack holding one of them. Memory: the pack being built (its blob ids, to skip a
-        blob met twice) and, per pack uploaded since the last metadata table, its table rows as bytes;
-        what was sent before is looked up in the catalog (``remote_meta``)."""
+        every metadata pack holding one of them. Memory: the pack being built (its bytes, its blobs'
+        table rows and ids, to skip a blob met twice); the table rows of the packs uploaded since the
+        last metadata table wait in a temporary file; what was sent before is looked up in the catalog."""
         builder = MetaPackBuilder()
-        pending: list[tuple[str, int, bytes]] = []  # metadata packs uploaded, not yet in a table: (id, size, rows)
+        pending: list[tuple[str, int]] = []  # metadata packs uploaded, not yet in a table: (id, size)
         building: set[bytes] = set()  # blob ids (+ kind) in the builder
         used: set[str] = set()
-        for batch in walk:
-            have = self._meta_have(batch, {p for p, _, _ in pending})
-            used.update(m for kind in have.values() for m in kind.values())
-            for kind, bid in batch:
-                key = bytes.fromhex(bid) + bytes((kind,))
-                if bid in have[kind] or key in building:
-                    continue
-                if kind == KIND_TREE:
-                    raw = self.cat.tree(bid)
-                else:
-                    rec = self.cat.file(bid)
-                    raw = rec.chunks_to_bytes() if rec is not None else None
-                if raw is None:
-                    raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
-                builder.add(kind, bid, raw)
-                building.add(key)
-                if builder.size >= META_PACK_TARGET:
-                    pending.append(self._upload_meta(builder, len(pending), res))
-                    used.add(pending[-1][0])
-                    builder = MetaPackBuilder()
-                    building.clear()
-                    if len(pending) >= META_TABLE_PACKS:
-                        self._push_meta_table(pending, res)
-        if builder.count:
-            pending.append(self._upload_meta(builder, len(pending), res))
-            used.add(pending[-1][0])
-        if pending:
-            self._push_meta_table(pending, res)
+        with tempfile.TemporaryFile(prefix="tessera-metaidx-rows-") as rows:
+            for batch in walk:
+                have = self._meta_have(batch, {p for p, _ in pending})
+                used.update(m for kind in have.values() for m in kind.values())
+                for kind, bid in batch:
+                    key = bytes.fromhex(bid) + bytes((kind,))
+                    if bid in have[kind] or key in building:
+                        continue
+                    if kind == KIND_TREE:
+                        raw = self.cat.tree(bid)
+                    else:
+                        rec = self.cat.file(bid)
+                        raw = rec.chunks_to_bytes() if rec is not None else None
+                    if raw is None:
+                        raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
+                    builder.add(kind, bid, raw)
+                    building.add(key)
+                    if builder.size >= META_PACK_TARGET:
+                        pending.append(self._upload_meta(builder, len(pending), rows, res))
+                        used.add(pending[-1][0])
+                        builder = MetaPackBuilder()
+                        building.clear()
+                        if len(pending) >= META_TABLE_PACKS:
+                            self._push_meta_table(pending, rows, res)
+            if builder.count:
+                pending.append(self._upload_meta(builder, len(pending), rows, res))
+                used.add(pending[-1][0])
+            if pending:
+                self._push_meta_table(pending, rows, res)
         return used
 
-    def _upload_meta(self, builder: MetaPackBuilder, ordinal: int, res: PushResult) -> tuple[str, int, bytes]:
-        """Upload the built pack; returns (its id, its size, its rows for the table listing it at ``ordinal``)."""
+    def _upload_meta(self, builder: MetaPackBuilder, ordinal: int, rows: IO[bytes], res: PushResult) -> tuple[str, int]:
+        """Upload the built pack, append its table rows (as the table's pack ``ordinal``) to ``rows``;
+        returns (its id, its size)."""
         pack, data = builder.finish()
         if self._session is not None:
             self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
@@ -347,22 +352,24 @@ class Pusher:
         rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs)
         res.meta_packs += 1
         res.objects += 1
-        return pack, len(data), builder.packed_rows(ordinal)
+        rows.write(builder.packed_rows(ordinal))
+        return pack, len(data)
 
-    def _push_meta_table(self, pending: list[tuple[str, int, bytes]], res: PushResult) -> None:
-        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded (``pending``, emptied:
-        its rows are handed to the encoder)."""
-        packs = [(p, size) for p, size, _ in pending]
-        rows = [r for _, _, r in pending]
-        pending.clear()
-        data = table.encode_packed(table.KIND_META, packs, rows)
-        name = sha256_hex(data)
-        if self._session is not None:
-            self._session.announce([meta_table_key(name)])
-        self.t.put(meta_table_key(name), data)
-        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in packs],
+    def _push_meta_table(self, pending: list[tuple[str, int]], rows: IO[bytes], res: PushResult) -> None:
+        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded (``pending``, whose
+        table rows are in ``rows``; both are emptied)."""
+        with tempfile.NamedTemporaryFile(prefix="tessera-metaidx-") as out:
+            name = table.encode_file(table.KIND_META, pending, rows, out)
+            out.flush()
+            if self._session is not None:
+                self._session.announce([meta_table_key(name)])
+            self.t.put_file(meta_table_key(name), out.name)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in pending],
                           key=meta_table_key(name))
         res.objects += 1
+        pending.clear()
+        rows.seek(0)
+        rows.truncate()
 
     # the version object, history entries, tags
 

@@ -16,10 +16,13 @@ trusts the bytes: counts are bounded before anything is allocated and every row 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from tessera.errors import CorruptData
 from tessera.format.compress import CODEC_NAMES, MAX_CHUNK, RAW
@@ -102,95 +105,138 @@ def packed_row(key: bytes, pack: int, offset: int, stored_len: int, raw_len: int
 
 def encode(kind: int, packs: Sequence[tuple[str, int]], rows: Iterable[Row]) -> bytes:
     """The table of ``rows`` (any order; a key given twice is kept once) over ``packs`` ((id, size))."""
-    key_len = KEY_LEN[kind]
     ordinal = {p: i for i, (p, _) in enumerate(packs)}
-    pieces: list[bytes] = []
-    piece = bytearray()
-    for r in rows:
-        if len(r.key) != key_len:
-            raise ValueError(f"key of {len(r.key)} bytes in a table of {key_len}-byte keys")
-        piece += packed_row(r.key, ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec)
-        if len(piece) >= PIECE:
-            pieces.append(bytes(piece))
-            piece.clear()
-    pieces.append(bytes(piece))
-    return encode_packed(kind, packs, pieces)
-
-
-PIECE = 1 << 20  # bytes of packed rows `encode` gathers before handing them on
-SORT_BITS = 16  # rows are distributed into at most 2**SORT_BITS buckets by their keys' top bits, each sorted apart
-
-
-def encode_packed(kind: int, packs: Sequence[tuple[str, int]], pieces: list[bytes]) -> bytes:
-    """The table of the packed rows in ``pieces`` (each whole rows as `packed_row` makes them, any order;
-    a key given twice is kept once). Costs about the table's size in memory: ``pieces`` is emptied as its
-    rows are distributed into buckets by their keys' top bits (keys are hashes: uniform), each bucket is
-    sorted on its own, and the table is written bucket by bucket, freeing each."""
-    key_len = KEY_LEN[kind]
-    row_len = key_len + VALUE.size
-    nrows = 0
-    for piece in pieces:
-        if len(piece) % row_len:
-            raise ValueError(f"a piece of {len(piece)} bytes is not whole {row_len}-byte rows")
-        nrows += len(piece) // row_len
-    sort_bits = min(fanout_bits(nrows), SORT_BITS)
-    buckets = _distribute(pieces, row_len, sort_bits)
-    unique = 0
-    for b, rows in enumerate(buckets):  # sort each bucket, keep each key once
-        if rows:
-            buckets[b] = _sort_unique(rows, row_len, key_len)
-            unique += len(buckets[b]) // row_len
-    bits = fanout_bits(unique)
-    out = io.BytesIO()  # grown in place and handed over without a copy (getvalue of an unshared buffer)
-    out.write(HEADER.pack(MAGIC, kind, key_len, bits, 0, len(packs), unique, 0))
-    for p, size in packs:
-        out.write(PACK.pack(bytes.fromhex(p), size))
-    total = 0
-    for c in _fanout_counts(buckets, sort_bits, bits, row_len):
-        total += c
-        out.write(FANOUT.pack(total))
-    for b in range(len(buckets)):
-        out.write(buckets[b])
-        buckets[b] = b""
+    spill = io.BytesIO()
+    write_rows(spill, kind, ((r.key, ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec) for r in rows))
+    out = io.BytesIO()
+    encode_file(kind, packs, spill, out)
     return out.getvalue()
 
 
-def _distribute(pieces: list[bytes], row_len: int, bits: int) -> list[bytes | bytearray]:
-    """The rows of ``pieces`` (emptied, each piece freed once read) in ``2**bits`` buckets by their keys'
-    top ``bits`` bits."""
-    if not bits:
-        whole = b"".join(pieces)
-        pieces.clear()
-        return [whole]
-    parts = [bytearray() for _ in range(1 << bits)]
-    shift = 32 - bits
-    pieces.reverse()
-    while pieces:
-        piece = pieces.pop()
-        for pos in range(0, len(piece), row_len):
-            parts[int.from_bytes(piece[pos:pos + 4], "big") >> shift] += piece[pos:pos + row_len]
-        del piece
-    return list[bytes | bytearray](parts)
+def write_rows(f: IO[bytes], kind: int, rows: Iterable[tuple[bytes, int, int, int, int, int]]) -> None:
+    """Append ``rows`` ((key, pack ordinal, offset, stored_len, raw_len, codec)) to ``f`` as `packed_row`s."""
+    key_len = KEY_LEN[kind]
+    piece = bytearray()
+    for key, *value in rows:
+        if len(key) != key_len:
+            raise ValueError(f"key of {len(key)} bytes in a table of {key_len}-byte keys")
+        piece += key + VALUE.pack(*value)
+        if len(piece) >= BLOCK:
+            f.write(piece)
+            piece.clear()
+    f.write(piece)
 
 
-def _sort_unique(rows: bytes | bytearray, row_len: int, key_len: int) -> bytes:
-    """The rows of one bucket sorted, a key given twice kept once (its smallest row)."""
-    split = sorted(bytes(rows[i:i + row_len]) for i in range(0, len(rows), row_len))
-    return b"".join(row for i, row in enumerate(split) if i == 0 or row[:key_len] != split[i - 1][:key_len])
+BLOCK = 1 << 20  # bytes of rows read or written at a time
+SORT_BUDGET = 8 << 20  # bytes of rows sorted in memory at once; more are split into key ranges on disk
+SORT_BITS = 16  # a range is sorted as at most 2**SORT_BITS buckets of rows (by their keys' top bits)
 
 
-def _fanout_counts(buckets: list[bytes | bytearray], sort_bits: int, bits: int, row_len: int) -> list[int]:
-    """Rows per fan-out bucket of ``bits`` bits, from sorted buckets of ``sort_bits`` bits."""
+def encode_file(kind: int, packs: Sequence[tuple[str, int]], rows: IO[bytes], out: IO[bytes], *,
+                budget: int = SORT_BUDGET) -> str:
+    """Write the table of the packed rows in file ``rows`` (whole `packed_row`s from its start, any order;
+    a key given twice is kept once) to ``out``; returns the table's SHA-256 (hex). Memory: about
+    ``budget``. Rows beyond it are first split by their keys' top bits into temporary files (keys are
+    hashes: the ranges come out even); each range is sorted in memory, a bucket of rows at a time."""
+    key_len = KEY_LEN[kind]
+    row_len = key_len + VALUE.size
+    total = rows.seek(0, io.SEEK_END)
+    rows.seek(0)
+    if total % row_len:
+        raise ValueError(f"{total} bytes of rows is not whole {row_len}-byte rows")
+    nrows = total // row_len
+    bits = fanout_bits(nrows)  # of the rows given: the table's own is this or fewer (keys given twice)
+    part_bits = 0
+    while total >> part_bits > budget and part_bits < min(bits, 8):
+        part_bits += 1
     counts = [0] * (1 << bits)
-    if bits <= sort_bits:
-        for b, rows in enumerate(buckets):
-            counts[b >> (sort_bits - bits)] += len(rows) // row_len
-        return counts
-    shift = 32 - bits
-    for rows in buckets:
-        for pos in range(0, len(rows), row_len):
-            counts[int.from_bytes(rows[pos:pos + 4], "big") >> shift] += 1
-    return counts
+    ranges: list[IO[bytes] | list[bytes]] = []
+    if not part_bits:
+        ranges.append(_sort_range(rows.read(), row_len, key_len, bits, 0, 1 << bits, counts))
+    else:
+        span = 1 << (bits - part_bits)
+        for i, f in enumerate(_split(rows, row_len, part_bits)):
+            f.seek(0)
+            buckets = _sort_range(f.read(), row_len, key_len, bits, i * span, span, counts)
+            f.seek(0)
+            f.truncate()
+            while buckets:
+                f.write(buckets.pop(0))
+            ranges.append(f)
+    unique = sum(counts)
+    while bits > fanout_bits(unique):  # fewer rows than given: a coarser fan-out (sum neighbouring buckets)
+        counts = [counts[i] + counts[i + 1] for i in range(0, len(counts), 2)]
+        bits -= 1
+    digest = hashlib.sha256()
+
+    def emit(data: bytes) -> None:
+        digest.update(data)
+        out.write(data)
+
+    emit(HEADER.pack(MAGIC, kind, key_len, bits, 0, len(packs), unique, 0))
+    emit(b"".join(PACK.pack(bytes.fromhex(p), size) for p, size in packs))
+    running = 0
+    fanout = bytearray()
+    for c in counts:
+        running += c
+        fanout += FANOUT.pack(running)
+    emit(bytes(fanout))
+    for r in ranges:
+        if isinstance(r, list):
+            for bucket in r:
+                emit(bucket)
+            continue
+        r.seek(0)
+        while block := r.read(BLOCK):
+            emit(block)
+        r.close()
+    return digest.hexdigest()
+
+
+def _split(rows: IO[bytes], row_len: int, part_bits: int) -> list[IO[bytes]]:
+    """The rows of ``rows`` in ``2**part_bits`` temporary files by their keys' top ``part_bits`` bits."""
+    files: list[IO[bytes]] = [tempfile.TemporaryFile() for _ in range(1 << part_bits)]
+    shift = 8 - part_bits
+    step = BLOCK - BLOCK % row_len
+    while block := rows.read(step):
+        parts = [bytearray() for _ in files]
+        for pos in range(0, len(block), row_len):
+            parts[block[pos] >> shift] += block[pos:pos + row_len]
+        for f, part in zip(files, parts):
+            f.write(part)
+    return files
+
+
+def _sort_range(data: bytes, row_len: int, key_len: int, bits: int, first: int, span: int,
+                counts: list[int]) -> list[bytes]:
+    """The rows of ``data`` (whose keys' top ``bits`` bits lie in ``[first, first + span)``) sorted, each
+    key once, as buckets of rows; adds each fan-out bucket's rows to ``counts``. Hand ``data`` over (no
+    other reference): it is freed once its rows are in buckets."""
+    sort_bits = min(bits, SORT_BITS)
+    shift = 32 - sort_bits
+    low = first >> (bits - sort_bits)
+    if sort_bits:
+        buckets = [bytearray() for _ in range(span >> (bits - sort_bits))]
+        for pos in range(0, len(data), row_len):
+            buckets[(int.from_bytes(data[pos:pos + 4], "big") >> shift) - low] += data[pos:pos + row_len]
+    else:
+        buckets = [bytearray(data)]
+    del data
+    out: list[bytes] = []
+    for i in range(len(buckets)):
+        if not buckets[i]:
+            continue
+        split = sorted(bytes(buckets[i][p:p + row_len]) for p in range(0, len(buckets[i]), row_len))
+        buckets[i] = bytearray()
+        rows = [row for j, row in enumerate(split) if j == 0 or row[:key_len] != split[j - 1][:key_len]]
+        del split
+        if bits == sort_bits:
+            counts[low + i] += len(rows)
+        else:
+            for row in rows:
+                counts[int.from_bytes(row[:4], "big") >> (32 - bits)] += 1
+        out.append(b"".join(rows))
+    return out
 
 
 def decode_head(data: bytes, where: str, *, kind: int) -> Head:

@@ -13,10 +13,11 @@ import io
 import json
 import re
 import struct
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from tessera.errors import CorruptData, NotFound
 from tessera.format.compress import CODEC_NAMES, MAX_CHUNK, RAW, Compressor, decompress, meta_blob_limit
@@ -438,10 +439,20 @@ def meta_key_of(kind: int, blob_id: str) -> bytes:
 
 
 def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation]) -> bytes:
-    """The chunk table over ``packs`` locating ``chunks`` (packed as they come: a caller handing them over
-    one pack at a time holds no more than that as objects)."""
-    return table.encode(table.KIND_CHUNKS, packs, (table.Row(c.id, c.pack, c.offset, c.stored_len, c.raw_len, c.codec)
-                                                   for c in chunks))
+    """The chunk table over ``packs`` ((id, size)) locating ``chunks``."""
+    out = io.BytesIO()
+    write_chunk_table(packs, chunks, out)
+    return out.getvalue()
+
+
+def write_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation], out: IO[bytes]) -> str:
+    """`encode_chunk_table` written to ``out`` in bounded memory (rows spilled to a temporary file as they
+    come, `table.encode_file`); returns the table's SHA-256 (its name)."""
+    ordinal = {p: i for i, (p, _) in enumerate(packs)}
+    with tempfile.TemporaryFile() as spill:
+        table.write_rows(spill, table.KIND_CHUNKS, ((c.id, ordinal[c.pack], c.offset, c.stored_len, c.raw_len, c.codec)
+                                                    for c in chunks))
+        return table.encode_file(table.KIND_CHUNKS, packs, spill, out)
 
 
 def chunk_location(row: table.Row) -> ChunkLocation:
