@@ -15,8 +15,7 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -28,6 +27,7 @@ from tessera.diskcache import DiskCache
 from tessera.errors import CorruptData, NotFound, UsageError, raise_os_error
 from tessera.format.pack import KIND_CHUNK, KIND_FILE, KIND_TREE, iter_blobs
 from tessera.ids import check_dataset_name, check_tag, sha256_hex
+from tessera.lazymeta import import_chunk_table
 from tessera.model import ChunkLocation, FileRecord, HistoryEntry
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
@@ -42,7 +42,6 @@ from tessera.remote.wire import (
     VERSION_OBJECT_MAX,
     RemoteTable,
     VersionObject,
-    check_index_rows,
     chunk_table_key,
     decode_history,
     decode_index,
@@ -52,7 +51,6 @@ from tessera.remote.wire import (
     history_key_of_tombstone,
     history_prefix,
     index_key,
-    iter_chunk_table,
     iter_meta_pack,
     meta_key,
     meta_table_key,
@@ -196,13 +194,12 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
         if len(packs) != vobj.pack_count:
             raise CorruptData(f"{where} is malformed: its pack lists name {len(packs)} packs, it says "
                               f"{vobj.pack_count}")
-        local = catalog.pack_states(sorted(packs))
         covered: set[str] = set()
 
         def get_chunk_table(name: str) -> None:
             key = chunk_table_key(name)
-            mine = _import_chunk_table(catalog, name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
-                                       f"{t.url}/{key}", packs, local)
+            mine = import_chunk_table(catalog, name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
+                                      f"{t.url}/{key}", packs)
             with lock:
                 covered.update(mine)
             progress.advance(1)
@@ -223,36 +220,6 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
     closure = _check_closure(catalog, t, vobj, where)
     keys = vobj.keys + [pack_key(p) for p in packs]
     return closure.files, closure.size, keys
-
-
-def _import_chunk_table(catalog: Catalog, name: str, data: bytes, where: str, packs: set[str],
-                        local: dict[str, tuple[int, bool]]) -> list[str]:
-    """Record the rows of chunk table ``name`` (``data``, whole) for the packs of ``packs`` not local here
-    (rows a lazy lookup recorded are completed); returns the packs of ``packs`` it covers. Rows go to the
-    catalog as they are decoded, each pack's layout is then checked there (in offset order), all in one
-    transaction: a table that fails a check leaves nothing behind."""
-    table_packs, rows = iter_chunk_table(name, data, where)
-    del data  # the generator holds the bytes until its last row
-    mine = [p for p, _ in table_packs if p in packs]
-    record = {p for p in mine if not local.get(p, (0, False))[1]}
-    counts = dict.fromkeys(record, 0)
-
-    def recorded() -> Iterator[ChunkLocation]:
-        for c in rows:
-            if c.pack in record:
-                counts[c.pack] += 1
-                yield c
-
-    with catalog.write():
-        catalog.add_remote_chunks(recorded())
-        catalog.add_remote_packs((p, size, counts[p]) for p, size in table_packs if p in record)
-        for p, size in table_packs:
-            if p in record:
-                with closing(catalog.iter_pack_chunks(p)) as found:
-                    problem = check_index_rows(found, size)
-                if problem:
-                    raise CorruptData(f"{where}: pack {p[:12]}: {problem}")
-    return mine
 
 
 def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, required_by: str,
