@@ -160,8 +160,9 @@ def encode_file(kind: int, packs: Sequence[tuple[str, int]], rows: IO[bytes], ou
             buckets = _sort_range(f.read(), row_len, key_len, bits, i * span, span, counts)
             f.seek(0)
             f.truncate()
-            while buckets:
-                f.write(buckets.pop(0))
+            buckets.reverse()
+            while buckets:  # each bucket freed once written
+                f.write(buckets.pop())
             ranges.append(f)
     unique = sum(counts)
     while bits > fanout_bits(unique):  # fewer rows than given: a coarser fan-out (sum neighbouring buckets)
