@@ -14,7 +14,8 @@ verify, fsck) first completes its metadata (`tessera.pull.complete_lazy_version`
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from contextlib import closing
 
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
@@ -28,9 +29,10 @@ from tessera.remote.wire import (
     RemoteTable,
     VersionObject,
     chunk_location,
+    check_index_rows,
     chunk_table_key,
-    decode_chunk_table,
     fetch_meta_blobs,
+    iter_chunk_table,
     meta_key_of,
     meta_table_key,
     pack_key,
@@ -38,6 +40,38 @@ from tessera.remote.wire import (
 )
 from tessera.sources import ChunkSource, Segment
 from tessera.trees import CatalogTrees
+
+
+def import_chunk_table(catalog: Catalog, name: str, data: bytes, where: str,
+                       wanted: Container[str] | None = None) -> list[str]:
+    """Record the rows of chunk table ``name`` (``data``, whole: checked against its SHA-256) for its
+    packs in ``wanted`` (all when None) that are not local here (rows a lazy lookup recorded are
+    completed); returns those packs of the table, local or not. Rows go to the catalog as they are
+    decoded, not held; each pack's layout is then checked there in offset order, all in one transaction:
+    a table that fails a check leaves nothing behind."""
+    table_packs, rows = iter_chunk_table(name, data, where)
+    del data  # the generator holds the bytes until its last row
+    mine = [p for p, _ in table_packs if wanted is None or p in wanted]
+    local = catalog.pack_states(mine)
+    record = {p for p in mine if not local.get(p, (0, False))[1]}
+    counts = dict.fromkeys(record, 0)
+
+    def recorded() -> Iterator[ChunkLocation]:
+        for c in rows:
+            if c.pack in record:
+                counts[c.pack] += 1
+                yield c
+
+    with catalog.write():
+        catalog.add_remote_chunks(recorded())
+        catalog.add_remote_packs((p, size, counts[p]) for p, size in table_packs if p in record)
+        for p, size in table_packs:
+            if p in record:
+                with closing(catalog.iter_pack_chunks(p)) as found:
+                    problem = check_index_rows(found, size)
+                if problem:
+                    raise CorruptData(f"{where}: pack {p[:12]}: {problem}")
+    return mine
 
 
 class LazyMeta:
@@ -116,8 +150,8 @@ class LazyMeta:
             t = self._table(chunk_table_key(name), table.KIND_CHUNKS)
             head = t.head()
             if head.size <= WHOLE_TABLE_MAX:
-                packs = decode_chunk_table(name, t.whole(), t.where)
-                self._record({p: rows for p, (_, rows) in packs.items()}, {p: size for p, (size, _) in packs.items()})
+                packs = import_chunk_table(self.catalog, name, t.whole(), t.where)
+                rs.mark_keys(self.catalog, self.remote, [pack_key(p) for p in packs])
                 with self._lock:
                     self._imported.add(name)
             else:

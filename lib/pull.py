@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from tessera.catalog import Catalog
@@ -26,7 +27,8 @@ from tessera.diskcache import DiskCache
 from tessera.errors import CorruptData, NotFound, UsageError, raise_os_error
 from tessera.format.pack import KIND_CHUNK, KIND_FILE, KIND_TREE, iter_blobs
 from tessera.ids import check_dataset_name, check_tag, sha256_hex
-from tessera.model import ChunkLocation, HistoryEntry
+from tessera.lazymeta import import_chunk_table
+from tessera.model import ChunkLocation, FileRecord, HistoryEntry
 from tessera.parallel import run_parallel
 from tessera.progress import NullProgress, Progress
 from tessera.remote.base import Transport
@@ -41,16 +43,15 @@ from tessera.remote.wire import (
     RemoteTable,
     VersionObject,
     chunk_table_key,
-    decode_chunk_table,
     decode_history,
     decode_index,
-    decode_meta_pack,
     decode_pack_list,
     decode_tag,
     get_object,
     history_key_of_tombstone,
     history_prefix,
     index_key,
+    iter_meta_pack,
     meta_key,
     meta_table_key,
     pack_key,
@@ -68,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 4
 FETCH_WORKERS = 8
+META_WORKERS = 2  # metadata packs fetched and imported at once (each up to 16 MiB, decoded a batch at a time)
+TABLE_WORKERS = 2  # chunk tables fetched and imported at once (each up to ~40 MiB, read whole)
+IMPORT_BATCH = 4096  # trees and file records decoded before they go to the catalog
 _PROBLEM = "remote.problem"  # settings key prefix: a remote's history of a dataset that did not all read
 
 
@@ -174,8 +178,8 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
     todo = [m for m in vobj.meta if meta_key(m) not in known]
     progress.start(f"metadata {hash[:12]}", len(todo) + len(vobj.pack_lists) + len(vobj.chunk_tables))
     try:
-        run_parallel(FETCH_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by, progress)
-                                     for m in todo])
+        run_parallel(META_WORKERS, [partial(_get_meta_pack, catalog, t, remote, m, required_by, progress)
+                                    for m in todo])
         packs: set[str] = set()
         lock = threading.Lock()
 
@@ -190,23 +194,17 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
         if len(packs) != vobj.pack_count:
             raise CorruptData(f"{where} is malformed: its pack lists name {len(packs)} packs, it says "
                               f"{vobj.pack_count}")
-        local = catalog.pack_states(sorted(packs))
         covered: set[str] = set()
 
         def get_chunk_table(name: str) -> None:
             key = chunk_table_key(name)
-            found = decode_chunk_table(name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
-                                       f"{t.url}/{key}")
-            mine = [p for p in found if p in packs]
-            for p in mine:
-                if not local.get(p, (0, False))[1]:  # rows a lazy lookup recorded are completed
-                    catalog.add_remote_pack(p, *found[p])
-            rs.mark_meta_pack(catalog, remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in found], key=key)
+            mine = import_chunk_table(catalog, name, get_object(t, key, TABLE_OBJECT_MAX, required_by=required_by),
+                                      f"{t.url}/{key}", packs)
             with lock:
                 covered.update(mine)
             progress.advance(1)
 
-        run_parallel(FETCH_WORKERS, [partial(get_chunk_table, x) for x in vobj.chunk_tables])
+        run_parallel(TABLE_WORKERS, [partial(get_chunk_table, x) for x in vobj.chunk_tables])
         missing = packs - covered
         if missing:
             raise CorruptData(f"{where} is malformed: no chunk table covers pack {min(missing)[:12]}")
@@ -226,14 +224,22 @@ def complete_metadata(catalog: Catalog, t: Transport, remote: Remote, vobj: Vers
 
 def _get_meta_pack(catalog: Catalog, t: Transport, remote: Remote, pack: str, required_by: str,
                    progress: Progress | None = None) -> None:
+    """Fetch metadata pack ``pack`` and record its trees and file records, a batch at a time (decoded and
+    checked as they go; one transaction: a pack that fails a check leaves nothing behind)."""
     key = meta_key(pack)
-    trees, files = decode_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by),
-                                    f"{t.url}/{key}")
+    blobs = iter_meta_pack(pack, get_object(t, key, META_PACK_MAX, required_by=required_by), f"{t.url}/{key}")
     with catalog.write():
-        catalog.add_trees(trees)
-        catalog.add_files(files)
-        rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
-                          [(KIND_FILE, r.id) for r in files])
+        while True:
+            batch = list(islice(blobs, IMPORT_BATCH))
+            if not batch:
+                break
+            trees = [b for b in batch if not isinstance(b, FileRecord)]
+            files = [b for b in batch if isinstance(b, FileRecord)]
+            catalog.add_trees(trees)
+            catalog.add_files(files)
+            rs.mark_meta_pack(catalog, remote.name, pack, [(KIND_TREE, i) for i, _ in trees] +
+                              [(KIND_FILE, r.id) for r in files])
+        rs.mark_meta_pack(catalog, remote.name, pack, [])  # the pack's key, whatever it held
     if progress is not None:
         progress.advance(1)
 

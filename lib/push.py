@@ -14,10 +14,12 @@ history entries a tombstone forgot, announces what it relies on in a session, an
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import IO
 
 from tessera.catalog import Catalog
 from tessera.catalog import remote_state as rs
@@ -36,7 +38,6 @@ from tessera.remote.wire import (
     MetaPackBuilder,
     VersionObject,
     chunk_table_key,
-    encode_chunk_table,
     encode_history,
     encode_tag,
     history_key,
@@ -48,6 +49,7 @@ from tessera.remote.wire import (
     tag_key,
     tombstone_prefix,
     version_key,
+    write_chunk_table,
 )
 from tessera.remotes import Remote
 from tessera.sessions import Plans, PushSession, remote_layout
@@ -62,7 +64,7 @@ SESSION_EXPIRY = 3600.0
 CHUNK_TABLE_PACKS = TABLE_PACKS  # data packs per chunk table (~48 GiB of data)
 CHUNK_TABLE_ROWS = TABLE_ROWS  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
-SEEN_FILES = 100_000  # file ids a push's walk remembers to skip a record met twice (memory: bounded)
+SEEN_FILES = 8192  # file ids a push's walk remembers to skip a record met twice (older repeats are found in the catalog)
 
 
 @dataclass
@@ -270,15 +272,16 @@ class Pusher:
         def rows() -> Iterator[ChunkLocation]:  # one pack's rows at a time
             for p in packs:
                 if states[p][1] and self.store.has_pack_file(p):
-                    yield from self.store.pack_index(p)[1]
+                    yield from self.store.iter_pack_index(p)
                 else:
                     yield from self.cat.pack_chunks(p)
 
-        data = encode_chunk_table(sizes, rows())
-        name = sha256_hex(data)
-        if self._session is not None:
-            self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
-        self.t.put(chunk_table_key(name), data)
+        with tempfile.NamedTemporaryFile(prefix="tessera-chunkidx-") as out:
+            name = write_chunk_table(sizes, rows(), out)
+            out.flush()
+            if self._session is not None:
+                self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
+            self.t.put_file(chunk_table_key(name), out.name)
         rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in packs],
                           key=chunk_table_key(name))
         with self._lock:
@@ -287,78 +290,87 @@ class Pusher:
 
     # metadata packs: only trees and file records the remote lacks, children first
 
-    def _meta_have(self, blobs: list[tuple[int, str]]) -> dict[int, dict[str, str]]:
+    def _meta_have(self, blobs: list[tuple[int, str]], pending: Container[str] = ()) -> dict[int, dict[str, str]]:
         """For these trees and file records, the metadata pack on the remote holding each (only packs a
-        metadata table covers: blobs of older pushes without one are sent again, so a format-2 version
-        object can name tables locating all of its metadata)."""
+        metadata table covers, or ``pending``: packs this push uploaded whose table is still to come;
+        blobs of older pushes without one are sent again, so a format-2 version object can name tables
+        locating all of its metadata)."""
         trees = [bid for kind, bid in blobs if kind == KIND_TREE]
         files = [bid for kind, bid in blobs if kind == KIND_FILE]
         have = {KIND_TREE: rs.meta_locations(self.cat, self.remote.name, KIND_TREE, trees),
                 KIND_FILE: rs.meta_locations(self.cat, self.remote.name, KIND_FILE, files)}
-        covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()})
-        return {kind: {b: m for b, m in found.items() if m in covered} for kind, found in have.items()}
+        covered = self._tables(rs.KIND_META_TABLE, {m for kind in have.values() for m in kind.values()
+                                                    if m not in pending})
+        return {kind: {b: m for b, m in found.items() if m in covered or m in pending} for kind, found in have.items()}
 
     def _push_meta(self, walk: ClosureWalk, res: PushResult) -> set[str]:
         """Upload the trees and file records of the version the remote lacks, batch by batch; returns
-        every metadata pack holding one of them."""
+        every metadata pack holding one of them. Memory: the pack being built (its bytes, its blobs'
+        table rows and ids, to skip a blob met twice); the table rows of the packs uploaded since the
+        last metadata table wait in a temporary file; what was sent before is looked up in the catalog."""
         builder = MetaPackBuilder()
-        pending: list[tuple[str, int, list[table.Row]]] = []  # metadata packs uploaded, not yet in a table
-        untabled: dict[int, dict[str, str]] = {KIND_TREE: {}, KIND_FILE: {}}  # sent, their table not yet written
+        pending: list[tuple[str, int]] = []  # metadata packs uploaded, not yet in a table: (id, size)
+        building: set[bytes] = set()  # blob ids (+ kind) in the builder
         used: set[str] = set()
-        for batch in walk:
-            have = self._meta_have(batch)
-            used.update(m for kind in have.values() for m in kind.values())
-            for kind, bid in batch:
-                if bid in have[kind] or bid in untabled[kind]:
-                    continue
-                if kind == KIND_TREE:
-                    raw = self.cat.tree(bid)
-                else:
-                    rec = self.cat.file(bid)
-                    raw = rec.chunks_to_bytes() if rec is not None else None
-                if raw is None:
-                    raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
-                builder.add(kind, bid, raw)
-                untabled[kind][bid] = ""
-                if builder.size >= META_PACK_TARGET:
-                    pending.append(self._upload_meta(builder, untabled, res))
-                    used.add(pending[-1][0])
-                    builder = MetaPackBuilder()
-                    if len(pending) >= META_TABLE_PACKS:
-                        self._push_meta_table(pending, res)
-                        untabled = {KIND_TREE: {}, KIND_FILE: {}}
-        if builder.blobs:
-            pending.append(self._upload_meta(builder, untabled, res))
-            used.add(pending[-1][0])
-        if pending:
-            self._push_meta_table(pending, res)
+        with tempfile.TemporaryFile(prefix="tessera-metaidx-rows-") as rows:
+            for batch in walk:
+                have = self._meta_have(batch, {p for p, _ in pending})
+                used.update(m for kind in have.values() for m in kind.values())
+                for kind, bid in batch:
+                    key = bytes.fromhex(bid) + bytes((kind,))
+                    if bid in have[kind] or key in building:
+                        continue
+                    if kind == KIND_TREE:
+                        raw = self.cat.tree(bid)
+                    else:
+                        rec = self.cat.file(bid)
+                        raw = rec.chunks_to_bytes() if rec is not None else None
+                    if raw is None:
+                        raise CorruptData(f"{'tree' if kind == KIND_TREE else 'file record'} {bid[:12]} vanished during push")
+                    builder.add(kind, bid, raw)
+                    building.add(key)
+                    if builder.size >= META_PACK_TARGET:
+                        pending.append(self._upload_meta(builder, len(pending), rows, res))
+                        used.add(pending[-1][0])
+                        builder = MetaPackBuilder()
+                        building.clear()
+                        if len(pending) >= META_TABLE_PACKS:
+                            self._push_meta_table(pending, rows, res)
+            if builder.count:
+                pending.append(self._upload_meta(builder, len(pending), rows, res))
+                used.add(pending[-1][0])
+            if pending:
+                self._push_meta_table(pending, rows, res)
         return used
 
-    def _upload_meta(self, builder: MetaPackBuilder, have: dict[int, dict[str, str]],
-                     res: PushResult) -> tuple[str, int, list[table.Row]]:
+    def _upload_meta(self, builder: MetaPackBuilder, ordinal: int, rows: IO[bytes], res: PushResult) -> tuple[str, int]:
+        """Upload the built pack, append its table rows (as the table's pack ``ordinal``) to ``rows``;
+        returns (its id, its size)."""
         pack, data = builder.finish()
         if self._session is not None:
             self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
         self.t.put(meta_key(pack), data)
         rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs)
-        for kind, bid in builder.blobs:
-            have[kind][bid] = pack
         res.meta_packs += 1
         res.objects += 1
-        return pack, len(data), builder.rows(pack)
+        rows.write(builder.packed_rows(ordinal))
+        return pack, len(data)
 
-    def _push_meta_table(self, pending: list[tuple[str, int, list[table.Row]]], res: PushResult) -> None:
-        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded."""
-        data = table.encode(table.KIND_META, [(p, size) for p, size, _ in pending],
-                            (row for _, _, rows in pending for row in rows))
-        name = sha256_hex(data)
-        if self._session is not None:
-            self._session.announce([meta_table_key(name)])
-        self.t.put(meta_table_key(name), data)
-        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _, _ in pending],
+    def _push_meta_table(self, pending: list[tuple[str, int]], rows: IO[bytes], res: PushResult) -> None:
+        """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded (``pending``, whose
+        table rows are in ``rows``; both are emptied)."""
+        with tempfile.NamedTemporaryFile(prefix="tessera-metaidx-") as out:
+            name = table.encode_file(table.KIND_META, pending, rows, out)
+            out.flush()
+            if self._session is not None:
+                self._session.announce([meta_table_key(name)])
+            self.t.put_file(meta_table_key(name), out.name)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in pending],
                           key=meta_table_key(name))
         res.objects += 1
         pending.clear()
+        rows.seek(0)
+        rows.truncate()
 
     # the version object, history entries, tags
 

@@ -334,16 +334,20 @@ class Store:
 
     def pack_index(self, pack: str) -> tuple[int, list[ChunkLocation]]:
         """Check a local pack against its id and list its chunks (what a remote's ``index/<id>`` holds)."""
+        chunks = list(self.iter_pack_index(pack))
+        return self.pack_path(pack).stat().st_size, chunks
+
+    def iter_pack_index(self, pack: str) -> Iterator[ChunkLocation]:
+        """`pack_index`'s chunks one at a time (the pack is checked against its id before the first)."""
         with open(self.pack_path(pack), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            if os.fstat(f.fileno()).st_size == 0:
                 raise CorruptData(f"local pack {pack} is empty (run `tessera fsck`)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 if sha256_hex(m) != pack:
                     raise CorruptData(f"local pack {pack} fails its hash check (run `tessera fsck`)")
-                chunks = [ChunkLocation(b.id, pack, b.offset, b.stored_len, b.raw_len, b.codec)
-                          for b in iter_blobs(m, f"pack {pack}") if b.kind == KIND_CHUNK]
-        return size, chunks
+                for b in iter_blobs(m, f"pack {pack}"):
+                    if b.kind == KIND_CHUNK:
+                        yield ChunkLocation(b.id, pack, b.offset, b.stored_len, b.raw_len, b.codec)
 
     def close(self) -> None:
         with self._fd_lock:

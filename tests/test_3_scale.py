@@ -12,6 +12,9 @@ old code exceeds, and the 1,000,000-file growth curve, are in `make bench` (test
 take 4 MiB (measured: 1 and 2 MiB apart). Before, fsck kept a result per file and tree (an LRU of
 262,144 files) and gc every tree id and, per version, every file id: 20 and 7 MiB more at 32,000 files
 than at 8,000.
+
+`tessera push` of those versions and a fresh home's full metadata pull of them: see
+`test_push_and_full_metadata_pull_memory_is_flat_in_the_file_count`.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ SMALL, LARGE = 8_000, 32_000
 PER_DIR = 500
 FLAT = 16 << 20  # what the peak RSS may grow by from SMALL to LARGE files (the old code: 46 MiB)
 FLAT_CHECK = 4 << 20  # the same for fsck and gc (measured: 1 and 2 MiB; the old code: 20 and 7 MiB)
+FLAT_PUSH = 16 << 20  # push (measured: 11 MiB, the metadata pack being built grows to its 16 MiB target; old code: 31)
+FLAT_PULL = 8 << 20  # a full metadata pull (measured: 4 MiB; the old code: 14)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +199,26 @@ def test_fsck_and_gc_memory_is_flat_in_the_file_count(homes: tuple[Path, Path]) 
         peaks[n] = (fsck_peak, gc_peak)
     growth = [large_peak - small_peak for small_peak, large_peak in zip(peaks[SMALL], peaks[LARGE])]
     assert growth[0] < FLAT_CHECK and growth[1] < FLAT_CHECK, [(p >> 20) for pair in peaks.values() for p in pair]
+
+
+def test_push_and_full_metadata_pull_memory_is_flat_in_the_file_count(homes: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """`tessera push` and a fresh home's `tessera pull --metadata-only` of the 8,000- and 32,000-file
+    versions: the peak RSS grows by less than `FLAT_PUSH` and `FLAT_PULL`. The code before (which kept
+    every blob sent since the last metadata table in a dict and the table's rows as objects, and decoded
+    metadata packs and chunk tables whole) grew by 31 and 14 MiB; at 1,000,000 files it needed 778 and
+    604 MiB (tests/bench/bench_fresh_home.py)."""
+    peaks = {}
+    for home, n in zip(homes, (SMALL, LARGE)):
+        url = f"file://{tmp_path / f'remote-{n}'}"
+        proc, push_peak = tessera_peak(home, "push", "big", "--remote", url)
+        assert "pushed big@" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        fresh = tmp_path / f"fresh-{n}"
+        assert run_tessera(fresh, "remote", "add", "origin", url).returncode == 0
+        _, pull_peak = tessera_peak(fresh, "pull", "big", "--metadata-only")
+        with tessera.Repo(fresh) as repo:  # every tree and file record is here: nothing left to fetch
+            v = repo.get("big")
+            assert v.files == n and len(list(v.walk())) == n
+        peaks[n] = (push_peak, pull_peak)
+    growth = [large_peak - small_peak for small_peak, large_peak in zip(peaks[SMALL], peaks[LARGE])]
+    assert growth[0] < FLAT_PUSH and growth[1] < FLAT_PULL, [(p >> 20) for pair in peaks.values() for p in pair]

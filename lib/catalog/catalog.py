@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Generator, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
 from tessera.catalog.schema import SCHEMA_VERSION, migrations
@@ -443,6 +443,19 @@ class Catalog:
             c.executemany(f"INSERT OR IGNORE INTO chunks ({_CHUNK_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
                           ((x.id, pack, x.offset, x.stored_len, x.raw_len, x.codec) for x in chunks))
 
+    def add_remote_chunks(self, chunks: Iterable[ChunkLocation]) -> None:
+        """`add_remote_pack`'s chunk rows, of any packs, taken from ``chunks`` as they come (record their
+        packs with `add_remote_packs`, in the same transaction)."""
+        with self.write() as c:
+            c.executemany(f"INSERT OR IGNORE INTO chunks ({_CHUNK_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                          ((x.id, x.pack, x.offset, x.stored_len, x.raw_len, x.codec) for x in chunks))
+
+    def add_remote_packs(self, packs: Iterable[tuple[str, int, int]]) -> None:
+        """`add_remote_pack`'s pack rows: (id, size, chunk count) of packs that live only on a remote."""
+        now = time.time()
+        with self.write() as c:
+            c.executemany("INSERT OR IGNORE INTO packs VALUES (?, ?, ?, ?, 0)", ((p, size, n, now) for p, size, n in packs))
+
     def mark_pack_local(self, pack: str) -> None:
         """The pack's file is now here, checked whole against its id and index."""
         with self.write() as c:
@@ -475,6 +488,13 @@ class Catalog:
     def pack_blob_counts(self, ids: Sequence[str]) -> dict[str, int]:
         """Pack id -> the number of blobs it holds, for the packs the catalog knows."""
         return {pid: n for pid, n in self.select_in("SELECT id, blobs FROM packs WHERE id {in}", ids)}
+
+    def iter_pack_chunks(self, pack_id: str) -> Generator[ChunkLocation, None, None]:
+        """`pack_chunks` a page at a time (the catalog stays locked until the iterator is done or closed)."""
+        with self._lock:
+            cur = self.conn.execute(f"SELECT {_CHUNK_COLS} FROM chunks WHERE pack = ? ORDER BY offset", (pack_id,))
+            while rows := cur.fetchmany(4096):
+                yield from (ChunkLocation(*r) for r in rows)
 
     def pack_chunks(self, pack_id: str) -> list[ChunkLocation]:
         rows = self.query(f"SELECT {_CHUNK_COLS} FROM chunks WHERE pack = ? ORDER BY offset", (pack_id,))

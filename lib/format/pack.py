@@ -49,10 +49,12 @@ class PackBuilder:
     """Lays out one pack: the magic, then each blob's header, id and stored bytes, keeping the running
     SHA-256 (the pack id) and the index of its blobs. Where the bytes go is the caller's business:
     ``write`` receives the pieces of each blob in order (a file for data packs, memory for metadata packs).
+    With ``index=False`` it keeps no `BlobInfo` (``blobs`` stays empty: the caller keeps what `add` returns).
     """
 
-    def __init__(self, write: Callable[[Sequence[Piece]], None]) -> None:
+    def __init__(self, write: Callable[[Sequence[Piece]], None], *, index: bool = True) -> None:
         self._write = write
+        self._index = index
         self._hash = hashlib.sha256(PACK_MAGIC)
         write((PACK_MAGIC,))
         self.size = len(PACK_MAGIC)
@@ -64,7 +66,8 @@ class PackBuilder:
         self._hash.update(header)
         self._hash.update(stored)
         info = BlobInfo(kind, codec, blob_id, self.size + len(header), raw_len, len(stored))
-        self.blobs.append(info)
+        if self._index:
+            self.blobs.append(info)
         self.size += len(header) + len(stored)
         return info
 

@@ -9,17 +9,20 @@ decide what to move (`tessera.push`, `tessera.pull`).
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+import struct
+import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from tessera.errors import CorruptData, NotFound
 from tessera.format.compress import CODEC_NAMES, MAX_CHUNK, RAW, Compressor, decompress, meta_blob_limit
 from tessera.format import table
-from tessera.format.pack import BLOB_MAGIC, HEADER, KIND_FILE, KIND_TREE, PACK_MAGIC, BlobInfo, PackBuilder, Piece, iter_blobs
+from tessera.format.pack import BLOB_MAGIC, HEADER, KIND_FILE, KIND_TREE, PACK_MAGIC, PackBuilder, Piece, iter_blobs
 from tessera.ids import sha256_hex
 from tessera.model import DIR, FILE, SYMLINK, ChunkLocation, FileRecord, HistoryEntry, Tree
 from tessera.remote.base import Transport
@@ -301,7 +304,7 @@ def decode_index(pack: str, data: bytes, where: str) -> tuple[int, list[ChunkLoc
     return int(obj["size"]), out
 
 
-def check_index_rows(rows: Sequence[ChunkLocation], size: int) -> str | None:
+def check_index_rows(rows: Iterable[ChunkLocation], size: int) -> str | None:
     """What is wrong with the chunk rows of one data pack (in offset order), or None: the same layout
     rules `decode_index` applies, for rows already in a catalog (`tessera fsck`)."""
     end = len(PACK_MAGIC)
@@ -337,10 +340,21 @@ def check_tree(tree: Tree, where: str) -> None:
 def decode_meta_pack(pack: str, data: bytes, where: str) -> tuple[list[tuple[str, bytes]], list[FileRecord]]:
     """Trees and file records of a metadata pack, each checked; every blob is bounded (a hard ceiling
     and a ratio to its stored size) before it is decompressed."""
-    if sha256_hex(data) != pack:
-        raise CorruptData(f"{where} fails its hash check")
     trees: list[tuple[str, bytes]] = []
     files: list[FileRecord] = []
+    for blob in iter_meta_pack(pack, data, where):
+        if isinstance(blob, FileRecord):
+            files.append(blob)
+        else:
+            trees.append(blob)
+    return trees, files
+
+
+def iter_meta_pack(pack: str, data: bytes, where: str) -> Iterator[tuple[str, bytes] | FileRecord]:
+    """`decode_meta_pack`'s trees ((id, bytes)) and file records in pack order, one at a time: the pack
+    is checked against its SHA-256 before the first, each blob before it is given."""
+    if sha256_hex(data) != pack:
+        raise CorruptData(f"{where} fails its hash check")
     for b in iter_blobs(data, where):
         _need(len(b.id) == 32, where, "bad blob id")
         try:
@@ -357,47 +371,67 @@ def decode_meta_pack(pack: str, data: bytes, where: str) -> tuple[list[tuple[str
             except CorruptData as exc:
                 raise CorruptData(f"{where}: tree {bid[:12]}: {exc}") from None
             check_tree(tree, f"{where}: tree {bid[:12]}")
-            trees.append((bid, raw))
+            yield bid, raw
         elif b.kind == KIND_FILE:
             chunks = FileRecord.chunks_from_bytes(raw)
-            files.append(FileRecord(bid, sum(n for _, n in chunks), chunks))
+            yield FileRecord(bid, sum(n for _, n in chunks), chunks)
         else:
             raise CorruptData(f"{where}: unexpected blob kind {b.kind}")
-    return trees, files
 
 
 class MetaPackBuilder:
-    """Trees and file records packed like chunks (zstd when it pays), held in memory up to a target."""
+    """Trees and file records packed like chunks (zstd when it pays), held in memory up to a target: the
+    pack's bytes and, per blob, its metadata-table row (`table.packed_row`), nothing else."""
 
     def __init__(self) -> None:
-        self._parts: list[Piece] = []
-        self._pack = PackBuilder(self._parts.extend)
-        self.blobs: list[tuple[int, str]] = []
+        self._data = io.BytesIO()  # handed over without a copy by `finish`
+        self._pack = PackBuilder(self._write, index=False)
+        self._rows = bytearray()  # the table row of each blob, pack ordinal 0
         self._comp = Compressor(3)
 
-    def rows(self, pack: str) -> list[table.Row]:
-        """The metadata-table rows of this pack's blobs (once it is finished as ``pack``)."""
-        return [meta_row(b.kind, b.id.hex(), pack, b) for b in self._pack.blobs]
+    def _write(self, pieces: Sequence[Piece]) -> None:
+        for piece in pieces:
+            self._data.write(piece)
 
     @property
     def size(self) -> int:
         return self._pack.size
 
+    @property
+    def count(self) -> int:
+        """Blobs added."""
+        return len(self._rows) // _META_ROW_LEN
+
+    @property
+    def blobs(self) -> Iterator[tuple[int, str]]:
+        """(kind, id) of each blob added, in order."""
+        for pos in range(0, len(self._rows), _META_ROW_LEN):
+            yield self._rows[pos + 32], self._rows[pos:pos + 32].hex()
+
     def add(self, kind: int, blob_id: str, raw: bytes) -> None:
         codec, stored = self._comp.compress(raw)
-        self._pack.add(kind, codec, bytes.fromhex(blob_id), bytes(stored), len(raw))
-        self.blobs.append((kind, blob_id))
+        b = self._pack.add(kind, codec, bytes.fromhex(blob_id), bytes(stored), len(raw))
+        self._rows += table.packed_row(b.id + bytes((kind,)), 0, b.offset, b.stored_len, b.raw_len, b.codec)
+
+    def packed_rows(self, ordinal: int) -> bytes:
+        """The metadata-table rows of this pack's blobs, packed (`table.packed_row`; the pack is
+        ``ordinal`` in the table's pack list)."""
+        if ordinal:
+            for pos in range(_META_KEY_LEN, len(self._rows), _META_ROW_LEN):
+                _ORDINAL.pack_into(self._rows, pos, ordinal)
+        return bytes(self._rows)
 
     def finish(self) -> tuple[str, bytes]:
         """(pack id, pack bytes)."""
-        return self._pack.id, b"".join(self._parts)
+        return self._pack.id, self._data.getvalue()
+
+
+_META_KEY_LEN = table.KEY_LEN[table.KIND_META]
+_META_ROW_LEN = _META_KEY_LEN + table.VALUE.size
+_ORDINAL = struct.Struct("<I")  # a row's pack ordinal: the first field of `table.VALUE`
 
 
 # -- location tables (format-2 versions): where chunks and metadata blobs sit, found by ranged reads -------
-
-def meta_row(kind: int, blob_id: str, pack: str, b: BlobInfo) -> table.Row:
-    return table.Row(bytes.fromhex(blob_id) + bytes((kind,)), pack, b.offset, b.stored_len, b.raw_len, b.codec)
-
 
 def meta_key_of(kind: int, blob_id: str) -> bytes:
     """The key of a tree (kind 1) or file record (kind 2) in a metadata table."""
@@ -405,8 +439,20 @@ def meta_key_of(kind: int, blob_id: str) -> bytes:
 
 
 def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation]) -> bytes:
-    return table.encode(table.KIND_CHUNKS, packs, (table.Row(c.id, c.pack, c.offset, c.stored_len, c.raw_len, c.codec)
-                                                   for c in chunks))
+    """The chunk table over ``packs`` ((id, size)) locating ``chunks``."""
+    out = io.BytesIO()
+    write_chunk_table(packs, chunks, out)
+    return out.getvalue()
+
+
+def write_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation], out: IO[bytes]) -> str:
+    """`encode_chunk_table` written to ``out`` in bounded memory (rows spilled to a temporary file as they
+    come, `table.encode_file`); returns the table's SHA-256 (its name)."""
+    ordinal = {p: i for i, (p, _) in enumerate(packs)}
+    with tempfile.TemporaryFile() as spill:
+        table.write_rows(spill, table.KIND_CHUNKS, ((c.id, ordinal[c.pack], c.offset, c.stored_len, c.raw_len, c.codec)
+                                                    for c in chunks))
+        return table.encode_file(table.KIND_CHUNKS, packs, spill, out)
 
 
 def chunk_location(row: table.Row) -> ChunkLocation:
@@ -416,18 +462,26 @@ def chunk_location(row: table.Row) -> ChunkLocation:
 def decode_chunk_table(name: str, data: bytes, where: str) -> dict[str, tuple[int, list[ChunkLocation]]]:
     """A whole chunk table, checked (its SHA-256, and each pack's rows as `decode_index` checks an index):
     ``{pack: (size, rows in offset order)}``."""
-    if sha256_hex(data) != name:
-        raise CorruptData(f"{where} fails its hash check")
-    head, rows = table.decode(data, where, kind=table.KIND_CHUNKS)
-    out: dict[str, tuple[int, list[ChunkLocation]]] = {p: (size, []) for p, size in head.packs}
-    for r in rows:
-        out[r.pack][1].append(chunk_location(r))
+    packs, rows = iter_chunk_table(name, data, where)
+    out: dict[str, tuple[int, list[ChunkLocation]]] = {p: (size, []) for p, size in packs}
+    for c in rows:
+        out[c.pack][1].append(c)
     for p, (size, locs) in out.items():
         locs.sort(key=lambda c: c.offset)
         problem = check_index_rows(locs, size)
         if problem:
             raise CorruptData(f"{where}: pack {p[:12]}: {problem}")
     return out
+
+
+def iter_chunk_table(name: str, data: bytes, where: str) -> tuple[tuple[tuple[str, int], ...], Iterator[ChunkLocation]]:
+    """A whole chunk table checked against its SHA-256: its packs ((id, size)) and its rows, one at a
+    time in key order, each checked as a table row; each pack's layout (`check_index_rows`, rows in
+    offset order) is the caller's to check."""
+    if sha256_hex(data) != name:
+        raise CorruptData(f"{where} fails its hash check")
+    head, rows = table.iter_table(data, where, kind=table.KIND_CHUNKS)
+    return head.packs, (chunk_location(r) for r in rows)
 
 
 def decode_meta_table(name: str, data: bytes, where: str) -> list[table.Row]:

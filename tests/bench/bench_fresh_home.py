@@ -6,7 +6,8 @@ remote (time, peak RSS), then in a fresh home that knows only the remote's URL t
 listing of one directory (`tessera ls big d00099`: history, the version object, two trees; its peak
 RSS) and the time of a full metadata fetch (`tessera pull big --metadata-only`), then `find` through a
 FUSE mount of the lazily fetched version. The first listing should not grow with the file count; the
-full fetch does (it is what the old format did on first use).
+full fetch's time does (it is what the old format did on first use), and neither push's nor the full
+fetch's peak RSS should (issue 14).
 
 Run: `make bench` or `python tests/bench/bench_fresh_home.py` (BENCH_SCALE=0.1 for a quick look). Trees
 are shared with bench_scale.py under $BENCH_DIR/scale.
