@@ -350,7 +350,7 @@ class Pusher:
         if self._session is not None:
             self._session.announce([meta_key(pack)])  # before it exists: a sweep must never see it unannounced
         self.t.put(meta_key(pack), data)
-        rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs)
+        rs.mark_meta_pack(self.cat, self.remote.name, pack, builder.blobs, sent=True)
         res.meta_packs += 1
         res.objects += 1
         rows.write(builder.packed_rows(ordinal))

@@ -69,6 +69,16 @@ def test_a_format2_version_pushed_onto_a_format1_remote_reads_next_to_the_old_on
         (src / "train" / "cats" / "c9.bin").write_bytes(b"a new cat\n" * 500)
         v3 = a.commit("pets", src, message="third")
         a.push("pets")
+        # every tree of v3 is now recorded in a metadata pack a table covers (those only in format-1
+        # packs were sent again, once: the next push must not send them once more)
+        from tessera.catalog import remote_state as rs
+        from tessera.format.pack import KIND_TREE
+
+        remote = a.catalog.query_one("SELECT DISTINCT remote FROM remote_meta")[0]
+        trees = [v3.hash] + [e.tree_id for e in v3.walk(dirs=True) if e.tree_id]
+        where = rs.meta_locations(a.catalog, remote, KIND_TREE, trees)
+        assert len(where) == len(trees)
+        assert set(where.values()) <= set(rs.meta_locations(a.catalog, remote, rs.KIND_META_TABLE, set(where.values())))
     obj = VersionObject.from_bytes(v3.hash, (root / "versions" / v3.hash).read_bytes(), "v3")
     assert obj.format == 2 and obj.chunk_tables and obj.meta_tables and obj.pack_lists
     assert len(list((root / "index").iterdir())) == 2  # no per-pack index objects any more

@@ -111,12 +111,15 @@ def meta_locations(catalog: Catalog, remote: str, kind: int, ids: Sequence[str])
 
 
 def mark_meta_pack(catalog: Catalog, remote: str, pack: str, blobs: Iterable[tuple[int, str]], *,
-                   key: str | None = None) -> None:
+                   key: str | None = None, sent: bool = False) -> None:
     """Record that metadata pack ``meta/<pack>`` (or the object ``key``, e.g. a location table named
-    ``pack``) is on the remote and which blobs (or packs) it holds or covers."""
+    ``pack``) is on the remote and which blobs (or packs) it holds or covers. ``sent``: this home just
+    uploaded it, so its blobs are recorded there even if an older pack (one no table covers, which is
+    why they were sent again) was recorded for them: later pushes then find them covered."""
+    verb = "REPLACE" if sent else "IGNORE"
     with catalog.write() as c:
         c.execute("INSERT OR IGNORE INTO remote_objects VALUES (?, ?)", (remote, key or f"meta/{pack}"))
-        c.executemany("INSERT OR IGNORE INTO remote_meta VALUES (?, ?, ?, ?)",
+        c.executemany(f"INSERT OR {verb} INTO remote_meta VALUES (?, ?, ?, ?)",
                       ((remote, kind, bid, pack) for kind, bid in blobs))
 
 
