@@ -220,9 +220,8 @@ def write_image(out: BinaryIO, root: Node, *, mtime_ns: int, uuid: bytes = b"\0"
         for child in kids:
             layout.place(child)
         d.nlink = 2 + sum(1 for c in kids if c.kind == "dir")
-        d.blocks = _dir_blocks(_dirents(d, kids))
-        d.size = (len(d.blocks) - 1) * BLOCK + len(d.blocks[-1])
-        d.blocks = []  # only the size is kept: the blocks are made again when written
+        blocks = _dir_blocks(_dirents(d, kids))  # only the size is kept: they are made again when written
+        d.size = (len(blocks) - 1) * BLOCK + len(blocks[-1])
         dirs += [_Dir(c, d.node.nid) for c in kids if c.kind == "dir"]
     meta_blocks = max(1, _align(layout.pos, BLOCK) // BLOCK)
     start = 1 + meta_blocks
@@ -276,7 +275,6 @@ class _Dir:
     nlink: int = 2
     size: int = 0
     start: int = 0
-    blocks: list[bytes] = field(default_factory=list)
 
 
 class _Layout:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import IO
@@ -49,7 +49,8 @@ from tessera.remote.wire import (
     tag_key,
     tombstone_prefix,
     version_key,
-    write_chunk_table,
+    upload_table,
+    write_chunk_rows,
 )
 from tessera.remotes import Remote
 from tessera.sessions import Plans, PushSession, remote_layout
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 UPLOAD_WORKERS = 4
 SESSION_EXPIRY = 3600.0
 CHUNK_TABLE_PACKS = TABLE_PACKS  # data packs per chunk table (~48 GiB of data)
-CHUNK_TABLE_ROWS = TABLE_ROWS  # chunks per chunk table (~37 MiB of table, ~80 MiB of memory to build it)
+CHUNK_TABLE_ROWS = TABLE_ROWS  # chunks per chunk table (~37 MiB of table, built through temporary files)
 META_TABLE_PACKS = 8  # metadata packs per metadata table (~128 MiB of trees and file records)
 SEEN_FILES = 8192  # file ids a push's walk remembers to skip a record met twice (older repeats are found in the catalog)
 
@@ -168,6 +169,11 @@ class Pusher:
             res.versions += 1
         self._push_tags(dataset, hash, res)
         return res
+
+    @property
+    def _announce(self) -> Callable[[Iterable[str]], None] | None:
+        """The session's announce (what a prune must keep, said before it exists), when one is open."""
+        return self._session.announce if self._session is not None else None
 
     # what a forget or prune on the remote asks of a push (layout 2)
 
@@ -276,14 +282,10 @@ class Pusher:
                 else:
                     yield from self.cat.pack_chunks(p)
 
-        with tempfile.NamedTemporaryFile(prefix="tessera-chunkidx-") as out:
-            name = write_chunk_table(sizes, rows(), out)
-            out.flush()
-            if self._session is not None:
-                self._session.announce([chunk_table_key(name)])  # before it exists, as a metadata pack
-            self.t.put_file(chunk_table_key(name), out.name)
-        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in packs],
-                          key=chunk_table_key(name))
+        with tempfile.TemporaryFile() as spill:
+            write_chunk_rows(spill, sizes, rows())
+            name, key = upload_table(self.t, table.KIND_CHUNKS, sizes, spill, self._announce)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_PACK_TABLE, p) for p in packs], key=key)
         with self._lock:
             res.indexes += 1
             res.objects += 1
@@ -359,14 +361,8 @@ class Pusher:
     def _push_meta_table(self, pending: list[tuple[str, int]], rows: IO[bytes], res: PushResult) -> None:
         """One ``metaidx/<id>`` locating every blob of the metadata packs just uploaded (``pending``, whose
         table rows are in ``rows``; both are emptied)."""
-        with tempfile.NamedTemporaryFile(prefix="tessera-metaidx-") as out:
-            name = table.encode_file(table.KIND_META, pending, rows, out)
-            out.flush()
-            if self._session is not None:
-                self._session.announce([meta_table_key(name)])
-            self.t.put_file(meta_table_key(name), out.name)
-        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in pending],
-                          key=meta_table_key(name))
+        name, key = upload_table(self.t, table.KIND_META, pending, rows, self._announce)
+        rs.mark_meta_pack(self.cat, self.remote.name, name, [(rs.KIND_META_TABLE, p) for p, _ in pending], key=key)
         res.objects += 1
         pending.clear()
         rows.seek(0)
@@ -390,7 +386,7 @@ class Pusher:
                 res.objects += 1
         for kind, packs in ((rs.KIND_PACK_TABLE, closure.packs), (rs.KIND_META_TABLE, meta)):  # tables merged over time
             res.objects += len(merge_tables(self.cat, self.t, self.remote.name, kind, packs,
-                                            announce=self._session.announce if self._session is not None else None))
+                                            announce=self._announce))
         chunk_tables = set(self._tables(rs.KIND_PACK_TABLE, closure.packs).values())
         meta_tables = set(self._tables(rs.KIND_META_TABLE, meta).values())
         obj = VersionObject(hash, closure.files, closure.size, tuple(sorted(meta)), format=VERSION_FORMAT,

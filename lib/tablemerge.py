@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from tessera.format import table
 from tessera.ids import sha256_hex
 from tessera.parallel import run_parallel
 from tessera.remote.base import Transport
-from tessera.remote.wire import TABLE_HEAD_GUESS, chunk_table_key, meta_table_key
+from tessera.remote.wire import TABLE_HEAD_GUESS, chunk_table_key, meta_table_key, upload_table
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +197,9 @@ def _write_merged(catalog: Catalog, t: Transport, remote: str, kind: int, group:
             counted[0] += 1
             yield row
 
-    data = table.encode(_TABLE_KIND[kind], packs, rows())
-    name = sha256_hex(data)
-    key = _KEY[kind](name)
-    if announce is not None:
-        announce([key])  # before it exists: a sweep must never see it unannounced
-    t.put(key, data)
+    with tempfile.TemporaryFile() as spill:  # written and uploaded in bounded memory, as push's tables
+        table.write_row_objects(spill, _TABLE_KIND[kind], packs, rows())
+        name, key = upload_table(t, _TABLE_KIND[kind], packs, spill, announce)
     crash_point("merge-after-table")
     rs.cover_packs(catalog, remote, kind, name, [p for p, _ in packs], key=key)
     merged = Merged(name, kind, tuple(s.name for s in group), len(packs), counted[0])

@@ -105,12 +105,17 @@ def packed_row(key: bytes, pack: int, offset: int, stored_len: int, raw_len: int
 
 def encode(kind: int, packs: Sequence[tuple[str, int]], rows: Iterable[Row]) -> bytes:
     """The table of ``rows`` (any order; a key given twice is kept once) over ``packs`` ((id, size))."""
-    ordinal = {p: i for i, (p, _) in enumerate(packs)}
     spill = io.BytesIO()
-    write_rows(spill, kind, ((r.key, ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec) for r in rows))
+    write_row_objects(spill, kind, packs, rows)
     out = io.BytesIO()
     encode_file(kind, packs, spill, out)
     return out.getvalue()
+
+
+def write_row_objects(f: IO[bytes], kind: int, packs: Sequence[tuple[str, int]], rows: Iterable[Row]) -> None:
+    """Append ``rows`` to ``f`` as `packed_row`s (their packs numbered by their place in ``packs``)."""
+    ordinal = {p: i for i, (p, _) in enumerate(packs)}
+    write_rows(f, kind, ((r.key, ordinal[r.pack], r.offset, r.stored_len, r.raw_len, r.codec) for r in rows))
 
 
 def write_rows(f: IO[bytes], kind: int, rows: Iterable[tuple[bytes, int, int, int, int, int]]) -> None:

@@ -15,7 +15,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -448,11 +448,31 @@ def encode_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkL
 def write_chunk_table(packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation], out: IO[bytes]) -> str:
     """`encode_chunk_table` written to ``out`` in bounded memory (rows spilled to a temporary file as they
     come, `table.encode_file`); returns the table's SHA-256 (its name)."""
-    ordinal = {p: i for i, (p, _) in enumerate(packs)}
     with tempfile.TemporaryFile() as spill:
-        table.write_rows(spill, table.KIND_CHUNKS, ((c.id, ordinal[c.pack], c.offset, c.stored_len, c.raw_len, c.codec)
-                                                    for c in chunks))
+        write_chunk_rows(spill, packs, chunks)
         return table.encode_file(table.KIND_CHUNKS, packs, spill, out)
+
+
+def write_chunk_rows(f: IO[bytes], packs: Sequence[tuple[str, int]], chunks: Iterable[ChunkLocation]) -> None:
+    """Append the chunk-table rows of ``chunks`` to ``f`` (packed, their packs numbered as in ``packs``)."""
+    ordinal = {p: i for i, (p, _) in enumerate(packs)}
+    table.write_rows(f, table.KIND_CHUNKS, ((c.id, ordinal[c.pack], c.offset, c.stored_len, c.raw_len, c.codec)
+                                            for c in chunks))
+
+
+def upload_table(t: Transport, kind: int, packs: Sequence[tuple[str, int]], rows: IO[bytes],
+                 announce: "Callable[[Iterable[str]], None] | None" = None) -> tuple[str, str]:
+    """Encode the location table of ``rows`` (packed rows, `table.write_rows`) over ``packs`` to a
+    temporary file (bounded memory, `table.encode_file`), ``announce`` its key (a push session: before
+    it exists), upload it; returns (its name, its key)."""
+    with tempfile.NamedTemporaryFile(prefix="tessera-table-") as out:
+        name = table.encode_file(kind, packs, rows, out)
+        out.flush()
+        key = chunk_table_key(name) if kind == table.KIND_CHUNKS else meta_table_key(name)
+        if announce is not None:
+            announce([key])
+        t.put_file(key, out.name)
+    return name, key
 
 
 def chunk_location(row: table.Row) -> ChunkLocation:
